@@ -1,0 +1,162 @@
+"""`headct`: the command line. Reads params.yaml + `--set` overrides, validates, calls one job.
+
+Shape (DESIGN.md): ``headct <job> [PATHS...] [--params FILE] [--set section.key=value ...]``.
+Only typer, pydantic and yaml are imported at start-up; each job's heavy imports happen inside the job, so
+``headct --help`` is instant. Exit codes: 0 ok, 1 bad input found while working, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from pydantic import ValidationError
+
+from headct.config import (
+    ConfigError,
+    JobContext,
+    Params,
+    format_validation_error,
+    load_params,
+    with_absolute_paths,
+)
+from headct.errors import InputError
+
+app = typer.Typer(
+    name="headct",
+    help="Head-CT foundation models: synthesise, ingest, split, pre-train, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ParamsOpt = Annotated[
+    Path | None, typer.Option("--params", help="Params file (default: <project root>/params.yaml).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override one value: section.key=value (YAML value). Repeatable."),
+]
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+    return typer.Exit(code)
+
+
+def _resolve(params_file: Path | None, overrides: list[str] | None) -> tuple[Params, Path]:
+    try:
+        return load_params(params_file, overrides or [])
+    except ConfigError as exc:
+        raise _fail(str(exc), 2) from None
+
+
+def _run_job(
+    job: str,
+    params_file: Path | None,
+    overrides: list[str] | None,
+    positional: dict[str, Any] | None = None,
+) -> Any:
+    """Validate everything, then import `pipelines.<job>` and call its run(cfg, ctx)."""
+    params, root = _resolve(params_file, overrides)
+    section = getattr(params, job)
+    updates = positional or {}
+    if updates:
+        try:  # re-validate: positional paths obey the same rules as params.yaml values
+            section = type(section).model_validate({**section.model_dump(), **updates})
+        except ValidationError as exc:
+            raise _fail(format_validation_error(exc, "command-line arguments"), 2) from None
+    section = with_absolute_paths(section, root)
+    ctx = JobContext(root=root, tracking=params.tracking)
+    module = importlib.import_module(f"pipelines.{job}")
+    try:
+        return module.run(section, ctx)
+    except InputError as exc:
+        raise _fail(f"headct {job}: {exc}", 1) from None
+
+
+@config_app.command("show")
+def config_show(
+    section: Annotated[str | None, typer.Argument(help="Only this section (e.g. pretrain).")] = None,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Print the resolved configuration (defaults < params.yaml < --set) as YAML."""
+    params, root = _resolve(params_file, overrides)
+    tree = params.model_dump(mode="json")
+    if section is not None:
+        if section not in tree:
+            raise _fail(f"unknown section {section!r}; sections: {', '.join(tree)}", 2)
+        tree = {section: tree[section]}
+    typer.echo(f"# project root: {root}")
+    typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
+
+
+@app.command()
+def synth(
+    out: Annotated[Path | None, typer.Argument(help="Output folder (default: synth.out).")] = None,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Generate the synthetic head-CT data set: DICOM series + CQ500-style reads.csv."""
+    _run_job("synth", params_file, overrides, {"out": out.resolve()} if out is not None else None)
+
+
+@app.command()
+def ingest(
+    src: Annotated[Path | None, typer.Argument(help="Folder of DICOM series (default: ingest.src).")] = None,
+    dest: Annotated[Path | None, typer.Argument(help="Canonical store folder (default: ingest.dest).")] = None,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """DICOM -> canonical int16 RAS volumes + manifest + rejects + labels (+ local linkage file)."""
+    if src is not None and dest is None:
+        raise _fail("headct ingest: give both SRC and DEST, or neither (then params.yaml decides)", 2)
+    positional: dict[str, Any] = {}
+    if src is not None:
+        positional.update(src=src.resolve(), dest=dest.resolve())  # relative to where the user stands
+        # An ad hoc folder is not the configured data set: no labels file, patients keyed by DICOM PatientID,
+        # unless the user says otherwise with --set.
+        adhoc = {"labels": None, "labels_format": "none", "patient_key": "dicom"}
+        given = {item.split("=", 1)[0].strip() for item in overrides or []}
+        positional.update({k: v for k, v in adhoc.items() if f"ingest.{k}" not in given})
+    _run_job("ingest", params_file, overrides, positional)
+
+
+@app.command()
+def split(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Patient-disjoint, label-stratified, seeded train/val/test split of a store."""
+    _run_job("split", params_file, overrides)
+
+
+@app.command()
+def pretrain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Self-supervised pre-training (MAE) of the 3D ViT encoder."""
+    _run_job("pretrain", params_file, overrides)
+
+
+@app.command()
+def probe(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Linear probes on frozen features: pre-trained vs random init, AUROC/AP with patient-bootstrap CIs."""
+    _run_job("probe", params_file, overrides)
+
+
+@app.command()
+def report(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """The results table: per-label AUROC [95% CI] and the held-out reconstruction loss."""
+    _run_job("report", params_file, overrides)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

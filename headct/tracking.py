@@ -1,0 +1,156 @@
+"""The MLflow boundary: the only module in headct that imports mlflow.
+
+One MLflow run per job invocation (`job_run`), nested child runs for labels/seeds/trials (`RunLogger.child`).
+Params are the job's whole validated config, flattened to dotted keys, with anything secret-looking removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from headct.config import TrackingConfig
+
+# Telemetry off before mlflow is ever imported (REFERENCE.md section 6).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_?key|pseudonym_key)", re.IGNORECASE)
+_URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@\s]+)@", re.I)
+_MAX_PARAM_CHARS = 6000
+
+
+def redact(value: str) -> str:
+    """Remove a password from a URI-like string (`postgresql://u:pw@host` -> `postgresql://u:***@host`)."""
+    return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+
+
+def flatten_params(params: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Dotted-key, string-valued view of a config, secrets dropped and URIs redacted."""
+    tree = params.model_dump(mode="json") if isinstance(params, BaseModel) else dict(params)
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if _SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, Mapping):
+            flat.update(flatten_params(value, prefix=f"{name}."))
+        else:
+            flat[name] = redact(str(value))[:_MAX_PARAM_CHARS]
+    return flat
+
+
+def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
+    """The store URI: config value, else MLFLOW_TRACKING_URI, else `sqlite:///<root>/mlflow.db`."""
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
+
+
+def git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class RunLogger:
+    """Thin handle on an active MLflow run; every call goes to this run even while a child is open."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+
+    def _client(self) -> Any:
+        import mlflow
+
+        return mlflow.MlflowClient()
+
+    def log_params(self, params: BaseModel | Mapping[str, Any], prefix: str = "") -> None:
+        from mlflow.entities import Param
+
+        flat = flatten_params(params, prefix)
+        items = [Param(k, v) for k, v in flat.items()]
+        for start in range(0, len(items), 100):  # MLflow's batch limit
+            self._client().log_batch(self.run_id, params=items[start : start + 100])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), 1000):
+            self._client().log_batch(self.run_id, metrics=items[start : start + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        for key, value in tags.items():
+            self._client().set_tag(self.run_id, key, redact(str(value)))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self._client().log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        self._client().log_artifacts(self.run_id, str(folder), artifact_path)
+
+    @contextlib.contextmanager
+    def child(self, name: str, params: BaseModel | Mapping[str, Any] | None = None) -> Iterator[RunLogger]:
+        """A nested run (one label, seed, shot count or trial)."""
+        import mlflow
+
+        with mlflow.start_run(run_name=name, nested=True, parent_run_id=self.run_id) as run:
+            logger = RunLogger(run.info.run_id)
+            if params is not None:
+                logger.log_params(params)
+            yield logger
+
+
+def _ensure_experiment(name: str, artifact_root: Path | None) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    location = artifact_root.resolve().as_uri() if artifact_root else None
+    return client.create_experiment(name, artifact_location=location)
+
+
+@contextlib.contextmanager
+def job_run(
+    cfg: TrackingConfig,
+    job: str,
+    params: BaseModel | Mapping[str, Any],
+    root: Path,
+    tags: Mapping[str, Any] | None = None,
+) -> Iterator[RunLogger]:
+    """Start one MLflow run for a job invocation; params = the job's validated config.
+
+    Artifacts of a local SQLite store go to `<root>/mlartifacts` (not the current folder), so the store
+    and its artifacts stay together wherever the command runs from.
+    """
+    import mlflow
+
+    uri = tracking_uri(cfg, root)
+    mlflow.set_tracking_uri(uri)
+    artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
+    experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
+    run_tags = {"headct.job": job, **(tags or {})}
+    commit = git_commit(root)
+    if commit:
+        run_tags["git.commit"] = commit
+    extra: dict[str, Any] = {}
+    if cfg.system_metrics:
+        extra = {"log_system_metrics": True}
+    with mlflow.start_run(experiment_id=experiment_id, run_name=job, tags=run_tags, **extra) as run:
+        logger = RunLogger(run.info.run_id)
+        logger.log_params(params)
+        yield logger

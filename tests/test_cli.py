@@ -1,0 +1,71 @@
+"""The `headct` command line as a user meets it: instant help, exit code 2 on bad config, config show."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+
+def test_help_is_instant_and_imports_no_heavy_library() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "import cli\n"
+        "result = CliRunner().invoke(cli.app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "for job in ('synth', 'ingest', 'split', 'pretrain', 'probe', 'report', 'config'):\n"
+        "    assert job in result.output, job\n"
+        "heavy = [m for m in ('torch', 'monai', 'mlflow', 'pandas', 'matplotlib') if m in sys.modules]\n"
+        "print('HEAVY=' + ','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "HEAVY=\n" in out.stdout, out.stdout + out.stderr
+
+
+def test_installed_console_script_answers_help() -> None:
+    exe = Path(sys.executable).parent / "headct"
+    out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "pretrain" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["pretrain", "--set", "pretrain.lrr=1"], "did you mean 'lr'"),
+        (["probe", "--set", "probe.bootstrap=1"], "greater than or equal to 10"),
+        (["ingest", "--set", "ingest.patient_key=name"], "'dicom' or 'cq500_folder'"),
+        (["config", "show", "nosuch"], "unknown section"),
+    ],
+)
+def test_bad_configuration_exits_2_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], fragment: str
+) -> None:
+    import cli
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, [*args, "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # nothing started
+
+
+def test_config_show_prints_resolved_values(tmp_path: Path) -> None:
+    import cli
+
+    params = tmp_path / "params.yaml"
+    params.write_text("pretrain:\n  lr: 0.002\n")
+    result = CliRunner().invoke(
+        cli.app, ["config", "show", "pretrain", "--params", str(params), "--set", "pretrain.batch_size=3"]
+    )
+    assert result.exit_code == 0, result.output
+    body = yaml.safe_load("\n".join(line for line in result.output.splitlines() if not line.startswith("#")))
+    assert body["pretrain"]["lr"] == 0.002
+    assert body["pretrain"]["batch_size"] == 3
+    assert body["pretrain"]["mask_ratio"] == 0.75  # defaults filled in
