@@ -8,6 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.headct-setup
 # torch goes in first, on its own: CPU build here (2.13.0 from the local wheel); a CUDA image overrides TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
+# Extra pip arguments for the torch step only (e.g. `--index-url <PyTorch CPU wheel index>` in a CPU image).
+TORCH_PIP_ARGS ?=
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
@@ -22,7 +24,7 @@ setup: $(STAMP) ## Build .venv: torch first, then pinned deps (constraints.txt),
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
