@@ -106,7 +106,10 @@ class RunLogger:
         """A nested run (one label, seed, shot count or trial)."""
         import mlflow
 
-        with mlflow.start_run(run_name=name, nested=True, parent_run_id=self.run_id) as run:
+        experiment_id = self._client().get_run(self.run_id).info.experiment_id  # children beside the parent
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.run_id
+        ) as run:
             logger = RunLogger(run.info.run_id)
             if params is not None:
                 logger.log_params(params)

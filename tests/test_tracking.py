@@ -45,6 +45,7 @@ def test_job_run_logs_params_metrics_children_and_artifacts(tmp_path: Path) -> N
     assert parent.data.tags["headct.job"] == "probe"
     kid = client.get_run(child.run_id)
     assert kid.data.tags["mlflow.parentRunId"] == run.run_id
+    assert kid.info.experiment_id == parent.info.experiment_id
     assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/note.txt"]
     # artifacts of a local SQLite store live beside it, not in the current folder
     assert (tmp_path / "mlartifacts").is_dir()
