@@ -182,7 +182,10 @@ class PretrainConfig(Section):
     use_val: bool = True  # pre-train on train+val patients (never test)
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     norm_pix_loss: bool = False
+    decoder_dim: int | None = Field(None, ge=6)  # None: half the encoder width
+    decoder_depth: int = Field(2, ge=1, le=16)
     batch_size: int = Field(8, ge=1, le=4096)
+    accum_steps: int = Field(1, ge=1)  # micro-batches per optimizer step (must divide batch_size)
     samples: int = Field(20_000, ge=1)  # total training samples seen (steps = samples // batch_size)
     lr: float = Field(1.5e-4, gt=0, le=1.0)
     min_lr: float = Field(0.0, ge=0)
@@ -191,12 +194,23 @@ class PretrainConfig(Section):
     grad_clip: float | None = Field(3.0, gt=0)
     windows: tuple[Window, ...] = DEFAULT_WINDOWS
     flip_lr: bool = True  # left-right flip augmentation
+    jitter_hu: float = Field(5.0, ge=0, le=100)  # per-volume HU offset, uniform in [-jitter_hu, jitter_hu]
+    jitter_scale: float = Field(0.02, ge=0, le=0.5)  # per-volume HU gain, uniform in 1 +- jitter_scale
+    workers: int = Field(0, ge=0, le=64)  # DataLoader processes; 0 reads in the training process
     seed: int = Field(0, ge=0)
     log_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     eval_volumes: int = Field(32, ge=1)  # held-out val volumes for the reconstruction-loss check
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self) -> PretrainConfig:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"accum_steps={self.accum_steps} must divide batch_size={self.batch_size}")
+        if self.samples < self.batch_size:
+            raise ValueError(f"samples={self.samples} is less than one batch (batch_size={self.batch_size})")
+        return self
 
 
 class ProbeConfig(Section):
@@ -208,10 +222,10 @@ class ProbeConfig(Section):
     labels: list[Label] | None = None  # None: every canonical label present in the split files
     min_positives: int = Field(2, ge=1)  # per split; fewer -> label skipped with a message
     bootstrap: int = Field(1000, ge=10)  # patient-level bootstrap resamples for the 95% CIs
-    c_grid: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # inverse L2 strength, chosen on val AUROC
+    c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)  # inverse L2 strength, chosen on val AUROC
     batch_size: int = Field(16, ge=1)
-    # Scan embedding: "mean" of the patch tokens (default: MAE's loss never reaches the CLS token, so after
-    # MAE pre-training it is barely trained) or the "cls" token (the natural choice after DINO).
+    # Scan embedding: "mean" of the patch tokens (default: MAE puts its loss on patches only, so the CLS token
+    # learns only indirectly, through the decoder's attention) or the "cls" token (the natural choice after DINO).
     pool: Literal["cls", "mean"] = "mean"
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -1,0 +1,189 @@
+"""The canonical volume store on disk (the ingest -> split/pretrain/probe contract); every write is atomic.
+
+    <store>/volumes/<scan_id>.npy   int16 HU, RAS+, array axes (x, y, z), shape = PreprocessSpec.shape
+    <store>/manifest.parquet        one row per accepted series (MANIFEST_COLUMNS)
+    <store>/rejects.csv             series_id, study_id, reason, message (no paths, no UIDs)
+    <store>/labels.csv              scan_id, patient_id, one column per canonical label (1/0, empty = unknown)
+    <store>/preprocess.json         the PreprocessSpec dump plus its "version"
+
+While an ingest runs, finished manifest rows are also appended to `<store>/.ingest-journal.jsonl` (pseudonyms
+only), so an interrupted run can resume without re-converting; the journal is removed once the manifest is
+written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from headct.config import PreprocessSpec
+from headct.errors import InputError
+from headct.io import atomic_path, write_json
+
+VOLUMES = "volumes"
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.csv"
+LABELS = "labels.csv"
+PREPROCESS = "preprocess.json"
+JOURNAL = ".ingest-journal.jsonl"
+
+MANIFEST_COLUMNS = (
+    "scan_id", "study_id", "patient_id", "patient_key_source", "volume", "affine", "spacing_mm", "src_shape",
+    "src_spacing_mm", "slice_thickness_mm", "tilt_deg", "kvp", "kernel", "manufacturer", "body_part",
+    "series_description", "n_slices", "preprocess_version", "volume_sha256",
+)
+REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
+
+
+def volume_relpath(scan_id: str) -> str:
+    return f"{VOLUMES}/{scan_id}.npy"
+
+
+def write_volume(store: Path, scan_id: str, volume: np.ndarray) -> str:
+    """Write one canonical volume atomically; returns the sha256 of the .npy file's bytes."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(volume), allow_pickle=False)
+    data = buffer.getvalue()
+    with atomic_path(store / volume_relpath(scan_id)) as tmp:
+        tmp.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_volume(store: Path, relpath: str) -> np.ndarray:
+    """A stored volume (int16, (X, Y, Z)); `relpath` is the manifest's `volume` column."""
+    path = store / relpath
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot read volume ({exc})") from exc
+
+
+def affine_of(row: pd.Series | dict[str, Any]) -> np.ndarray:
+    """The 4x4 canonical voxel index -> RAS mm matrix of a manifest row."""
+    return np.asarray(json.loads(row["affine"]), float).reshape(4, 4)
+
+
+def write_manifest(store: Path, rows: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
+    frame["spacing_mm"] = frame["spacing_mm"].astype("float64")
+    frame["n_slices"] = frame["n_slices"].astype("int64")
+    with atomic_path(store / MANIFEST) as tmp:
+        frame.to_parquet(tmp, index=False)
+
+
+def read_manifest(store: Path) -> pd.DataFrame:
+    """The manifest of a store, checked for the contract's columns (InputError naming the file otherwise)."""
+    path = Path(store) / MANIFEST
+    if not path.is_file():
+        raise InputError(f"{path}: file not found (run `headct ingest` first)")
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable parquet file ({exc})") from exc
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; re-run `headct ingest`")
+    return frame
+
+
+def write_rejects(store: Path, rows: list[dict[str, Any]]) -> None:
+    frame = pd.DataFrame(rows, columns=list(REJECT_COLUMNS))
+    with atomic_path(store / REJECTS) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def write_labels(store: Path, labels: pd.DataFrame) -> None:
+    """labels.csv: scan_id, patient_id, then nullable 0/1 label columns written as 1/0/empty."""
+    with atomic_path(store / LABELS) as tmp:
+        labels.to_csv(tmp, index=False, na_rep="")
+
+
+def write_preprocess(store: Path, spec: PreprocessSpec) -> None:
+    write_json(store / PREPROCESS, {**spec.model_dump(mode="json"), "version": spec.version})
+
+
+def read_preprocess_version(store: Path) -> str | None:
+    path = Path(store) / PREPROCESS
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text()).get("version")
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc})") from exc
+
+
+# ------------------------------------------------------------------------------------------------- resume
+def converted_rows(store: Path, version: str) -> dict[str, dict[str, Any]]:
+    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256) of volumes already converted with
+    preprocess `version` whose .npy still exists, from the manifest and the journal of an interrupted run."""
+    rows: dict[str, dict[str, Any]] = {}
+    if (store / MANIFEST).is_file():
+        for row in read_manifest(store).to_dict("records"):
+            rows[row["scan_id"]] = row
+    journal = store / JOURNAL
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                continue
+            rows[row["scan_id"]] = row
+    facts = {}
+    for scan_id, row in rows.items():
+        path = store / row["volume"]
+        # the hash check catches a file rewritten by a later, interrupted run with another recipe
+        if row.get("preprocess_version") != version or not path.is_file():
+            continue
+        if hashlib.sha256(path.read_bytes()).hexdigest() == row["volume_sha256"]:
+            spacing = row["spacing_mm"]
+            facts[scan_id] = {
+                "affine": [float(v) for v in json.loads(row["affine"])],
+                "spacing_mm": None if spacing is None or spacing != spacing else float(spacing),  # NaN: stretch
+                "volume_sha256": row["volume_sha256"],
+            }
+    return facts
+
+
+class Journal:
+    """Append-only JSON-lines record of finished manifest rows (flushed per row) for resuming.
+
+    Used as a context manager: closed on exit, kept on disk (an interrupted run resumes from it);
+    `remove()` once the manifest holds the rows.
+    """
+
+    def __init__(self, store: Path) -> None:
+        self.path = store / JOURNAL
+
+    def __enter__(self) -> Journal:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = open(self.path, "a")  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._fh.close()
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(row, sort_keys=True) + "\n")
+        self._fh.flush()
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def remove_orphan_volumes(store: Path, keep: set[str]) -> int:
+    """Delete `volumes/ser_*.npy` not named in `keep` (left by an earlier run of other data or another key),
+    and temp files of killed writers."""
+    removed = 0
+    folder = store / VOLUMES
+    for path in sorted([*folder.glob("ser_*.npy"), *folder.glob(".ser_*.tmp.npy")]):
+        if path.name.startswith(".") or path.stem not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+

@@ -1,0 +1,104 @@
+"""Job `headct ingest`: a folder of DICOM series -> the canonical volume store.
+
+Outputs: under `cfg.dest` volumes/, manifest.parquet, rejects.csv, labels.csv, preprocess.json; the local
+linkage file (`cfg.linkage`, default `<root>/private/linkage/<dest name>.csv`, never logged);
+`<cfg.report_dir>/metrics.json` (counts, for DVC) and `<cfg.report_dir>/qc.png` (three planes of a few volumes).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from headct.config import IngestConfig, JobContext
+
+QC_VOLUMES = 4
+QC_WINDOW = (40.0, 80.0)  # brain window, level/width HU
+
+
+def write_qc_sheet(store_dir: Path, rows: list[dict[str, Any]], dest: Path) -> Path:
+    """Axial, coronal and sagittal mid-planes of each volume in `rows`, brain window, radiological view
+    (patient's right on the image's left, anterior up in axial, superior up in coronal/sagittal)."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from headct.data.store import read_volume
+    from headct.io import atomic_path
+
+    level, width = QC_WINDOW
+    fig = Figure(figsize=(7.5, 2.5 * max(1, len(rows))), dpi=80)
+    FigureCanvasAgg(fig)
+    for i, row in enumerate(rows):
+        vol = read_volume(store_dir, row["volume"]).astype(np.float32)  # (x, y, z), x toward patient Right
+        x, y, z = (s // 2 for s in vol.shape)
+        planes = {
+            "axial": vol[::-1, :, z].T,  # columns: patient right -> left; rows: posterior -> anterior
+            "coronal": vol[::-1, y, :].T,
+            "sagittal": vol[x, :, :].T,  # columns: posterior -> anterior
+        }
+        for j, (name, plane) in enumerate(planes.items()):
+            ax = fig.add_subplot(len(rows), 3, 3 * i + j + 1)
+            ax.imshow(plane, cmap="gray", origin="lower", vmin=level - width / 2, vmax=level + width / 2)
+            ax.set_title(f"{row['scan_id']} {name}" if j == 0 else name, fontsize=7)
+            ax.set_axis_off()
+            if name != "sagittal":
+                ax.text(0.02, 0.5, "R", color="yellow", fontsize=7, transform=ax.transAxes)
+    if not rows:
+        fig.text(0.5, 0.5, "no accepted volume", ha="center")
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png")
+    return dest
+
+
+def loggable_params(cfg: IngestConfig, root: Path) -> dict[str, Any]:
+    """The config for MLflow, with source-side paths (SRC, labels, linkage) shown relative to the project root,
+    or withheld when outside it: an ad hoc SRC is often named after the patient or the export."""
+    params = cfg.model_dump(mode="json")
+    for key in ("src", "labels", "linkage"):
+        path = getattr(cfg, key)
+        if path is not None:
+            inside = path.resolve().is_relative_to(root.resolve())
+            params[key] = path.resolve().relative_to(root.resolve()).as_posix() if inside else "<outside project>"
+    return params
+
+
+def _print_table(summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="ingest")
+    table.add_column("", style="bold")
+    table.add_column("count", justify="right")
+    for key in ("studies_seen", "series_seen", "accepted", "converted", "reused", "files_unreadable",
+                "unlabelled_scans"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    for reason, n in summary["rejected"].items():
+        table.add_row(f"rejected: {reason}", str(n))
+    table.add_row("seconds", str(summary["seconds"]))
+    Console().print(table)
+
+
+def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
+    from rich.console import Console
+
+    from headct import tracking
+    from headct.data.ingest import ingest
+    from headct.data.store import MANIFEST, REJECTS
+    from headct.io import write_json
+
+    result = ingest(cfg, ctx.root, Console(stderr=True))
+    summary = result.summary
+    metrics_path = cfg.report_dir / "metrics.json"
+    write_json(metrics_path, summary)
+    qc_path = write_qc_sheet(cfg.dest, result.manifest_rows[:QC_VOLUMES], cfg.report_dir / "qc.png")
+
+    with tracking.job_run(ctx.tracking, "ingest", loggable_params(cfg, ctx.root), ctx.root) as mlrun:
+        counts = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        counts.update({f"rejected.{reason}": n for reason, n in summary["rejected"].items()})
+        mlrun.log_metrics(counts)
+        for path in (cfg.dest / MANIFEST, cfg.dest / REJECTS, metrics_path, qc_path):
+            mlrun.log_artifact(path, "ingest")
+    _print_table(summary)
+    return summary

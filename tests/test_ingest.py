@@ -1,0 +1,431 @@
+"""Ingestion: real DICOM files written with pydicom (tests/dicom_factory.py) -> the canonical store.
+
+Geometry is checked in world terms: a marker planted on the patient's Left, Anterior, Superior side must land
+where RAS+ puts it (x index toward the patient's Right, so a left-sided marker has a LOW x index).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.uid import generate_uid
+from rich.console import Console
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dicom_factory import AIR_HU, MARKER_HU, MARKER_LPS, SeriesSpec, slice_positions, write_series  # noqa: E402
+
+from headct.config import IngestConfig, JobContext, PreprocessSpec  # noqa: E402
+from headct.data import store  # noqa: E402
+from headct.data.dicom_series import Series, SliceHeader, stack_geometry  # noqa: E402
+from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key  # noqa: E402
+from headct.data.ingest import ingest  # noqa: E402
+from headct.data.labels import read_cq500  # noqa: E402
+from headct.data.selection import is_bone_kernel, qc_series, rank_series  # noqa: E402
+from headct.errors import InputError  # noqa: E402
+
+SPEC = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)  # 192 mm field of view
+
+
+@pytest.fixture(autouse=True)
+def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+
+
+def make_cfg(tmp: Path, **kw) -> IngestConfig:
+    base = dict(src=tmp / "src", dest=tmp / "store", labels=None, labels_format="none", patient_key="dicom",
+                demo_key=True, workers=1, linkage=tmp / "private" / "link.csv", report_dir=tmp / "reports",
+                preprocess=SPEC, min_slices=8)
+    return IngestConfig(**{**base, **kw})
+
+
+def run_ingest(cfg: IngestConfig) -> dict:
+    return ingest(cfg, cfg.src.parent, Console(quiet=True)).summary
+
+
+def only_volume(cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray, pd.Series]:
+    manifest = store.read_manifest(cfg.dest)
+    assert len(manifest) == 1
+    row = manifest.iloc[0]
+    return store.read_volume(cfg.dest, row["volume"]), store.affine_of(row), row
+
+
+def marker_ras(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """RAS mm of the marker block: centroid of voxels above bone (1000 HU), weighted by their excess."""
+    weight = np.clip(vol.astype(float) - 1000.0, 0, None)
+    index = np.array([(np.indices(vol.shape)[a] * weight).sum() / weight.sum() for a in range(3)])
+    return affine[:3, :3] @ index + affine[:3, 3]
+
+
+EXPECTED_MARKER_RAS = np.array([-MARKER_LPS[0], -MARKER_LPS[1], MARKER_LPS[2]])  # left = -x, anterior = +y
+
+
+# -------------------------------------------------------------------------------------------------- geometry
+def test_marker_lands_left_anterior_superior_in_ras(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "a", SeriesSpec())
+    run_ingest(cfg)
+    vol, affine, row = only_volume(cfg)
+    assert vol.dtype == np.int16 and vol.shape == SPEC.shape
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    index = np.array(np.unravel_index(np.argmax(vol), vol.shape))
+    assert vol[tuple(index)] == MARKER_HU
+    assert np.abs(marker_ras(vol, affine) - EXPECTED_MARKER_RAS).max() <= 2.0
+    centre = (np.array(SPEC.shape) - 1) / 2
+    assert index[0] < centre[0] and index[1] > centre[1] and index[2] > centre[2]
+    # the grid is centred on the head (at the origin), not pulled toward the table behind it
+    assert np.abs(affine[:3, :3] @ centre + affine[:3, 3]).max() < 3.0
+    assert json.loads(row["src_shape"]) == [64, 72, 32] and row["n_slices"] == 32
+
+
+@pytest.mark.parametrize(
+    ("variant", "exact"),
+    [
+        ({"reverse_instances": True, "shuffle_names": True, "extension": ""}, True),
+        ({"orientation": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0)}, False),  # image rotated 180 degrees
+        ({"orientation": (1.0, 0.0, 0.0, 0.0, -1.0, 0.0), "reverse_instances": True}, False),  # normal points down
+    ],
+)
+def test_file_order_and_orientation_do_not_change_the_volume(tmp_path: Path, variant: dict, exact: bool) -> None:
+    reference, other = make_cfg(tmp_path / "ref"), make_cfg(tmp_path / "var")
+    write_series(reference.src / "s", SeriesSpec())
+    write_series(other.src / "s", SeriesSpec(**variant))
+    run_ingest(reference)
+    run_ingest(other)
+    a, affine_a, _ = only_volume(reference)
+    b, affine_b, _ = only_volume(other)
+    np.testing.assert_allclose(affine_a, affine_b, atol=1e-6)
+    if exact:
+        assert np.array_equal(a, b)
+    else:
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "unsigned"), [(1.0, -1024.0, True), (1.0, 0.0, False), (2.0, -2048.0, True)]
+)
+def test_rescale_gives_hu_and_outside_the_scan_is_padded_with_minus_1024(
+    tmp_path: Path, slope: float, intercept: float, unsigned: bool
+) -> None:
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "s", SeriesSpec(slope=slope, intercept=intercept, unsigned=unsigned))
+    run_ingest(cfg)
+    vol, affine, _ = only_volume(cfg)
+    inverse = np.linalg.inv(affine)
+
+    def at(ras: tuple[float, float, float]) -> int:
+        i, j, k = np.rint(inverse[:3, :3] @ np.array(ras) + inverse[:3, 3]).astype(int)
+        return int(vol[i, j, k])
+
+    assert abs(at((0.0, 0.0, 0.0)) - 35) <= 1  # brain
+    assert at((-90.0, 95.0, 0.0)) == AIR_HU  # air inside the scanned field
+    # the stack covers 155 mm of z; the 192 mm grid reaches beyond it: padding, never 0
+    assert (vol[:, :, 0] == -1024).all() and (vol[:, :, -1] == -1024).all()
+
+
+@pytest.mark.parametrize("distortion", ["uneven_spacing", "gantry_tilt"])
+def test_uneven_spacing_and_gantry_tilt_keep_anatomy_in_place(tmp_path: Path, distortion: str) -> None:
+    regular = slice_positions(SeriesSpec())
+    positions = regular.copy()
+    if distortion == "uneven_spacing":  # 4 mm steps in the lower half, 6 mm in the upper half
+        steps = np.where(np.arange(len(regular) - 1) < len(regular) // 2, 4.0, 6.0)
+        positions[:, 2] = regular[0, 2] + np.concatenate([[0.0], np.cumsum(steps)])
+    else:  # 15 degree tilt: each slice shifted along y in proportion to its height
+        positions[:, 1] += (regular[:, 2] - regular[0, 2]) * np.tan(np.radians(15)) - 20.0
+    reference, other = make_cfg(tmp_path / "ref"), make_cfg(tmp_path / "var")
+    write_series(reference.src / "s", SeriesSpec())
+    write_series(other.src / "s", SeriesSpec(positions=[tuple(p) for p in positions]))
+    run_ingest(reference)
+    run_ingest(other)
+    a, affine_a, _ = only_volume(reference)
+    b, affine_b, row = only_volume(other)
+    if distortion == "gantry_tilt":
+        assert abs(row["tilt_deg"] - 15) < 0.1
+    for vol, affine in ((a, affine_a), (b, affine_b)):  # 4 mm: 6 mm-spaced source slices sample the 12 mm block
+        assert np.abs(marker_ras(vol, affine) - EXPECTED_MARKER_RAS).max() <= 4.0
+    inside = (a > -1024) & (b > -1024)  # the tilted stack covers a slightly different field
+    np.testing.assert_allclose(affine_a, affine_b, atol=2.0)  # head box found on other slices: < 1/3 voxel
+    assert (np.abs(a.astype(int) - b.astype(int))[inside] > 200).mean() < 0.06
+
+
+def test_stretch_fit_fills_the_grid_with_the_head(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, preprocess=SPEC.model_copy(update={"fit": "stretch"}))
+    write_series(cfg.src / "s", SeriesSpec())
+    run_ingest(cfg)
+    vol, affine, row = only_volume(cfg)
+    spacing = np.diag(affine)[:3]
+    assert nib.aff2axcodes(affine) == ("R", "A", "S") and np.ptp(spacing) > 0.5  # anisotropic by design
+    assert pd.isna(row["spacing_mm"])
+    assert (vol > -500).mean() > 0.45  # an ellipsoid fills ~52% of its box
+
+
+# ------------------------------------------------------------------------------------------------- selection
+def test_bone_kernel_localizer_and_others_are_not_selected_with_reasons(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    study = generate_uid()
+    uids = {name: generate_uid() for name in ("plain", "bone", "loc", "mr", "short")}
+    specs = {
+        "plain": SeriesSpec(),
+        "bone": SeriesSpec(kernel="H70h", series_description="CT BONE"),
+        "loc": SeriesSpec(n_slices=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
+        "mr": SeriesSpec(modality="MR"),
+        "short": SeriesSpec(n_slices=4),
+    }
+    for name, spec in specs.items():
+        write_series(cfg.src / "P" / name, spec, study_uid=study, series_uid=uids[name])
+    summary = run_ingest(cfg)
+    pseudo = Pseudonymizer(DEMO_KEY)
+    _, _, row = only_volume(cfg)
+    assert row["scan_id"] == pseudo.series(uids["plain"]) and row["kernel"] == "H30s"
+    rejects = pd.read_csv(cfg.dest / store.REJECTS).set_index("series_id")
+    reasons = {name: rejects.loc[pseudo.series(uid), "reason"] for name, uid in uids.items() if name != "plain"}
+    assert reasons == {"bone": "not_selected", "loc": "localizer", "mr": "not_ct", "short": "too_few_slices"}
+    assert "bone" in rejects.loc[pseudo.series(uids["bone"]), "message"]
+    assert summary["rejected"] == {"localizer": 1, "not_ct": 1, "not_selected": 1, "too_few_slices": 1}
+    assert (rejects["study_id"] == pseudo.study(study)).all()
+
+
+def _series(n: int = 12, **change) -> Series:
+    """Headers only (no files): an axial stack of `n` slices 5 mm apart; `change` edits per-slice fields."""
+    headers = []
+    for k in range(n):
+        fields = dict(
+            path=Path(f"/x/{k}"), study_uid="1.2", series_uid="1.2.3", patient_id="p", modality="CT",
+            image_type=("ORIGINAL", "PRIMARY", "AXIAL"), sop_class_uid="1.2.840.10008.5.1.4.1.1.2", rows=8, cols=8,
+            pixel_spacing=(1.0, 1.0), orientation=(1.0, 0, 0, 0, 1.0, 0), position=(0.0, 0.0, 5.0 * k), frames=1,
+            slice_thickness=5.0, kernel="H30s", kvp=120.0, manufacturer="", body_part="", series_description="",
+            contrast_agent="",
+        )
+        for key, value in change.items():
+            fields[key] = value(k) if callable(value) else value
+        headers.append(SliceHeader(**fields))
+    return Series("1.2", "1.2.3", tuple(headers))
+
+
+@pytest.mark.parametrize(
+    ("series", "reason"),
+    [
+        (_series(), None),
+        (_series(position=lambda k: (0.0, 0.0, 5.0 * (k // 2))), "duplicate_positions"),
+        (_series(orientation=lambda k: (1.0, 0, 0, 0, 1.0, 0) if k else (1.0, 0, 0, 0, 0.9, 0.43)),
+         "inconsistent_geometry"),
+        (_series(pixel_spacing=lambda k: (1.0, 1.0) if k else (0.8, 0.8)), "inconsistent_geometry"),
+        (_series(rows=lambda k: 8 if k else 16), "inconsistent_geometry"),
+        (_series(orientation=(0.0, 1.0, 0, 0, 0, -1.0), position=lambda k: (5.0 * k, 0.0, 0.0)), "non_axial"),
+        (_series(position=lambda k: (0.0, 0.0, 5.0 * k + (20.0 if k > 5 else 0.0))), "missing_slices"),
+        (_series(frames=40), "unsupported"),
+        (_series(position=None), "missing_geometry"),
+        (_series(modality="SR"), "not_ct"),
+        (_series(n=1), "localizer"),
+    ],
+)
+def test_series_qc_reason_codes(series: Series, reason: str | None) -> None:
+    assert qc_series(series, min_slices=8).reason == reason
+
+
+def test_gantry_tilt_is_measured_and_uneven_spacing_is_kept() -> None:
+    tilted = _series(position=lambda k: (0.0, 5.0 * k * np.tan(np.radians(15)), 5.0 * k))
+    geometry = qc_series(tilted, min_slices=8).geometry
+    assert geometry is not None and abs(geometry.tilt_deg - 15) < 0.01
+    uneven = _series(position=lambda k: (0.0, 0.0, 5.0 * k + (2.0 if k > 5 else 0.0)))
+    assert qc_series(uneven, min_slices=8).reason is None
+
+
+@pytest.mark.parametrize(
+    ("kernel", "description", "bone"),
+    [("H30s", "", False), ("H70h", "", True), ("Hr64", "", True), ("B30f", "", False), ("BONE", "", True),
+     ("STANDARD", "", False), ("SOFT", "CT BONE", True), ("", "CT PLAIN THIN", False), ("LUNG", "", True)],
+)
+def test_bone_kernel_names(kernel: str, description: str, bone: bool) -> None:
+    assert is_bone_kernel(kernel, description) is bone
+
+
+def test_ranking_prefers_thickness_in_range_then_coverage_then_slices() -> None:
+    def candidate(uid: str, n: int, step: float, thickness: float):
+        s = _series(n=n, position=lambda k: (0.0, 0.0, step * k), slice_thickness=thickness)
+        s = Series("1.2", uid, s.slices)
+        return s, stack_geometry(s)
+
+    thick = candidate("9", 20, 5.0, 5.0)  # 95 mm
+    too_thin = candidate("8", 400, 0.25, 0.25)  # 99.75 mm but 0.25 mm thick: out of range
+    shorter = candidate("7", 10, 5.0, 5.0)  # 45 mm
+    thin = candidate("6", 96, 1.0, 1.0)  # 95 mm, more slices than `thick`
+    ranked = rank_series([thick, too_thin, shorter, thin])
+    assert [s.series_uid for s, _ in ranked] == ["6", "9", "7", "8"]
+    twin = candidate("5", 20, 5.0, 5.0)
+    assert [s.series_uid for s, _ in rank_series([thick, twin])] == ["5", "9"]  # deterministic tie-break
+
+
+# -------------------------------------------------------------------------------------------------- identity
+def test_pseudonyms_are_keyed_stable_and_typed() -> None:
+    a, b = Pseudonymizer(b"k" * 32), Pseudonymizer(b"j" * 32)
+    assert a.series("1.2.3") == Pseudonymizer(b"k" * 32).series("1.2.3")
+    assert a.series("1.2.3") != b.series("1.2.3")
+    assert a.patient("1.2.3")[4:] != a.study("1.2.3")[4:]
+    for value in (a.patient("X"), a.study("1.2"), a.series("1.2")):
+        assert len(value) == 20 and value[:4] in ("pat_", "stu_", "ser_") and int(value[4:], 16) >= 0
+    assert "k" * 32 not in repr(a)
+
+
+def test_key_comes_from_env_or_file_and_demo_key_needs_opt_in(tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(InputError, match=KEY_ENV):
+        load_key(demo_key=False)
+    warnings: list[str] = []
+    assert load_key(demo_key=True, warn=warnings.append) == (DEMO_KEY, True) and "DEMO" in warnings[0]
+    monkeypatch.setenv(KEY_ENV, "short")
+    with pytest.raises(InputError, match="shorter") as err:
+        load_key(demo_key=True)
+    assert "short" not in str(err.value).replace("shorter", "")  # the key itself is never echoed
+    monkeypatch.setenv(KEY_ENV, "s" * 40)
+    assert load_key(demo_key=True) == (b"s" * 40, False)
+    monkeypatch.delenv(KEY_ENV)
+    (tmp_path / "key").write_text("f" * 40 + "\n")
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "key"))
+    assert load_key(demo_key=False) == (b"f" * 40, False)
+
+
+def test_missing_key_without_demo_key_fails_before_any_work(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, demo_key=False)
+    write_series(cfg.src / "s", SeriesSpec(n_slices=8))
+    with pytest.raises(InputError, match=KEY_ENV):
+        run_ingest(cfg)
+    assert not cfg.dest.exists()
+
+
+def test_missing_or_empty_source_is_an_input_error(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    with pytest.raises(InputError, match="not a folder"):
+        run_ingest(cfg)
+    cfg.src.mkdir()
+    with pytest.raises(InputError, match="empty"):
+        run_ingest(cfg)
+    (cfg.src / "notes.txt").write_text("not dicom")
+    with pytest.raises(InputError, match="no readable DICOM"):
+        run_ingest(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def write_reads(path: Path, rows: dict[str, list[tuple[int | str, int | str, int | str]]]) -> Path:
+    """reads.csv with labels ICH and SDH: rows = name -> [(R1, R2, R3) for ICH, (R1, R2, R3) for SDH]."""
+    records = []
+    for name, (ich, sdh) in rows.items():
+        record = {"name": name, "Category": "x"}
+        for r in range(3):
+            record[f"R{r + 1}:ICH"], record[f"R{r + 1}:SDH"] = ich[r], sdh[r]
+        records.append(record)
+    pd.DataFrame(records).to_csv(path, index=False)
+    return path
+
+
+def test_reads_majority_vote(tmp_path: Path) -> None:
+    path = write_reads(tmp_path / "reads.csv", {
+        "CQ500-CT-1": [(1, 1, 0), (0, 0, 1)],
+        "CQ500-CT-2": [(0, 1, 0), (1, 1, 1)],
+        "CQ500-CT-3": [(1, 0, ""), ("", "", "")],  # a tie and no reads: unknown, not 0
+    })
+    reads = read_cq500(path)
+    assert list(reads.columns) == ["ICH", "SDH"]
+    assert reads.loc["CQ500CT1"].tolist() == [1, 0]
+    assert reads.loc["CQ500CT2"].tolist() == [0, 1]
+    assert reads.loc["CQ500CT3"].isna().all()
+    with pytest.raises(InputError, match="not found"):
+        read_cq500(tmp_path / "missing.csv")
+    write_reads(path, {"CQ500-CT-1": [(1, 2, 0), (0, 0, 0)]})
+    with pytest.raises(InputError, match="0, 1 or nothing"):
+        read_cq500(path)
+
+
+def test_labels_join_by_cq500_folder_and_unknown_patients_stay_empty(tmp_path: Path) -> None:
+    reads = write_reads(tmp_path / "reads.csv", {"SYN-CT-1": [(1, 1, 0), (0, 0, 0)]})
+    cfg = make_cfg(tmp_path, labels=reads, labels_format="cq500", patient_key="cq500_folder")
+    write_series(cfg.src / "SYNCT1 SYNCT1" / "Unknown Study" / "CT", SeriesSpec(n_slices=8))
+    write_series(cfg.src / "SYNCT2 SYNCT2" / "Unknown Study" / "CT", SeriesSpec(n_slices=8))
+    summary = run_ingest(cfg)
+    labels = pd.read_csv(cfg.dest / store.LABELS, dtype=str, keep_default_na=False)
+    pseudo = Pseudonymizer(DEMO_KEY)
+    by_patient = labels.set_index("patient_id")
+    assert by_patient.loc[pseudo.patient("SYNCT1"), ["ICH", "SDH"]].tolist() == ["1", "0"]
+    assert by_patient.loc[pseudo.patient("SYNCT2"), ["ICH", "SDH"]].tolist() == ["", ""]
+    assert summary["unlabelled_scans"] == 1
+    manifest = store.read_manifest(cfg.dest)
+    assert set(manifest["patient_key_source"]) == {"dataset"}
+    with pytest.raises(InputError, match="not found"):
+        run_ingest(cfg.model_copy(update={"labels": tmp_path / "nope.csv"}))
+
+
+# ------------------------------------------------------------------------------------- privacy, resume, job
+def test_job_outputs_carry_no_identifying_value(tmp_path: Path, sqlite_tracking) -> None:
+    from pipelines.ingest import loggable_params, run
+
+    cfg = make_cfg(tmp_path, workers=2, linkage=None)
+    folder = cfg.src / "Doe^Jane 19700101" / "ACCZX991"  # folder names in real exports carry PHI too
+    study, series = generate_uid(), generate_uid()
+    paths = write_series(folder, SeriesSpec(n_slices=8), patient_id="PIDPLANTED77", patient_name="Plantedname^Zed",
+                         study_uid=study, series_uid=series)
+    write_series(folder / "bone", SeriesSpec(n_slices=8, kernel="BONE"), patient_id="PIDPLANTED77",
+                 patient_name="Plantedname^Zed", study_uid=study)
+    (folder / "broken.dcm").write_bytes(b"garbage")
+    summary = run(cfg, JobContext(root=tmp_path, tracking=sqlite_tracking))
+    assert summary["accepted"] == 1 and summary["files_unreadable"] == 1
+    needles = ["PIDPLANTED77", "Plantedname", "Doe^Jane", "19700101", "ACCZX991", "Test Hospital", study, series,
+               str(tmp_path / "src"), paths[0].name]
+    outputs = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(cfg.src)
+               and "private" not in p.parts]
+    assert {p.name for p in outputs} >= {"manifest.parquet", "rejects.csv", "labels.csv", "preprocess.json",
+                                        "metrics.json", "qc.png", "mlflow.db"}
+    for path in outputs:
+        texts = [path.read_bytes().decode("latin-1")]
+        if path.suffix == ".parquet":
+            texts.append(pd.read_parquet(path).to_csv())
+        for needle in needles:
+            assert not any(needle in text for text in texts), f"{needle!r} found in {path}"
+    linkage = tmp_path / "private" / "linkage" / "store.csv"  # default: <root>/private/linkage/<dest name>.csv
+    assert series in linkage.read_text() and not linkage.is_relative_to(cfg.dest)
+    assert not (cfg.dest / store.JOURNAL).exists()
+    elsewhere = cfg.model_copy(update={"src": Path("/exports/Doe^Jane")})
+    assert loggable_params(elsewhere, tmp_path)["src"] == "<outside project>"
+
+
+def test_resume_reuses_volumes_of_the_same_preprocess_version(tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "a", SeriesSpec(n_slices=8), patient_id="PA0000001")
+    write_series(cfg.src / "b", SeriesSpec(n_slices=8), patient_id="PB0000001")
+    # an interrupted first run: volumes written, the manifest never
+    monkeypatch.setattr(store, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(cfg)
+    monkeypatch.undo()
+    volumes = sorted((cfg.dest / store.VOLUMES).glob("*.npy"))
+    assert len(volumes) == 2 and (cfg.dest / store.JOURNAL).is_file()
+    stamps = [os.stat(p).st_mtime_ns for p in volumes]
+    summary = run_ingest(cfg)
+    assert (summary["converted"], summary["reused"]) == (0, 2)
+    assert [os.stat(p).st_mtime_ns for p in volumes] == stamps
+    assert run_ingest(cfg)["reused"] == 2  # and again from the manifest
+    np.save(volumes[0], np.zeros((2, 2, 2), np.int16))  # a volume that no longer matches its manifest row
+    assert (run_ingest(cfg)["converted"], np.load(volumes[0]).shape) == (1, SPEC.shape)
+    changed = cfg.model_copy(update={"preprocess": SPEC.model_copy(update={"spacing_mm": 5.0})})
+    assert run_ingest(changed)["converted"] == 2
+    assert json.loads((cfg.dest / store.PREPROCESS).read_text())["version"] == changed.preprocess.version
+
+
+def test_undecodable_pixels_fall_back_to_the_next_series(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    study = generate_uid()
+    plain = write_series(cfg.src / "plain", SeriesSpec(n_slices=8), study_uid=study)
+    write_series(cfg.src / "bone", SeriesSpec(n_slices=8, kernel="H70h"), study_uid=study)
+    data = plain[3].read_bytes()
+    plain[3].write_bytes(data[: len(data) - 2000])  # truncated pixel data
+    summary = run_ingest(cfg)
+    _, _, row = only_volume(cfg)
+    assert row["kernel"] == "H70h"
+    assert summary["rejected"] == {"unreadable": 1}
+    message = pd.read_csv(cfg.dest / store.REJECTS)["message"].iloc[0]
+    assert "pixel data" in message and str(tmp_path) not in message
