@@ -124,6 +124,11 @@ class SynthConfig(Section):
                     f"unknown finding {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
                     + f"; allowed: {', '.join(LABELS)}"
                 )
+            if key in ("ICH", "BleedLocation-Left", "BleedLocation-Right", "Fracture", "MassEffect", "MidlineShift"):
+                raise ValueError(
+                    f"{key} is derived from the findings, so it has no prevalence of its own; set the findings' "
+                    "(IPH, IVH, SDH, EDH, SAH, ChronicBleed, CalvarialFracture, OtherFracture, Tumor)"
+                )
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"prevalence of {key} must be in [0, 1], got {p}")
         return v
