@@ -143,7 +143,27 @@ def job_run(
     import mlflow
 
     uri = tracking_uri(cfg, root)
-    mlflow.set_tracking_uri(uri)
+    previous_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI (restored below)
+    try:
+        yield from _run(cfg, job, params, root, uri, tags)
+    finally:
+        if previous_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous_env
+
+
+def _run(
+    cfg: TrackingConfig,
+    job: str,
+    params: BaseModel | Mapping[str, Any],
+    root: Path,
+    uri: str,
+    tags: Mapping[str, Any] | None,
+) -> Iterator[RunLogger]:
+    import mlflow
+
     artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
     experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
     run_tags = {"headct.job": job, **(tags or {})}

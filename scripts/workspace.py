@@ -35,14 +35,15 @@ def make_workspace(dest: Path, params: Path, fresh: bool = False) -> Path:
     shutil.copy2(params, dest / "params.yaml")
     if not (dest / ".dvc").is_dir():
         subprocess.run(["dvc", "init", "--no-scm", "--quiet"], cwd=dest, check=True, env=dvc_env())
-        config = dest / ".dvc" / "config"
-        config.write_text(config.read_text() + "[core]\n    analytics = false\n    check_update = false\n")
+        for key in ("core.analytics", "core.check_update"):
+            subprocess.run(["dvc", "config", key, "false"], cwd=dest, check=True, env=dvc_env())
     return dest
 
 
 def dvc_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update(DVC_NO_ANALYTICS="1", MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)  # the workspace logs to its own mlflow.db
     # The stages call `headct`; make sure the one installed beside this interpreter is found first.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env

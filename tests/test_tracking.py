@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -49,6 +50,8 @@ def test_job_run_logs_params_metrics_children_and_artifacts(tmp_path: Path) -> N
     assert [a.path for a in client.list_artifacts(run.run_id, "notes")] == ["notes/note.txt"]
     # artifacts of a local SQLite store live beside it, not in the current folder
     assert (tmp_path / "mlartifacts").is_dir()
+    # MLflow exports the URI to the environment; a later job or subprocess must not inherit this store
+    assert os.environ.get("MLFLOW_TRACKING_URI") != cfg.uri
 
 
 def _free_port() -> int:

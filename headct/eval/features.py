@@ -1,0 +1,100 @@
+"""Frozen-encoder features: canonical int16 HU volumes -> one embedding vector per scan.
+
+Volumes are read from disk one batch ahead on a worker thread (numpy file reads release the GIL), windowed
+into channels on the compute device (`hu_to_windows`, as in pre-training) and pooled by the encoder.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headct.errors import InputError
+
+
+def resolve_device(name: str) -> Any:
+    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an InputError."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def load_volume(path: Path, shape: Sequence[int] | None = None) -> np.ndarray:
+    """One canonical volume: int16 HU, (X, Y, Z) voxels. Wrong dtype or shape is an InputError naming the file."""
+    try:
+        volume = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"{path}: volume file not found") from None
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not a readable .npy volume ({exc})") from exc
+    if volume.dtype != np.int16 or volume.ndim != 3:
+        raise InputError(
+            f"{path}: expected a 3-D int16 HU volume, got {volume.dtype} with shape {volume.shape}"
+        )
+    if shape is not None and tuple(volume.shape) != tuple(shape):
+        raise InputError(
+            f"{path}: shape {list(volume.shape)} differs from the model's preprocessing grid {list(shape)}; "
+            "re-ingest with the model's preprocess spec"
+        )
+    return volume
+
+
+def _load_batch(paths: Sequence[Path], shape: Sequence[int] | None) -> np.ndarray:
+    return np.stack([load_volume(p, shape) for p in paths])
+
+
+def extract_features(
+    encoder: Any,
+    paths: Sequence[Path],
+    windows: Sequence[Any],
+    *,
+    pool: str = "mean",
+    batch_size: int = 16,
+    device: Any = "cpu",
+    shape: Sequence[int] | None = None,
+    description: str = "features",
+) -> np.ndarray:
+    """Embed every volume with a frozen encoder.
+
+    Args:
+        encoder: module with `forward_pooled(x: (B, C, X, Y, Z) float, pool) -> (B, D)`; put in eval mode here.
+        paths: `.npy` files, int16 HU volumes (X, Y, Z).
+        windows: HU windows, one input channel each (passed to `hu_to_windows`).
+        shape: expected volume shape in voxels (the model's preprocessing grid), checked per file.
+    Returns:
+        (N, D) float32 features, in the order of `paths`.
+    """
+    import torch
+    from rich.progress import Progress
+
+    from headct.data.windows import hu_to_windows
+
+    encoder.eval()
+    encoder.to(device)
+    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    out: list[np.ndarray] = []
+    with (
+        torch.inference_mode(),
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,
+        Progress(transient=True) as progress,
+    ):
+        task = progress.add_task(description, total=len(paths))
+        pending = reader.submit(_load_batch, batches[0], shape) if batches else None
+        for index in range(len(batches)):
+            hu = pending.result()  # type: ignore[union-attr]
+            if index + 1 < len(batches):
+                pending = reader.submit(_load_batch, batches[index + 1], shape)
+            x = hu_to_windows(torch.from_numpy(hu).to(device, non_blocking=True), windows)
+            out.append(encoder.forward_pooled(x, pool=pool).float().cpu().numpy())
+            progress.advance(task, len(hu))
+    if not out:
+        return np.zeros((0, int(getattr(encoder, "embed_dim", 0))), dtype=np.float32)
+    return np.concatenate(out).astype(np.float32, copy=False)

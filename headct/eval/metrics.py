@@ -1,0 +1,187 @@
+"""Binary-classification metrics with patient-level bootstrap confidence intervals.
+
+Point estimates come from scikit-learn. The bootstrap resamples *patients* with replacement and keeps all of a
+drawn patient's scans, because scans of one patient are not independent (CQ500 labels are even per patient):
+resampling scans would give intervals that are too narrow. A resample is represented by integer weights per
+scan (how often its patient was drawn), so every resample is computed at once with numpy instead of a Python
+loop over resamples; the weighted formulas equal scikit-learn's with `sample_weight`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+METRICS: tuple[str, ...] = ("auroc", "ap", "sensitivity", "specificity")
+
+
+def _as_binary(y: np.ndarray) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.isin(y, (0, 1)).all():
+        raise ValueError("targets must be a 1-D array of 0/1 (drop unknown labels first)")
+    return y.astype(np.int8)
+
+
+def auroc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(_as_binary(y), score))
+
+
+def average_precision(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(_as_binary(y), score))
+
+
+def youden_threshold(y: np.ndarray, score: np.ndarray) -> float:
+    """Threshold maximising sensitivity + specificity - 1 on (y, score); rule: positive when score >= threshold.
+
+    Chosen on validation data only; the ROC curve's leading +inf (nothing positive) is never returned.
+    """
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thresholds = roc_curve(_as_binary(y), score, drop_intermediate=False)
+    j = np.round(tpr - fpr, 12)[1:]  # rounded so exact ties go to the higher threshold, not to float noise
+    return float(thresholds[1:][int(np.argmax(j))])
+
+
+def sensitivity_specificity(y: np.ndarray, score: np.ndarray, threshold: float) -> tuple[float, float]:
+    y = _as_binary(y)
+    pred = np.asarray(score) >= threshold
+    return float(pred[y == 1].mean()), float((~pred[y == 0]).mean())
+
+
+# --------------------------------------------------------------------------------- weighted (vectorised)
+def weighted_auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """AUROC per row of weights. y, score: (n,); w: (B, n) non-negative -> (B,). Ties count one half."""
+    order = np.argsort(score, kind="stable")
+    s, y, w = score[order], y[order], w[:, order]
+    n = len(s)
+    new_group = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(new_group)
+    group = np.cumsum(new_group) - 1
+    first, end = starts[group], np.r_[starts[1:], n][group]
+    w_pos, w_neg = w * (y == 1), w * (y == 0)
+    cum_neg = np.concatenate([np.zeros((len(w), 1)), np.cumsum(w_neg, axis=1)], axis=1)  # (B, n + 1)
+    below = cum_neg[:, first]
+    tied = cum_neg[:, end] - below
+    return (w_pos * (below + 0.5 * tied)).sum(axis=1) / (w_pos.sum(axis=1) * w_neg.sum(axis=1))
+
+
+def weighted_average_precision(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Average precision (sum over thresholds of recall step x precision) per row of weights -> (B,)."""
+    order = np.argsort(-score, kind="stable")
+    s, y, w = score[order], y[order], w[:, order]
+    ends = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]  # last index of each tie group
+    tp = np.cumsum(w * (y == 1), axis=1)[:, ends]
+    fp = np.cumsum(w * (y == 0), axis=1)[:, ends]
+    d_tp = np.diff(tp, axis=1, prepend=0.0)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+    return (d_tp * precision).sum(axis=1) / tp[:, -1]
+
+
+def _weighted_rates(
+    y: np.ndarray, score: np.ndarray, threshold: float, w: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    pred = score >= threshold
+    w_pos, w_neg = w * (y == 1), w * (y == 0)
+    return (w_pos * pred).sum(axis=1) / w_pos.sum(axis=1), (w_neg * ~pred).sum(axis=1) / w_neg.sum(axis=1)
+
+
+def bootstrap_weights(
+    group_index: np.ndarray, n_groups: int, n_resamples: int, rng: np.random.Generator
+) -> np.ndarray:
+    """(n_resamples, n_scans) weights: each resample draws `n_groups` patients with replacement; a scan's weight
+    is the number of times its patient was drawn, so a patient's scans always move together."""
+    draws = rng.integers(0, n_groups, size=(n_resamples, n_groups))
+    flat = (draws + n_groups * np.arange(n_resamples)[:, None]).ravel()
+    counts = np.bincount(flat, minlength=n_resamples * n_groups).reshape(n_resamples, n_groups)
+    return counts[:, group_index].astype(np.float64)
+
+
+@dataclass
+class BootstrapResult:
+    """Percentile 95% intervals per metric; `None` bounds when fewer than 10 usable resamples."""
+
+    intervals: dict[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    n_valid: int = 0
+    n_redrawn: int = 0  # resamples lacking positives or negatives, drawn again
+    samples: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+
+def patient_bootstrap(
+    y: np.ndarray,
+    score: np.ndarray,
+    groups: np.ndarray,
+    threshold: float,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    max_draw_factor: int = 10,
+) -> BootstrapResult:
+    """Patient-level bootstrap of AUROC, AP, sensitivity and specificity (at `threshold`).
+
+    Args:
+        y: (n,) 0/1 targets; score: (n,) scores; groups: (n,) patient id per scan.
+        n_resamples: usable resamples wanted; a resample without both classes is redrawn, up to
+            `max_draw_factor * n_resamples` draws in all (the result reports how many were redrawn).
+    """
+    y, score = _as_binary(y), np.asarray(score, dtype=np.float64)
+    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    rng = np.random.default_rng(seed)
+    chunk = max(1, min(n_resamples, 4_000_000 // max(len(y), 1)))  # bound memory to ~32 MB per array
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
+    n_valid = n_redrawn = 0
+    while n_valid < n_resamples and n_valid + n_redrawn < max_draw_factor * n_resamples:
+        w = bootstrap_weights(group_index, n_groups, min(chunk, n_resamples - n_valid), rng)
+        usable = ((w * (y == 1)).sum(axis=1) > 0) & ((w * (y == 0)).sum(axis=1) > 0)
+        n_redrawn += int((~usable).sum())
+        w = w[usable]
+        n_valid += len(w)
+        if len(w):
+            sens, spec = _weighted_rates(y, score, threshold, w)
+            parts["auroc"].append(weighted_auroc(y, score, w))
+            parts["ap"].append(weighted_average_precision(y, score, w))
+            parts["sensitivity"].append(sens)
+            parts["specificity"].append(spec)
+    result = BootstrapResult(n_valid=n_valid, n_redrawn=n_redrawn)
+    for name, chunks in parts.items():
+        values = np.concatenate(chunks) if chunks else np.zeros(0)
+        result.samples[name] = values
+        if len(values) >= 10:
+            low, high = np.percentile(values, [2.5, 97.5])
+            result.intervals[name] = (float(low), float(high))
+        else:
+            result.intervals[name] = (None, None)
+    return result
+
+
+def evaluate_binary(
+    y: np.ndarray, score: np.ndarray, groups: np.ndarray, threshold: float, n_resamples: int, seed: int
+) -> dict[str, Any]:
+    """Flat, JSON-able test metrics: point estimates, `<metric>_low/_high` 95% CI bounds, counts."""
+    y = _as_binary(y)
+    sens, spec = sensitivity_specificity(y, score, threshold)
+    point = {
+        "auroc": auroc(y, score),
+        "ap": average_precision(y, score),
+        "sensitivity": sens,
+        "specificity": spec,
+    }
+    boot = patient_bootstrap(y, score, groups, threshold, n_resamples, seed)
+    out: dict[str, Any] = {}
+    for name in METRICS:
+        out[name] = point[name]
+        out[f"{name}_low"], out[f"{name}_high"] = boot.intervals[name]
+    out.update(
+        threshold=float(threshold),
+        n_pos=int((y == 1).sum()),
+        n_neg=int((y == 0).sum()),
+        n_patients=int(len(np.unique(groups))),
+        bootstrap_valid=boot.n_valid,
+        bootstrap_redrawn=boot.n_redrawn,
+    )
+    return out

@@ -1,0 +1,87 @@
+"""Model directories: `config.json` (arch, preprocessing spec, windows, method, provenance) + `model.safetensors`
+(encoder weights only). The hand-over from pre-training to every evaluation.
+
+Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the keys, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from headct.errors import InputError
+from headct.io import atomic_path, write_json
+from headct.models.vit import ViT3D, build_encoder
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+REQUIRED = ("arch", "preprocess", "windows", "method", "provenance")
+
+
+def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
+    """Write `path/model.safetensors` then `path/config.json`, each atomically; returns `path`.
+
+    `config` needs preprocess, windows, method and provenance; `arch` is taken from the encoder (a
+    different one given in `config` is an error, since the weights would not fit it).
+    """
+    missing = [k for k in REQUIRED if k != "arch" and k not in config]
+    if missing:
+        raise ValueError(f"model directory config lacks {missing}")
+    if "arch" in config and config["arch"] != encoder.arch:
+        raise ValueError(f"config arch {config['arch']} differs from the encoder's {encoder.arch}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    write_json(path / CONFIG, {**config, "arch": encoder.arch})
+    return path
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The validated config.json of a model directory; InputError naming the file and the problem."""
+    file = Path(path) / CONFIG
+    try:
+        config = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{file}: not found; is {path} a model directory?") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{file}: not readable JSON ({exc})") from None
+    missing = [k for k in REQUIRED if k not in config]
+    if missing:
+        raise InputError(f"{file}: missing keys {missing}")
+    return config
+
+
+def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[ViT3D, dict[str, Any]]:
+    """-> (encoder in eval mode, config). Strict: missing/unexpected/mis-shaped weights raise InputError."""
+    path = Path(path)
+    config = read_config(path)
+    try:
+        encoder = build_encoder(config["arch"])
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{path / CONFIG}: unusable arch ({exc})") from None
+    try:
+        state = load_file(str(path / WEIGHTS))
+    except FileNotFoundError:
+        raise InputError(f"{path / WEIGHTS}: not found") from None
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"{path / WEIGHTS}: not a readable safetensors file ({exc})") from None
+    expected = encoder.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise InputError(
+            f"{path / WEIGHTS} does not match arch {config['arch'].get('name')}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
+    wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise InputError(f"{path / WEIGHTS}: weights of the wrong shape: {wrong}")
+    encoder.load_state_dict(state, strict=True)
+    return encoder.to(device).eval(), config

@@ -1,0 +1,280 @@
+"""A 3D Vision Transformer encoder for CT volumes (Dosovitskiy et al. 2021, in 3D as in FM-HCT).
+
+Reads top-down: attention, MLP, pre-norm block, patch embedding, the encoder, then the named sizes.
+Input is a windowed volume (B, C, X, Y, Z) float in [0, 1] (C = HU windows, see headct.data.windows);
+the cube is cut into non-overlapping patch**3 voxel patches, one token each, plus a CLS token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from headct.models.pos_embed import interpolate_pos_embed, sincos_pos_embed_3d
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on (B, T, D) tokens via torch SDPA (flash/memory-efficient kernels on GPU)."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
+        return self.proj(x.transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module: nn.Module) -> None:
+    """MAE/timm initialisation: Xavier-uniform linears with zero bias, unit LayerNorms."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _triple(v: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
+    if isinstance(v, int):
+        return (v, v, v)
+    if len(v) != 3:
+        raise ValueError(f"expected one int or three, got {v!r}")
+    return (int(v[0]), int(v[1]), int(v[2]))
+
+
+class PatchEmbed3D(nn.Module):
+    """Cubic patches -> tokens: a Conv3d with kernel = stride = patch, evaluated as patchify + matmul.
+
+    The weight keeps the Conv3d layout (D, C, p, p, p) of timm/FM-HCT checkpoints; ``proj(x)`` gives the same
+    tokens. The matmul form is used because on CPU it is about 3x faster than Conv3d forward+backward and it
+    lets MAE embed only the visible patches.
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv3d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        w = self.proj.weight.data  # initialised like a linear layer on the flattened patch (MAE)
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.proj.bias)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B, N, C * p**3): patches in (x, y, z) C-order, voxels in Conv3d weight order."""
+        b, c, sx, sy, sz = x.shape
+        p = self.patch_size
+        if sx % p or sy % p or sz % p:
+            raise ValueError(f"volume grid {[sx, sy, sz]} is not divisible by patch {p}")
+        v = x.reshape(b, c, sx // p, p, sy // p, p, sz // p, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+        return v.reshape(b, (sx // p) * (sy // p) * (sz // p), c * p**3)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        """(B, N, C * p**3) -> (B, N, D)."""
+        return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias)
+
+
+class ViT3D(nn.Module):
+    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, CLS token, pre-norm blocks, LayerNorm.
+
+    Args:
+        img_size: volume grid (X, Y, Z) in voxels the model is built for (one int = a cube).
+        patch_size: edge of a cubic patch in voxels; must divide every entry of ``img_size``.
+        in_chans: input channels (HU windows).
+        embed_dim, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP hidden/width.
+        qkv_bias: learn a bias on the query/key/value projection.
+        name: the registered size this was built from (kept in ``arch`` for the model directory).
+
+    Example:
+        >>> enc = build_encoder({"name": "tiny", "img_size": 64, "patch_size": 16, "in_chans": 3})
+        >>> enc.forward_features(torch.rand(2, 3, 64, 64, 64)).shape   # 4**3 patches + CLS
+        torch.Size([2, 65, 192])
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int, int] = 96,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 6,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        name: str = "custom",
+    ) -> None:
+        super().__init__()
+        img = _triple(img_size)
+        if patch_size < 1 or any(s % patch_size for s in img):
+            raise ValueError(f"patch_size {patch_size} must divide every dimension of img_size {list(img)}")
+        if in_chans < 1 or depth < 1:
+            raise ValueError(f"in_chans and depth must be >= 1, got {in_chans} and {depth}")
+        self.arch: dict[str, Any] = {
+            "name": name, "img_size": list(img), "patch_size": patch_size, "in_chans": in_chans,
+            "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
+            "qkv_bias": qkv_bias,
+        }
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.patch_size = patch_size
+        self.grid: tuple[int, int, int] = (img[0] // patch_size, img[1] // patch_size, img[2] // patch_size)
+        self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed (not learned) and recomputable from `arch`, so it is not part of the saved weights.
+        self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+
+        nn.init.normal_(self.cls_token, std=0.02)
+        self.blocks.apply(init_weights)
+        self.norm.apply(init_weights)
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1] * self.grid[2]
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay besides norms and biases (token and position tables)."""
+        return {"cls_token", "pos_embed"}
+
+    def pos_embed_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
+        """(1, 1 + gx*gy*gz, D): the position table, resampled when ``grid`` differs from the built one."""
+        if tuple(grid) == self.grid:
+            return self.pos_embed
+        return interpolate_pos_embed(self.pos_embed, self.grid, grid)
+
+    def grid_of(self, x: torch.Tensor) -> tuple[int, int, int]:
+        """Token grid (gx, gy, gz) of a (B, C, X, Y, Z) batch."""
+        if x.dim() != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) batch, got shape {list(x.shape)}")
+        p = self.patch_size
+        return (x.shape[2] // p, x.shape[3] // p, x.shape[4] // p)
+
+    def embed_patches(
+        self, patches: torch.Tensor, grid: tuple[int, int, int], ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, K, C * p**3) patches -> (B, K, D) tokens with positions added (no CLS yet).
+
+        ``ids`` (B, K) gives each patch's index in the full grid when only some patches are passed (MAE).
+        """
+        pos = self.pos_embed_for(grid)[:, 1:].to(patches.dtype)  # (1, N, D)
+        if ids is not None:
+            pos = torch.gather(pos.expand(ids.shape[0], -1, -1), 1, ids[:, :, None].expand(-1, -1, pos.shape[2]))
+        return self.patch_embed(patches) + pos
+
+    def tokenize(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B, N, D) patch tokens with their positions added (no CLS yet)."""
+        return self.embed_patches(self.patch_embed.patchify(x), self.grid_of(x))
+
+    def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, 1 + N, D); the CLS row of the position table is zero, so no position is added."""
+        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D): the transformer blocks then the final LayerNorm."""
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.norm(tokens)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) float -> (B, 1 + N, D) normed tokens, CLS first."""
+        return self.encode(self.prepend_cls(self.tokenize(x)))
+
+    def forward_pooled(self, x: torch.Tensor, pool: Literal["cls", "mean"] = "cls") -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B, D): the CLS token, or the mean of the patch tokens."""
+        tokens = self.forward_features(x)
+        if pool == "cls":
+            return tokens[:, 0]
+        if pool == "mean":
+            return tokens[:, 1:].mean(dim=1)
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_pooled(x)
+
+
+# ----------------------------------------------------------------------------------------------- named sizes
+_SIZES: dict[str, Callable[..., ViT3D]] = {}
+
+
+def register_size(fn: Callable[..., ViT3D]) -> Callable[..., ViT3D]:
+    """Register ``vit_<name>`` as the named size ``<name>``."""
+    _SIZES[fn.__name__.removeprefix("vit_")] = fn
+    return fn
+
+
+def sizes() -> list[str]:
+    """Registered size names, smallest first."""
+    return list(_SIZES)
+
+
+@register_size
+def vit_tiny(**kwargs: Any) -> ViT3D:
+    """Demo/CPU size: width 192, depth 6, 3 heads: 2.7 M parameters in the blocks, plus the patch embedding
+    (2.4 M at patch 16 with 3 windows)."""
+    return ViT3D(**{"embed_dim": 192, "depth": 6, "num_heads": 3, **kwargs, "name": "tiny"})
+
+
+@register_size
+def vit_small(**kwargs: Any) -> ViT3D:
+    """ViT-S: width 384, depth 12, 6 heads."""
+    return ViT3D(**{"embed_dim": 384, "depth": 12, "num_heads": 6, **kwargs, "name": "small"})
+
+
+@register_size
+def vit_base(**kwargs: Any) -> ViT3D:
+    """ViT-B as in FM-HCT: width 768, depth 12, 12 heads, MLP 3072 (89.4 M parameters at 96^3, patch 12)."""
+    return ViT3D(**{"embed_dim": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0, **kwargs, "name": "base"})
+
+
+_ARCH_KEYS = {"name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
+              "qkv_bias"}
+
+
+def build_encoder(arch: dict[str, Any]) -> ViT3D:
+    """Build the encoder a model directory's ``config.json["arch"]`` describes (``ViT3D.arch`` round-trips).
+
+    ``name`` picks a registered size; the other keys override its defaults. Unknown keys are an error.
+    """
+    unknown = sorted(set(arch) - _ARCH_KEYS)
+    if unknown:
+        raise ValueError(f"unknown arch keys {unknown}; allowed: {sorted(_ARCH_KEYS)}")
+    name = arch.get("name")
+    if name not in _SIZES:
+        raise ValueError(f"unknown encoder size {name!r}; registered: {sizes()}")
+    return _SIZES[name](**{k: v for k, v in arch.items() if k != "name"})

@@ -1,0 +1,1 @@
+"""The training engine: schedules, checkpoints and the one training loop (imports torch)."""

@@ -1,0 +1,204 @@
+"""Job `headct probe`: frozen encoder -> per-label linear probes, pre-trained vs random init, same protocol.
+
+Recipe: read the split files; load the pre-trained encoder and build a seeded random-init twin of the same
+architecture; embed train/val/test once per encoder; per label, skip (with the reason) when a split lacks
+positives or negatives, else standardise on train, fit a logistic regression per C, choose C and the decision
+threshold on val, score test once, bootstrap patient-level 95% CIs.
+Outputs under cfg.report_dir: metrics.json, predictions.csv, roc.png (a panel per probed label).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from headct.config import JobContext, ProbeConfig
+from headct.errors import InputError
+
+MODELS: tuple[str, ...] = ("pretrained", "random_init")
+
+
+def _labels(cfg: ProbeConfig, frames: dict[str, Any]) -> list[str]:
+    from headct.data.splits import label_columns
+
+    wanted = list(cfg.labels) if cfg.labels is not None else label_columns(frames["train"])
+    for split, frame in frames.items():
+        missing = [label for label in wanted if label not in frame.columns]
+        if missing:
+            raise InputError(f"{cfg.splits / f'{split}.csv'}: no column for label(s) {missing}")
+    return wanted
+
+
+def _check_preprocessing(cfg: ProbeConfig, ctx: JobContext, config: dict[str, Any]) -> None:
+    """The store behind the splits must have been made with the model's preprocessing recipe."""
+    from rich import print as rprint
+
+    split_json = cfg.splits / "split.json"
+    model_version = config.get("preprocess", {}).get("version")
+    if not split_json.is_file() or model_version is None:
+        rprint(
+            f"[yellow]note:[/] preprocessing version not checked ({split_json} or the model's version missing)"
+        )
+        return
+    store = Path(json.loads(split_json.read_text())["store"])
+    spec_path = (store if store.is_absolute() else ctx.root / store) / "preprocess.json"
+    if not spec_path.is_file():
+        raise InputError(f"{spec_path}: file not found (the store named in {split_json})")
+    store_version = json.loads(spec_path.read_text()).get("version")
+    if store_version != model_version:
+        raise InputError(
+            f"{spec_path}: preprocessing version {store_version} differs from the model's {model_version} "
+            f"({cfg.model_dir / 'config.json'}); re-ingest with the model's preprocess spec"
+        )
+
+
+def _print_table(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if m is None:
+            return "-"
+        low, high = m["auroc_low"], m["auroc_high"]
+        ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
+        return f"{m['auroc']:.3f}{ci}"
+
+    table = Table(title="linear probe: test AUROC [95% CI, patient bootstrap]")
+    for name in ("label", "test pos/neg", "pre-trained", "random init", "C (pre-trained)"):
+        table.add_column(name, justify="left" if name == "label" else "right")
+    for label, m in metrics["pretrained"].items():
+        r = metrics["random_init"].get(label)
+        table.add_row(label, f"{m['n_pos']}/{m['n_neg']}", cell(m), cell(r), f"{m['C']:g}")
+    console = Console()
+    console.print(table)
+    for label, reason in metrics["skipped"].items():
+        console.print(f"skipped {label}: {reason}")
+
+
+def _embed(
+    encoders: dict[str, Any],
+    frames: dict[str, Any],
+    config: dict[str, Any],
+    cfg: ProbeConfig,
+    ctx: JobContext,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Features (n, D) per model and split, computed once; and the seconds each model took."""
+    from rich import print as rprint
+
+    from headct.eval.features import extract_features, resolve_device
+
+    device = resolve_device(cfg.device)
+    shape = config.get("preprocess", {}).get("shape")
+    n_scans = sum(len(f) for f in frames.values())
+    features: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    for model, encoder in encoders.items():
+        start = time.perf_counter()
+        features[model] = {
+            split: extract_features(
+                encoder,
+                [ctx.root / p for p in frame["img_path"]],
+                config["windows"],
+                pool=cfg.pool,
+                batch_size=cfg.batch_size,
+                device=device,
+                shape=shape,
+                description=f"{model} {split}",
+            )
+            for split, frame in frames.items()
+        }
+        encoder.to("cpu")  # free accelerator memory for the next encoder
+        seconds[model] = time.perf_counter() - start
+        rprint(f"features[{model}]: {n_scans} scans in {seconds[model]:.1f} s on {device} (pool={cfg.pool})")
+    return features, seconds
+
+
+def _probe_labels(
+    labels: list[str], frames: dict[str, Any], features: dict[str, dict[str, Any]], cfg: ProbeConfig
+) -> tuple[dict[str, dict[str, Any]], list[Any]]:
+    """metrics.json content ({"pretrained", "random_init", "skipped"}) and the prediction frames."""
+    from rich import print as rprint
+
+    from headct.eval.probe import label_data, probe_label, skip_reason
+
+    metrics: dict[str, dict[str, Any]] = {"pretrained": {}, "random_init": {}, "skipped": {}}
+    predictions = []
+    for label in labels:
+        data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in MODELS}
+        reason = skip_reason(data["pretrained"], cfg.min_positives)  # targets are the same for both models
+        if reason is not None:
+            rprint(f"[yellow]skip {label}:[/] {reason}")
+            metrics["skipped"][label] = reason
+            continue
+        for model in MODELS:
+            # Same bootstrap seed for both models: paired resamples, so their CIs are comparable.
+            result, rows = probe_label(data[model], label, model, cfg.c_grid, cfg.bootstrap, cfg.seed)
+            metrics[model][label] = result
+            predictions.append(rows)
+    return metrics, predictions
+
+
+def _write_outputs(cfg: ProbeConfig, metrics: dict[str, Any], predictions: list[Any]) -> list[Path]:
+    import pandas as pd
+
+    from headct.eval import PREDICTION_COLUMNS
+    from headct.eval.plots import plot_roc_grid
+    from headct.io import atomic_path, write_json
+
+    write_json(cfg.report_dir / "metrics.json", metrics)
+    table = (
+        pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_COLUMNS)
+    )
+    with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+    test = table[table["split"] == "test"]
+    panels = {
+        label: {
+            m: (g["target"].to_numpy(), g["score"].to_numpy()) for m, g in rows.groupby("model", sort=False)
+        }
+        for label, rows in test.groupby("label", sort=False)
+    }
+    plot_roc_grid(panels, cfg.report_dir / "roc.png", "linear probe ROC (test)")
+    return [cfg.report_dir / name for name in ("metrics.json", "predictions.csv", "roc.png")]
+
+
+def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
+    import torch
+
+    from headct import tracking
+    from headct.data.splits import read_splits
+    from headct.models.model_dir import load_model_dir
+    from headct.models.vit import build_encoder
+
+    frames = read_splits(cfg.splits)
+    labels = _labels(cfg, frames)
+    pretrained, config = load_model_dir(cfg.model_dir)
+    _check_preprocessing(cfg, ctx, config)
+    torch.manual_seed(cfg.seed)  # the random-init twin: same architecture and windows, seeded
+    encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
+
+    features, seconds = _embed(encoders, frames, config, cfg, ctx)
+    metrics, predictions = _probe_labels(labels, frames, features, cfg)
+    outputs = _write_outputs(cfg, metrics, predictions)
+
+    with tracking.job_run(ctx.tracking, "probe", cfg, ctx.root) as mlrun:
+        mlrun.log_metrics({f"features_seconds.{m}": s for m, s in seconds.items()})
+        mlrun.log_metrics(
+            {"labels_probed": len(metrics["pretrained"]), "labels_skipped": len(metrics["skipped"])}
+        )
+        for model in MODELS:
+            for label, result in metrics[model].items():
+                with mlrun.child(f"{model}/{label}", params={"model": model, "label": label}) as child:
+                    child.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float)})
+        if metrics["skipped"]:
+            mlrun.set_tags({f"skipped.{label}": reason for label, reason in metrics["skipped"].items()})
+        for path in outputs:
+            mlrun.log_artifact(path, "probe")
+    _print_table(metrics)
+    return {
+        "labels_probed": len(metrics["pretrained"]),
+        "labels_skipped": len(metrics["skipped"]),
+        "features_seconds": {m: round(s, 2) for m, s in seconds.items()},
+    }

@@ -1,0 +1,241 @@
+"""The pre-training data path, engine and `headct pretrain` job on a tiny store of random head-like volumes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from headct.config import JobContext, PreprocessSpec, PretrainConfig, TrackingConfig
+from headct.data.augment import augment_hu
+from headct.data.volumes import StepBatchSampler, VolumeDataset, epoch_order
+from headct.errors import InputError
+from headct.train.engine import NonFiniteLossError, step_generator, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is as fast, and immune to busy neighbours; restored for other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+SIZE = 32
+
+
+def make_project(root: Path, n_scans: int = 16) -> Path:
+    """A store of n_scans 32^3 int16 volumes (air, skull shell, brain, a blob), 2 scans per patient, and a
+    split: train 8 scans, val 4, test = an unreadable file (the job must never open it)."""
+    rng = np.random.default_rng(0)
+    store = root / "data/store/t"
+    (store / "volumes").mkdir(parents=True)
+    spec = PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0)
+    (store / "preprocess.json").write_text(json.dumps({**spec.model_dump(mode="json"), "version": spec.version}))
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
+    rows = []
+    for i in range(n_scans):
+        dist = np.sqrt(((g - rng.uniform(-0.1, 0.1, (3, 1, 1, 1))) ** 2).sum(0))
+        vol = np.where(dist < 0.75, 1000.0, -1024.0)
+        vol[dist < 0.65] = 35.0
+        vol += rng.normal(0, 5, vol.shape)
+        scan = f"ser_{i:016x}"
+        np.save(store / "volumes" / f"{scan}.npy", vol.astype(np.int16))
+        rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i // 2:016x},{i % 3 == 0:d}\n")
+    splits = root / "data/splits/t"
+    splits.mkdir(parents=True)
+    header = "img_path,scan_id,patient_id,ICH\n"
+    (splits / "train.csv").write_text(header + "".join(rows[:8]))
+    (splits / "val.csv").write_text(header + "".join(rows[8:12]))
+    (splits / "test.csv").write_text("this is not a split file\n")
+    (splits / "split.json").write_text(json.dumps({"store": "data/store/t", "seed": 0}))
+    return root
+
+
+def make_cfg(root: Path, **kw) -> PretrainConfig:
+    base = dict(splits=root / "data/splits/t", model_dir=root / "models/mae", checkpoint_dir=root / "ckpt",
+                report_dir=root / "reports/pretrain", arch="tiny", patch_size=16, batch_size=2, samples=16,
+                lr=1e-3, eval_volumes=2, log_every=2, checkpoint_every=100, threads=1)
+    return PretrainConfig(**{**base, **kw})
+
+
+def ctx_for(root: Path) -> JobContext:
+    return JobContext(root=root, tracking=TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", experiment="test"))
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "proj", n_scans=2)
+
+
+# ------------------------------------------------------------------------------------------- data path
+def test_sampler_resumes_mid_epoch_at_exactly_the_right_sample() -> None:
+    full = list(StepBatchSampler(10, 3, seed=4, start_step=0, total_steps=9))
+    assert list(StepBatchSampler(10, 3, seed=4, start_step=5, total_steps=9)) == full[5:]
+    stream = [i for batch in full for i in batch]
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:20]) == list(range(10))
+    assert stream[:10] == list(epoch_order(10, 4, 0)) and stream[10:20] != stream[:10]
+    ranks = [list(StepBatchSampler(10, 3, 4, 0, 2, rank=r, world_size=2)) for r in (0, 1)]
+    assert ranks[0][0] + ranks[1][0] == stream[:6]  # two ranks split one global batch
+
+
+def test_dataset_returns_int16_and_names_a_bad_file(project: Path, tmp_path: Path) -> None:
+    volumes = sorted((project / "data/store/t/volumes").glob("*.npy"))
+    ds = VolumeDataset(volumes[:2], ["a", "b"], (SIZE, SIZE, SIZE))
+    hu, scan = ds[1]
+    assert hu.dtype == torch.int16 and hu.shape == (SIZE, SIZE, SIZE) and scan == "b"
+    bad = tmp_path / "float.npy"
+    np.save(bad, np.zeros((SIZE, SIZE, SIZE), np.float32))
+    with pytest.raises(InputError, match=r"float\.npy.*int16"):
+        VolumeDataset([bad], ["c"], (SIZE, SIZE, SIZE)).check()
+    with pytest.raises(InputError, match=r"expected shape \[16, 16, 16\]"):
+        VolumeDataset(volumes[:1], ["a"], (16, 16, 16)).check()
+
+
+def test_augmentation_is_a_function_of_the_generator() -> None:
+    hu = torch.randint(-1024, 2000, (6, 8, 8, 8), dtype=torch.int16)
+    a = augment_hu(hu, step_generator(0, 3), True, 5.0, 0.02)
+    assert torch.equal(a, augment_hu(hu, step_generator(0, 3), True, 5.0, 0.02))
+    assert not torch.equal(a, augment_hu(hu, step_generator(0, 4), True, 5.0, 0.02))
+    plain = augment_hu(hu, step_generator(0, 3), flip_lr=False)
+    assert torch.equal(plain, hu.float())
+    flipped = augment_hu(hu, step_generator(0, 3), flip_lr=True)
+    assert all(torch.equal(f, h.float()) or torch.equal(f, h.flip(0).float()) for f, h in zip(flipped, hu, strict=True))
+
+
+# --------------------------------------------------------------------------------------------- engine
+def _toy(n_steps: int, accum: int = 1, bad_at: int | None = None):
+    """A linear model trained by the engine on 4 fixed batches; the loss is infinite at step `bad_at`.
+    Returns (model, stats or the NonFiniteLossError raised)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(4, 4, 4)
+
+    def loss_fn(batch: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        loss = model(batch).square().mean()
+        return loss * float("inf") if step == bad_at else loss
+
+    try:
+        return model, train(model, opt, iter(data), loss_fn, start_step=0, total_steps=n_steps,
+                            lr_at=lambda s: 0.1, accum_steps=accum)
+    except NonFiniteLossError as err:
+        return model, err
+
+
+def test_gradient_accumulation_matches_the_full_batch() -> None:
+    m1, s1 = _toy(4)
+    m2, s2 = _toy(4, accum=2)
+    assert np.allclose(s1.losses, s2.losses, rtol=1e-6)
+    assert torch.allclose(m1.weight, m2.weight, atol=1e-7)
+
+
+def test_non_finite_loss_aborts_naming_the_step_before_updating() -> None:
+    before, _ = _toy(2)  # the state after steps 0 and 1
+    model, err = _toy(4, bad_at=2)
+    assert isinstance(err, NonFiniteLossError)
+    assert "loss is inf at global step 2" in str(err)
+    assert torch.equal(model.weight, before.weight)  # step 2 applied no update
+
+
+# ------------------------------------------------------------------------------------------------ job
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One real job run (8 steps of 2), shared: later tests resume against its checkpoint."""
+    from pipelines.pretrain import run
+
+    root = make_project(tmp_path_factory.mktemp("pretrain") / "proj")
+    return root, run(make_cfg(root), ctx_for(root))
+
+
+def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: tuple[Path, dict]) -> None:
+    from headct.models.model_dir import load_model_dir
+    from pipelines.pretrain import load_data
+
+    project, out = trained
+    assert out["steps"] == 8 and out["samples"] == 16
+    metrics = json.loads((project / "reports/pretrain/metrics.json").read_text())
+    for key in ("recon_loss_start", "recon_loss_end", "steps", "samples", "seconds", "volumes_per_s",
+                "data_wait_fraction"):
+        assert key in metrics
+    assert metrics["recon_loss_end"] < metrics["recon_loss_start"]  # it learned something
+    for name in ("loss_curve.png", "mae_reconstruction.png"):
+        assert (project / "reports/pretrain" / name).stat().st_size > 1000
+    encoder, config = load_model_dir(project / "models/mae")
+    assert config["method"] == "mae" and config["preprocess"]["shape"] == [SIZE] * 3
+    assert [w["name"] for w in config["windows"]] == ["brain", "subdural", "bone"]
+    assert config["provenance"]["data"]["heldout_scans"] == 2 and encoder.patch_size == 16
+    data = load_data(make_cfg(project), ctx_for(project))
+    assert not set(data.heldout_ids) & set(data.train_ids)  # the check runs on volumes never trained on
+    assert len(data.train_ids) == 8 + 4 - 2  # train + the rest of val
+    assert len(load_data(make_cfg(project, use_val=False), ctx_for(project)).train_ids) == 8
+    with sqlite3.connect(project / "mlflow.db") as db:
+        runs = db.execute("SELECT run_uuid FROM runs WHERE name = 'pretrain' AND status = 'FINISHED'").fetchall()
+        keys = {r[0] for r in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", runs[0])}
+    assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "recon_loss_heldout"} <= keys
+    assert list(project.glob(f"mlartifacts/**/{runs[0][0]}/artifacts/model/model.safetensors"))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resumed_run_repeats_the_uninterrupted_one(
+    trained: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headct.train.checkpoint as checkpoint
+    from pipelines.pretrain import run
+
+    root, _ = trained
+    cfg = make_cfg(root, checkpoint_every=3, checkpoint_dir=root / "ckpt_b", model_dir=root / "models/b",
+                   report_dir=root / "reports/b")  # checkpoint_every and paths do not change the trajectory
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, config, extra=None):
+        save(path, model, optimizer, step, config, extra)
+        if step == 3:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        run(cfg, ctx_for(root))
+    monkeypatch.undo()
+    out = run(cfg, ctx_for(root))
+    assert out["resumed_from_step"] == 3 and out["samples"] == 16
+    assert out["seconds"] > 0  # training time of both invocations, not only the resumed one
+
+    (a_path,) = (root / "ckpt").glob("*/complete.pt")  # finished runs are kept as complete.pt, never resumed
+    (b_path,) = (root / "ckpt_b").glob("*/complete.pt")
+    assert a_path.parent.name == b_path.parent.name  # same training identity -> same checkpoint folder
+    a = checkpoint.load_checkpoint(a_path)
+    b = checkpoint.load_checkpoint(b_path)
+    assert a["step"] == b["step"] == 8
+    assert np.allclose(a["extra"]["losses"], b["extra"]["losses"], rtol=1e-6, atol=0)
+    for key, value in a["model"].items():
+        assert torch.allclose(value, b["model"][key], rtol=1e-6, atol=1e-7), key
+
+
+def test_changed_config_trains_afresh_and_a_foreign_checkpoint_is_refused(trained: tuple[Path, dict]) -> None:
+    import headct.train.checkpoint as checkpoint
+    from pipelines.pretrain import _resume, run
+
+    root, _ = trained
+    before = sorted(p.parent.name for p in (root / "ckpt").glob("*/complete.pt"))
+    out = run(make_cfg(root, lr=2e-3, model_dir=root / "models/c", report_dir=root / "reports/c"), ctx_for(root))
+    assert out["resumed_from_step"] == 0  # a params change under `dvc repro` starts a new run, no manual cleanup
+    after = sorted(p.parent.name for p in (root / "ckpt").glob("*/complete.pt"))
+    assert set(before) < set(after)  # the old run's checkpoint is left alone
+    # Re-running a finished configuration trains again (after a code change it must not re-emit old weights).
+    again = run(make_cfg(root, model_dir=root / "models/d", report_dir=root / "reports/d"), ctx_for(root))
+    assert again["resumed_from_step"] == 0
+    # A checkpoint whose recorded settings differ from the run's is refused, naming the difference.
+    finished = root / "ckpt" / before[0] / "complete.pt"
+    state = checkpoint.load_checkpoint(finished)
+    identity = {**state["config"], "lr": 0.002}
+    with pytest.raises(InputError, match=r"different run.*lr: 0\.001 -> 0\.002"):
+        _resume(finished, identity, None, None)

@@ -1,0 +1,250 @@
+"""Linear probe (selection on val only, skips, predictions schema), frozen features, the probe and report jobs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from headct.config import JobContext, ProbeConfig, ReportConfig
+from headct.errors import InputError
+from headct.eval import PREDICTION_COLUMNS
+from headct.eval.probe import LabelData, probe_label, skip_reason
+from pipelines import probe as probe_job
+from pipelines import report as report_job
+from tests.conftest import runs_of
+
+TINY_ARCH = {
+    "name": "tiny",
+    "img_size": [16, 16, 16],
+    "patch_size": 8,
+    "in_chans": 3,
+    "embed_dim": 32,
+    "depth": 1,
+    "num_heads": 2,
+}
+WINDOWS = [
+    {"name": "brain", "level": 40, "width": 80},
+    {"name": "subdural", "level": 80, "width": 200},
+    {"name": "bone", "level": 600, "width": 2800},
+]
+
+
+def synthetic(n: int, signal: float, seed: int, d: int = 8) -> LabelData:
+    """n scans of 2 each from n/2 patients; feature 0 carries `signal` x target, the rest is noise."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 4 < 2).astype(np.int8)  # both scans of a patient share the label
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[:, 0] += signal * y
+    return LabelData(
+        x,
+        y,
+        np.array([f"ser_{seed}_{i}" for i in range(n)]),
+        np.array([f"pat_{seed}_{i // 2}" for i in range(n)]),
+    )
+
+
+def splits(signal: float) -> dict[str, LabelData]:
+    return {
+        "train": synthetic(200, signal, 0),
+        "val": synthetic(80, signal, 1),
+        "test": synthetic(120, signal, 2),
+    }
+
+
+
+
+# ------------------------------------------------------------------------------------------------ probe logic
+def test_probe_separates_an_informative_label_and_not_a_noise_label() -> None:
+    good, _ = probe_label(splits(signal=4.0), "ICH", "pretrained", (0.01, 1.0), n_resamples=200, seed=0)
+    noise, _ = probe_label(splits(signal=0.0), "ICH", "random_init", (0.01, 1.0), n_resamples=200, seed=0)
+    assert good["auroc"] > 0.95 and good["auroc_low"] > 0.9
+    assert 0.3 < noise["auroc"] < 0.7 and noise["auroc_low"] < 0.5 < noise["auroc_high"]
+
+
+def test_c_and_threshold_are_chosen_on_val_only() -> None:
+    data = splits(signal=1.0)
+    first, _ = probe_label(data, "ICH", "pretrained", (0.001, 0.01, 0.1, 1.0), n_resamples=50, seed=0)
+    flipped = dict(
+        data,
+        test=LabelData(data["test"].x, 1 - data["test"].y, data["test"].scan_id, data["test"].patient_id),
+    )
+    second, _ = probe_label(flipped, "ICH", "pretrained", (0.001, 0.01, 0.1, 1.0), n_resamples=50, seed=0)
+    assert (first["C"], first["threshold"], first["val_auroc"]) == (
+        second["C"],
+        second["threshold"],
+        second["val_auroc"],
+    )
+    assert second["auroc"] == pytest.approx(1 - first["auroc"])  # test targets do reach the test metrics
+
+
+def test_predictions_have_exactly_the_schema_columns() -> None:
+    _, rows = probe_label(splits(signal=2.0), "SDH", "pretrained", (1.0,), n_resamples=20, seed=7)
+    assert tuple(rows.columns) == PREDICTION_COLUMNS
+    assert set(rows["split"]) == {"val", "test"} and len(rows) == 80 + 120
+    assert set(rows["mode"]) == {"linear_probe"} and set(rows["k"]) == {""} and set(rows["seed"]) == {7}
+    assert rows["threshold"].nunique() == 1
+
+
+def test_a_label_with_one_test_positive_is_skipped_with_a_reason() -> None:
+    data = splits(signal=1.0)
+    y = np.zeros_like(data["test"].y)
+    y[0] = 1
+    data["test"] = LabelData(data["test"].x, y, data["test"].scan_id, data["test"].patient_id)
+    assert skip_reason(data, min_count=2) == "test has 1 positive(s) (min_positives=2)"
+    assert skip_reason(splits(signal=1.0), min_count=2) is None
+
+
+# --------------------------------------------------------------------------------------------- features (ViT)
+def write_volumes(folder: Path, n: int, shape=(16, 16, 16)) -> list[Path]:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"ser_{i:04d}.npy"
+        np.save(path, rng.integers(-1024, 1500, size=shape).astype(np.int16))
+        paths.append(path)
+    return paths
+
+
+def test_features_are_batch_independent_and_the_encoder_stays_frozen(tmp_path: Path) -> None:
+    import torch
+
+    from headct.eval.features import extract_features
+    from headct.models.vit import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder(TINY_ARCH)
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    paths = write_volumes(tmp_path, 5)
+    by2 = extract_features(encoder, paths, WINDOWS, pool="mean", batch_size=2, shape=(16, 16, 16))
+    by5 = extract_features(encoder, paths, WINDOWS, pool="mean", batch_size=5)
+    cls = extract_features(encoder, paths, WINDOWS, pool="cls", batch_size=5)
+    assert by2.shape == (5, 32) and by2.dtype == np.float32
+    np.testing.assert_allclose(by2, by5, atol=1e-5)
+    assert not np.allclose(by5, cls)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert all(p.grad is None for p in encoder.parameters())
+
+
+def test_a_missing_or_misshapen_volume_is_a_named_error(tmp_path: Path) -> None:
+    from headct.eval.features import extract_features
+    from headct.models.vit import build_encoder
+
+    encoder = build_encoder(TINY_ARCH)
+    paths = write_volumes(tmp_path, 2)
+    with pytest.raises(InputError, match=r"ser_0009\.npy: volume file not found"):
+        extract_features(encoder, [*paths, tmp_path / "ser_0009.npy"], WINDOWS, batch_size=2)
+    np.save(paths[1], np.zeros((16, 16, 8), dtype=np.int16))
+    with pytest.raises(InputError, match=r"ser_0001\.npy: shape \[16, 16, 8\] differs"):
+        extract_features(encoder, paths, WINDOWS, shape=(16, 16, 16))
+
+
+# ------------------------------------------------------------------------------------------------- probe job
+def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx) -> None:
+    import torch
+
+    from headct.models.model_dir import save_model_dir
+    from headct.models.vit import build_encoder
+
+    paths = write_volumes(tmp_path / "store/volumes", 36)
+    rows = []
+    for i, path in enumerate(paths):
+        split = "train" if i < 16 else "val" if i < 26 else "test"
+        ich = i % 2  # >= 2 positives and negatives everywhere
+        edh = "" if i in (1, 17, 30) else int(i in (3, 6, 18, 21, 27))  # one positive (27) in test -> skipped
+        rows.append(
+            {
+                "split": split,
+                "img_path": path.relative_to(tmp_path).as_posix(),
+                "scan_id": path.stem,
+                "patient_id": f"pat_{i // 2:04d}",
+                "ICH": ich,
+                "EDH": edh,
+            }
+        )
+    frame = pd.DataFrame(rows)
+    for split, part in frame.groupby("split"):
+        part.drop(columns="split").to_csv(tmp_path / f"{split}.csv", index=False)
+    torch.manual_seed(1)
+    config = {
+        "windows": WINDOWS,
+        "preprocess": {"shape": [16, 16, 16], "version": "v1"},
+        "method": "mae",
+        "provenance": {},
+    }
+    save_model_dir(tmp_path / "model", build_encoder(TINY_ARCH), config)
+
+    cfg = ProbeConfig(
+        splits=tmp_path,
+        model_dir=tmp_path / "model",
+        report_dir=tmp_path / "reports/probe",
+        bootstrap=50,
+        c_grid=(0.1, 1.0),
+        batch_size=8,
+        device="cpu",
+    )
+    summary = probe_job.run(cfg, job_ctx)
+    metrics = json.loads((cfg.report_dir / "metrics.json").read_text())
+    assert set(metrics) == {"pretrained", "random_init", "skipped"} and summary["labels_probed"] == 1
+    assert metrics["skipped"] == {"EDH": "test has 1 positive(s) (min_positives=2)"}
+    assert {"auroc", "auroc_low", "auroc_high", "ap", "sensitivity", "specificity", "n_pos"} <= set(
+        metrics["pretrained"]["ICH"]
+    )
+    assert metrics["pretrained"]["ICH"]["n_pos"] == 5 and metrics["random_init"]["ICH"]["n_neg"] == 5
+    predictions = pd.read_csv(cfg.report_dir / "predictions.csv", keep_default_na=False)
+    assert tuple(predictions.columns) == PREDICTION_COLUMNS
+    assert set(predictions["model"]) == {"pretrained", "random_init"} and len(predictions) == 2 * (10 + 10)
+    test = predictions[(predictions["model"] == "pretrained") & (predictions["split"] == "test")]
+    recomputed = (test["score"] >= test["threshold"])[test["target"] == 1].mean()
+    assert recomputed == metrics["pretrained"]["ICH"]["sensitivity"], (
+        "the CSV must reproduce the reported numbers"
+    )
+    assert (cfg.report_dir / "roc.png").stat().st_size > 1000
+    names = sorted(r.info.run_name for r in runs_of(job_ctx))
+    assert names == ["pretrained/ICH", "probe", "random_init/ICH"]  # one job run, a child per (model, label)
+
+    # The store behind the splits was made with another preprocessing recipe: refuse, naming both.
+    (tmp_path / "split.json").write_text(json.dumps({"store": "store"}))
+    (tmp_path / "store/preprocess.json").write_text(json.dumps({"version": "v2"}))
+    with pytest.raises(
+        InputError, match=r"preprocess\.json: preprocessing version v2 differs from the model's v1"
+    ):
+        probe_job.run(cfg, JobContext(root=tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------ report job
+def test_report_renders_the_table_and_names_a_missing_input(tmp_path: Path, job_ctx) -> None:
+    pretrain = tmp_path / "pretrain.json"
+    probe = tmp_path / "probe.json"
+    pretrain.write_text(json.dumps({"recon_loss_start": 0.91234, "recon_loss_end": 0.41, "steps": 10}))
+    entry = {"auroc": 0.8123, "auroc_low": 0.7, "auroc_high": 0.9, "n_pos": 12}
+    probe.write_text(
+        json.dumps(
+            {
+                "pretrained": {"ICH": entry},
+                "random_init": {"ICH": dict(entry, auroc=0.55)},
+                "skipped": {"EDH": "test has 1 positive(s) (min_positives=2)"},
+            }
+        )
+    )
+    cfg = ReportConfig(probe_metrics=probe, pretrain_metrics=pretrain, report_dir=tmp_path / "reports/report")
+    summary = report_job.run(cfg, job_ctx)
+    markdown = (cfg.report_dir / "results.md").read_text()
+    assert "| label | test positives | AUROC [95% CI] pre-trained | AUROC [95% CI] random init |" in markdown
+    assert "| ICH | 12 | 0.812 [0.700, 0.900] | 0.550 [0.700, 0.900] |" in markdown
+    assert "EDH: test has 1 positive(s)" in markdown and "0.9123 at start, 0.4100 at end" in markdown
+    assert summary["mean_auroc_pretrained"] == pytest.approx(0.8123)
+    assert json.loads((cfg.report_dir / "metrics.json").read_text())["labels_skipped"] == 1
+    (run,) = runs_of(job_ctx)
+    import mlflow
+
+    artifacts = mlflow.MlflowClient(job_ctx.tracking.uri).list_artifacts(run.info.run_id, "report")
+    assert any(a.path.endswith("results.md") for a in artifacts)
+
+    pretrain.unlink()
+    with pytest.raises(InputError, match=r"pretrain\.json: file not found"):
+        report_job.run(cfg, JobContext(root=tmp_path))
