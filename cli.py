@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import typer
 import yaml
-
 from pydantic import ValidationError
 
 from headct.config import (
