@@ -69,3 +69,35 @@ def test_config_show_prints_resolved_values(tmp_path: Path) -> None:
     assert body["pretrain"]["lr"] == 0.002
     assert body["pretrain"]["batch_size"] == 3
     assert body["pretrain"]["mask_ratio"] == 0.75  # defaults filled in
+
+
+def test_adhoc_ingest_of_any_folder_and_a_missing_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`headct ingest SRC DEST` on an arbitrary export: DICOM PatientID as patient key, no labels file needed."""
+    import cli
+    from tests.dicom_factory import SeriesSpec, write_series
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(
+        f"tracking:\n  uri: sqlite:///{tmp_path}/mlflow.db\ningest:\n  preprocess:\n    shape: [32, 32, 32]\n"
+        "    spacing_mm: 6.0\n  workers: 1\n"
+    )
+    export = tmp_path / "export"
+    write_series(export / "a" / "b", SeriesSpec(), patient_id="PID-ADHOC-0001")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HEADCT_PSEUDONYM_KEY", "a-test-key-of-at-least-16-bytes")
+    runner = CliRunner()
+    result = runner.invoke(cli.app, ["ingest", str(export), "store"])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    manifest = pd.read_parquet(project / "store" / "manifest.parquet")  # DEST relative to where the user stands
+    assert len(manifest) == 1 and manifest["patient_key_source"].iloc[0] == "dicom"
+    assert manifest["patient_id"].iloc[0].startswith("pat_")
+
+    missing = runner.invoke(cli.app, ["ingest", str(tmp_path / "nowhere"), "store2"])
+    assert missing.exit_code == 1
+    assert "nowhere" in missing.output
+    assert "Traceback" not in missing.output
