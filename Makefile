@@ -50,8 +50,8 @@ ui: setup ## Serve the MLflow store (mlflow.db) on http://127.0.0.1:5000
 	  --host 127.0.0.1 --port 5000
 
 lock: ## Re-pin every dependency into constraints.txt from the current .venv
-	$(PY) -m pip freeze --exclude-editable | grep -v '^headct' | sed 's/+cpu$$//' > constraints.txt.new
-	mv constraints.txt.new constraints.txt
+	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^headct' | sed 's/+cpu$$//'; } \
+	  > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 docker-cpu: ## Build the CPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cpu -t headct:cpu .
