@@ -54,3 +54,14 @@ def runs_of(ctx) -> list:
     client = mlflow.MlflowClient(tracking_uri=ctx.tracking.uri)
     exp = client.get_experiment_by_name(ctx.tracking.experiment)
     return [] if exp is None else client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny tensors: one thread is as fast, and immune to busy neighbours; restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,7 @@ from headct.models.pos_embed import interpolate_pos_embed, sincos_pos_embed_3d
 from headct.models.vit import ViT3D, build_encoder, sizes
 from headct.train.schedules import cosine, warmup_cosine
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to busy neighbours; restored for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny_arch(**kw):

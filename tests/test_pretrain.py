@@ -16,14 +16,7 @@ from headct.data.volumes import StepBatchSampler, VolumeDataset, epoch_order
 from headct.errors import InputError
 from headct.train.engine import NonFiniteLossError, step_generator, train
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to busy neighbours; restored for other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 SIZE = 32
