@@ -15,7 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench
+.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -52,6 +52,9 @@ ui: setup ## Serve the MLflow store (mlflow.db) on http://127.0.0.1:5000
 lock: ## Re-pin every dependency into constraints.txt from the current .venv
 	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^headct' | sed 's/+cpu$$//'; } \
 	  > constraints.txt.new && mv constraints.txt.new constraints.txt
+
+bench-train-step: setup ## Our ViT-B/12 training step vs MONAI's ViT, same config, side by side (CPU)
+	$(PY) benchmarks/train_step.py
 
 docker-cpu: ## Build the CPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cpu -t headct:cpu .
