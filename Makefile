@@ -18,7 +18,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step
 
 help: ## List the targets
-	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 setup: $(STAMP) ## Build .venv: torch first, then pinned deps (constraints.txt), then the project (editable)
 
