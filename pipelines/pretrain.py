@@ -56,16 +56,17 @@ def heldout_patients(val: Any, n_volumes: int, seed: int) -> list[str]:
 
 def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
     """Training and held-out volumes from the split files, and the store's preprocessing spec."""
-    from headct.data.splits import path_for_files, read_split
+    from headct.data.splits import path_for_files, read_split, store_of_split
 
-    split_json = cfg.splits / "split.json"
+    store = store_of_split(cfg.splits, ctx.root)
+    if store is None:
+        raise InputError(f"{cfg.splits / 'split.json'}: not found (run `headct ingest` and `headct split` first)")
     try:
-        store = ctx.root / json.loads(split_json.read_text())["store"]
         preprocess = json.loads((store / "preprocess.json").read_text())
     except FileNotFoundError as exc:
         raise InputError(f"{exc.filename}: not found (run `headct ingest` and `headct split` first)") from None
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise InputError(f"{split_json} or its store's preprocess.json is unusable ({exc!r})") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{store / 'preprocess.json'}: not valid JSON ({exc})") from None
     train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
     if val.empty:
         raise InputError(f"{cfg.splits / 'val.csv'}: no scans; the reconstruction check needs held-out val patients")
@@ -161,6 +162,7 @@ def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.splits import path_for_files
     from headct.data.volumes import StepBatchSampler, VolumeDataset
     from headct.data.windows import hu_to_windows
+    from headct.device import resolve_device
     from headct.io import write_json
     from headct.models.mae import MAE
     from headct.models.model_dir import save_model_dir
@@ -170,8 +172,7 @@ def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.train.schedules import warmup_cosine
 
     console = Console()
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     data = load_data(cfg, ctx)

@@ -35,15 +35,17 @@ def _check_preprocessing(cfg: ProbeConfig, ctx: JobContext, config: dict[str, An
     """The store behind the splits must have been made with the model's preprocessing recipe."""
     from rich import print as rprint
 
+    from headct.data.splits import store_of_split
+
     split_json = cfg.splits / "split.json"
     model_version = config.get("preprocess", {}).get("version")
-    if not split_json.is_file() or model_version is None:
+    store = store_of_split(cfg.splits, ctx.root)
+    if store is None or model_version is None:
         rprint(
             f"[yellow]note:[/] preprocessing version not checked ({split_json} or the model's version missing)"
         )
         return
-    store = Path(json.loads(split_json.read_text())["store"])
-    spec_path = (store if store.is_absolute() else ctx.root / store) / "preprocess.json"
+    spec_path = store / "preprocess.json"
     if not spec_path.is_file():
         raise InputError(f"{spec_path}: file not found (the store named in {split_json})")
     store_version = json.loads(spec_path.read_text()).get("version")
@@ -87,7 +89,8 @@ def _embed(
     """Features (n, D) per model and split, computed once; and the seconds each model took."""
     from rich import print as rprint
 
-    from headct.eval.features import extract_features, resolve_device
+    from headct.device import resolve_device
+    from headct.eval.features import extract_features
 
     device = resolve_device(cfg.device)
     shape = config.get("preprocess", {}).get("shape")

@@ -14,6 +14,7 @@ and test.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -216,6 +217,19 @@ def path_for_files(path: Path, root: Path) -> str:
         return path.relative_to(root).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+def store_of_split(split_dir: Path, root: Path) -> Path | None:
+    """The store a split was made from (split.json's `store`, relative to `root` unless absolute), or None when
+    the split folder has no split.json (splits brought in from elsewhere). An unusable split.json is an error."""
+    split_json = Path(split_dir) / "split.json"
+    if not split_json.is_file():
+        return None
+    try:
+        store = Path(json.loads(split_json.read_text())["store"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{split_json}: no usable 'store' entry ({exc!r})") from None
+    return store if store.is_absolute() else Path(root) / store
 
 
 def split_counts(split: pd.DataFrame) -> dict[str, dict[str, Any]]:

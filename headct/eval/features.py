@@ -16,17 +16,6 @@ import numpy as np
 from headct.errors import InputError
 
 
-def resolve_device(name: str) -> Any:
-    """'auto' -> cuda when available, else cpu; 'cuda' without a GPU is an InputError."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def load_volume(path: Path, shape: Sequence[int] | None = None) -> np.ndarray:
     """One canonical volume: int16 HU, (X, Y, Z) voxels. Wrong dtype or shape is an InputError naming the file."""
     try:
