@@ -4,3 +4,11 @@ Kept import-light: heavy modules (torch, monai, mlflow) are imported by the func
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):  # lazy: `import headct` stays light, `headct.load_encoder` imports torch on use
+    if name in ("load_encoder", "Encoder"):
+        from headct import encoder
+
+        return getattr(encoder, name)
+    raise AttributeError(f"module 'headct' has no attribute {name!r}")

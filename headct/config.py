@@ -173,16 +173,44 @@ class SplitConfig(Section):
         return v
 
 
+class DinoConfig(Section):
+    """DINO (Caron et al. 2021) settings; used when `pretrain.method` is dino. Sizes in voxels of the store grid."""
+
+    out_dim: int = Field(4096, ge=16)  # prototypes of the projection head (65,536 in the paper; 4,096 suits CT)
+    hidden_dim: int = Field(1024, ge=8)
+    bottleneck_dim: int = Field(256, ge=8)
+    global_crops: int = Field(2, ge=2, le=2)  # the teacher sees two global crops
+    local_crops: int = Field(6, ge=0, le=16)
+    global_size: int | None = Field(None, ge=2)  # output edge of a global crop; None: the store grid's edge
+    local_size: int | None = Field(None, ge=2)  # None: half the global size (rounded to the patch)
+    global_scale: tuple[float, float] = (0.5, 1.0)  # crop edge as a fraction of the volume edge
+    local_scale: tuple[float, float] = (0.25, 0.5)
+    teacher_momentum: float = Field(0.996, ge=0.0, lt=1.0)  # cosine schedule from this to 1.0
+    teacher_temp: float = Field(0.07, gt=0.0)
+    warmup_teacher_temp: float = Field(0.04, gt=0.0)
+    warmup_teacher_temp_frac: float = Field(0.1, ge=0.0, lt=1.0)  # share of the steps for the temperature ramp
+    student_temp: float = Field(0.1, gt=0.0)
+    center_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    freeze_last_layer_epochs: int = Field(1, ge=0)  # epochs (passes over the training scans) with the last layer frozen
+    weight_decay_end: float = Field(0.4, ge=0.0)  # cosine from pretrain.weight_decay to this
+    koleo_weight: float = Field(0.0, ge=0.0)  # KoLeo regulariser (DINOv2); 0 = off
+
+
 class PretrainConfig(Section):
-    """Self-supervised pre-training (MAE first; DINO in a later issue)."""
+    """Self-supervised pre-training of the encoder: MAE or DINO, one process or many under `torchrun`.
+
+    Under torchrun, `batch_size` is per process (each rank reads its own share of every step); `samples` counts
+    all ranks, so the steps are samples // (batch_size * world size).
+    """
 
     splits: Path = Path("data/splits/synth")
     model_dir: Path = Path("models/mae")
     # Resume state lives outside DVC outputs (DVC deletes outputs before re-running a stage).
     checkpoint_dir: Path = Path("checkpoints/pretrain")
     report_dir: Path = Path("reports/pretrain")
-    method: Literal["mae"] = "mae"
+    method: Literal["mae", "dino"] = "mae"
     arch: Literal["tiny", "small", "base"] = "tiny"
+    num_registers: int = Field(0, ge=0, le=64)  # register tokens (Darcet et al. 2024); 0 = none
     # 64^3 demo: patch 16 gives 4^3 = 64 tokens; patch 8 (512 tokens, as FM-HCT at 96^3 / 12) is ~3x slower on CPU.
     patch_size: int = Field(16, ge=2, le=64)
     use_val: bool = True  # pre-train on train+val patients (never test)
@@ -212,6 +240,14 @@ class PretrainConfig(Section):
     eval_volumes: int = Field(32, ge=1)  # held-out val volumes for the reconstruction-loss check
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    # Mixed precision: "auto" = bf16 autocast on GPU, fp32 on CPU (CPU bf16 is slower than fp32 here).
+    amp: Literal["auto", "bf16", "off"] = "auto"
+    compile: bool = False  # torch.compile the training step (GPU; minutes of warm-up, then faster steps)
+    figure_every: int | None = Field(None, ge=1)  # a reconstruction PNG to MLflow every N steps (None: end only)
+    # Registered model name for the pyfunc of each finished run (None: don't register); `champion` alias moves
+    # to the newest version whose held-out loss improved.
+    register_as: str | None = "headct-encoder"
+    dino: DinoConfig = Field(default_factory=DinoConfig)
 
     @model_validator(mode="after")
     def _accum_divides_batch(self) -> PretrainConfig:

@@ -22,11 +22,10 @@ import numpy as np
 from headct.config import JobContext, PretrainConfig, dump_params
 from headct.errors import InputError
 
-EVAL_STREAM = 1_000_003  # generator stream of the held-out masks (training uses small stream numbers)
 HELDOUT_STREAM = 7  # numpy stream that orders val patients for the held-out set
 # Settings that do not change the training trajectory: a checkpoint may be resumed across changes to these.
 NOT_IN_IDENTITY = {"splits", "model_dir", "checkpoint_dir", "report_dir", "log_every", "checkpoint_every",
-                   "device", "threads", "workers"}
+                   "device", "threads", "workers", "compile", "figure_every", "register_as"}
 
 
 @dataclass
@@ -94,32 +93,17 @@ def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
     )
 
 
-def run_identity(cfg: PretrainConfig, data: PretrainData) -> dict[str, Any]:
-    """Everything that fixes the training trajectory; a checkpoint resumes only under the same identity."""
+def run_identity(cfg: PretrainConfig, data: PretrainData, world_size: int = 1) -> dict[str, Any]:
+    """Everything that fixes the training trajectory; a checkpoint resumes only under the same identity
+    (the number of ranks included: it changes which samples each step sees)."""
     params = {k: v for k, v in dump_params(cfg).items() if k not in NOT_IN_IDENTITY}
+    if cfg.method != "dino":
+        params.pop("dino", None)  # DINO settings don't touch an MAE run
     return {**params, "train_ids_sha256": data.provenance["train_ids_sha256"],
-            "grid": list(data.preprocess["shape"])}
+            "grid": list(data.preprocess["shape"]), "world_size": world_size}
 
 
-def recon_loss(mae: Any, hu: Any, cfg: PretrainConfig, device: Any) -> float:
-    """Mean masked-patch MSE over held-out volumes (B, X, Y, Z) int16, no augmentation, fixed masks."""
-    import torch
-
-    from headct.data.windows import hu_to_windows
-    from headct.train.engine import step_generator
-
-    generator = step_generator(cfg.seed, 0, EVAL_STREAM)  # same seed and chunking -> same masks every call
-    total, was_training = 0.0, mae.training
-    mae.eval()
-    with torch.no_grad():
-        for chunk in hu.split(cfg.batch_size):
-            loss, _, _ = mae(hu_to_windows(chunk.to(device), cfg.windows), generator)
-            total += loss.item() * len(chunk)  # every volume has the same number of masked patches
-    mae.train(was_training)
-    return total / len(hu)
-
-
-def _resume(path: Path, identity: dict[str, Any], mae: Any, optimizer: Any) -> tuple[int, dict[str, Any]]:
+def _resume(path: Path, identity: dict[str, Any], model: Any, optimizer: Any) -> tuple[int, dict[str, Any]]:
     from headct.train.checkpoint import config_differences, load_checkpoint, restore
 
     if not path.is_file():
@@ -131,50 +115,54 @@ def _resume(path: Path, identity: dict[str, Any], mae: Any, optimizer: Any) -> t
             f"{path}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
             "pretrain.checkpoint_dir elsewhere to start afresh"
         )
-    return restore(state, mae, optimizer), dict(state["extra"])
+    return restore(state, model, optimizer), dict(state["extra"])
 
 
-def _figures(mae: Any, hu: Any, losses: list[float], cfg: PretrainConfig, device: Any) -> list[Path]:
-    from headct.data.windows import hu_to_windows
-    from headct.train.engine import step_generator
-    from headct.train.plots import plot_loss_curve, plot_reconstruction
+def amp_dtype(cfg: PretrainConfig, device: Any) -> Any:
+    """bf16 autocast on GPU ("auto") or wherever asked ("bf16"); None = full fp32."""
+    import torch
 
-    mae.eval()
-    x = hu_to_windows(hu[:1].to(device), cfg.windows)
-    mask, recon = mae.reconstruct(x, step_generator(cfg.seed, 0, EVAL_STREAM))
-    vol, mask, recon = (t[0].float().cpu().numpy() for t in (x, mask, recon))
-    return [
-        plot_loss_curve(losses, cfg.report_dir / "loss_curve.png"),
-        plot_reconstruction(vol[0], mask[0], recon[0], cfg.report_dir / "mae_reconstruction.png",
-                            cfg.windows[0].name),
-    ]
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
+    """One process, or one rank of a `torchrun` job (gloo on CPU, NCCL on GPU)."""
+    import torch
+
+    from headct.device import resolve_device
+    from headct.train import distributed
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dist = distributed.start(resolve_device(cfg.device))
+    try:
+        return _run(cfg, ctx, dist)
+    finally:
+        distributed.stop(dist)
+
+
+def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
+    import contextlib
+    import tempfile
+
     import torch
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
     from torch.utils.data import DataLoader
 
     from headct import tracking
-    from headct.data.augment import augment_hu
-    from headct.data.splits import path_for_files
     from headct.data.volumes import StepBatchSampler, VolumeDataset
-    from headct.data.windows import hu_to_windows
-    from headct.device import resolve_device
-    from headct.io import write_json
-    from headct.models.mae import MAE
-    from headct.models.model_dir import save_model_dir
     from headct.models.vit import build_encoder
+    from headct.train import distributed
     from headct.train.checkpoint import save_checkpoint
-    from headct.train.engine import TrainStats, adamw, step_generator, train
-    from headct.train.schedules import warmup_cosine
+    from headct.train.engine import TrainStats, adamw, train
+    from headct.train.pretext import build_task
+    from headct.train.schedules import cosine, warmup_cosine
 
-    console = Console()
-    device = resolve_device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    console = Console(quiet=not dist.is_rank0)
+    device = dist.device
     data = load_data(cfg, ctx)
     grid = tuple(data.preprocess["shape"])
     if any(s % cfg.patch_size for s in grid):
@@ -184,99 +172,163 @@ def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
     train_set.check()
     heldout_hu = heldout_set.load_all()
 
-    torch.manual_seed(cfg.seed)  # initial weights
+    torch.manual_seed(cfg.seed)  # initial weights: the same on every rank (DDP also broadcasts rank 0's)
     encoder = build_encoder({"name": cfg.arch, "img_size": list(grid), "patch_size": cfg.patch_size,
-                             "in_chans": len(cfg.windows)})
-    mae = MAE(encoder, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth, norm_pix_loss=cfg.norm_pix_loss).to(device)
-    optimizer = adamw(mae, cfg.lr, cfg.weight_decay)
-    total = cfg.samples // cfg.batch_size
+                             "in_chans": len(cfg.windows), "num_registers": cfg.num_registers})
+    global_batch = cfg.batch_size * dist.world_size
+    total = cfg.samples // global_batch
+    if total < 1:
+        raise InputError(f"pretrain.samples={cfg.samples} is less than one step of {global_batch} volumes "
+                         f"({dist.world_size} ranks x batch {cfg.batch_size})")
+    steps_per_epoch = -(-len(train_set) // global_batch)
+    task = build_task(cfg, encoder, device, dist.rank, total_steps=total, steps_per_epoch=steps_per_epoch)
+    optimizer = adamw(task.model, cfg.lr, cfg.weight_decay)
     warmup = round(cfg.warmup_frac * total)
-    identity = run_identity(cfg, data)
+    identity = run_identity(cfg, data, dist.world_size)
     # One folder per training identity: changing a setting that alters training starts a new run (as `dvc repro`
     # after a params change expects) instead of clashing with the old checkpoint; an interrupted run resumes.
     run_key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
     checkpoint = cfg.checkpoint_dir / run_key / "last.pt"
-    start, extra = _resume(checkpoint, identity, mae, optimizer)
+    start, extra = _resume(checkpoint, identity, task.model, optimizer)
     if start:
         console.print(f"resuming from {checkpoint} at step {start} of {total}")
+    step_model = distributed.wrap(task.model, dist)
+    if cfg.compile:
+        step_model = torch.compile(step_model)
+    wd_at = None
+    if cfg.method == "dino":  # DINO's weight decay rises on a cosine (Caron et al. 2021)
+        wd_at = lambda s: cosine(s, total - 1, cfg.weight_decay, cfg.dino.weight_decay_end)  # noqa: E731
 
-    def compute_loss(hu: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        hu = hu.to(device, non_blocking=True)
-        hu = augment_hu(hu, step_generator(cfg.seed, step, 2 * micro), cfg.flip_lr, cfg.jitter_hu, cfg.jitter_scale)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss, _, _ = mae(hu_to_windows(hu, cfg.windows), step_generator(cfg.seed, step, 2 * micro + 1))
-        return loss
-
-    with tracking.job_run(ctx.tracking, "pretrain", cfg, ctx.root) as mlrun:
-        start_loss = extra.get("recon_loss_start")
-        if start_loss is None:
-            start_loss = recon_loss(mae, heldout_hu, cfg, device)
-        mlrun.log_metrics({"recon_loss_heldout": start_loss}, step=0)
+    run_ctx = (tracking.job_run(ctx.tracking, "pretrain", cfg, ctx.root, tags={"headct.method": cfg.method})
+               if dist.is_rank0 else contextlib.nullcontext(None))
+    with run_ctx as mlrun, tempfile.TemporaryDirectory(prefix="headct-figures-") as scratch:
+        start_loss = extra.get("heldout_loss_start")
+        if start_loss is None and dist.is_rank0:
+            start_loss = task.heldout_loss(heldout_hu)
+        if mlrun is not None:
+            mlrun.set_tags({"headct.world_size": dist.world_size, "headct.run_key": run_key})
+            mlrun.log_metrics({"heldout_loss": start_loss}, step=0)
 
         def so_far(stats: TrainStats) -> dict[str, Any]:
             """Loss history and training time over every invocation of this run (resumes included)."""
-            return {"recon_loss_start": start_loss, "losses": [*extra.get("losses", []), *stats.losses],
+            return {"heldout_loss_start": start_loss, "losses": [*extra.get("losses", []), *stats.losses],
                     **{k: extra.get(k, 0) + getattr(stats, k) for k in ("seconds", "data_seconds", "samples")}}
 
         def save(done: int, stats: TrainStats) -> None:
-            save_checkpoint(checkpoint, mae, optimizer, done, identity, so_far(stats))
+            save_checkpoint(checkpoint, task.model, optimizer, done, identity, so_far(stats))
 
-        sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start, total)
+        def on_step(done: int, loss: float) -> None:
+            progress.update(bar, completed=done, loss=f"{loss:.4f}")
+            if mlrun is not None and cfg.figure_every and done % cfg.figure_every == 0 and done < total:
+                png = task.snapshot(heldout_hu, Path(scratch) / f"step_{done:07d}.png",
+                                    title=f"{cfg.method.upper()} at step {done} (held-out volume)")
+                if png is not None:
+                    mlrun.log_artifact(png, "figures")
+
+        sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start, total, dist.rank, dist.world_size)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda")
-        columns = (TextColumn("pretrain"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                   TimeRemainingColumn())
-        with Progress(*columns, console=console, transient=True) as progress:
-            task = progress.add_task("steps", total=total, completed=start, loss="-")
+                            pin_memory=device.type == "cuda", persistent_workers=False)
+        columns = (TextColumn(f"pretrain ({cfg.method})"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
+        with Progress(*columns, console=console, transient=True, disable=not dist.is_rank0) as progress:
+            bar = progress.add_task("steps", total=total, completed=start, loss="-")
             stats = train(
-                mae, optimizer, (hu for hu, _ in loader), compute_loss, start_step=start, total_steps=total,
-                lr_at=lambda s: warmup_cosine(s, total, cfg.lr, warmup, cfg.min_lr), grad_clip=cfg.grad_clip,
-                accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every, save_checkpoint=save,
-                log_every=cfg.log_every, on_log=lambda s, m: mlrun.log_metrics(m, step=s),
-                on_step=lambda s, loss: progress.update(task, completed=s, loss=f"{loss:.4f}"),
+                step_model, optimizer, (hu for hu, _ in loader),
+                lambda hu, step, micro: task.loss(step_model, hu, step, micro),
+                start_step=start, total_steps=total,
+                lr_at=lambda s: warmup_cosine(s, total, cfg.lr, warmup, cfg.min_lr), wd_at=wd_at,
+                grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every,
+                save_checkpoint=save, log_every=cfg.log_every,
+                on_log=(lambda s, m: mlrun.log_metrics(m, step=s)) if mlrun is not None else None,
+                on_step=on_step, amp_dtype=amp_dtype(cfg, device),
+                after_backward=task.after_backward, after_update=task.after_update,
             )
-        end_loss = recon_loss(mae, heldout_hu, cfg, device)
-        mlrun.log_metrics({"recon_loss_heldout": end_loss}, step=total)
-
-        provenance = {"git_commit": tracking.git_commit(ctx.root), "data": data.provenance,
-                      "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
-                                 ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
-        save_model_dir(cfg.model_dir, mae.encoder, {
-            "preprocess": data.preprocess, "windows": [w.model_dump(mode="json") for w in cfg.windows],
-            "method": "mae", "provenance": provenance})
-        run_so_far = so_far(stats)
-        seconds = run_so_far["seconds"]
-        metrics = {
-            "recon_loss_start": start_loss, "recon_loss_end": end_loss, "steps": total,
-            "samples": total * cfg.batch_size, "seconds": round(seconds, 2),
-            "volumes_per_s": round(run_so_far["samples"] / seconds, 2) if seconds else 0.0,
-            "data_wait_fraction": round(run_so_far["data_seconds"] / seconds, 4) if seconds else 0.0,
-            "resumed_from_step": start, "train_scans": len(train_set), "heldout_scans": len(heldout_set),
-        }
-        write_json(cfg.report_dir / "metrics.json", metrics)
-        figures = _figures(mae, heldout_hu, run_so_far["losses"], cfg, device)
-        mlrun.log_metrics({k: v for k, v in metrics.items() if k != "resumed_from_step"}, step=total)
-        mlrun.log_artifacts(cfg.model_dir, "model")
-        for path in (cfg.report_dir / "metrics.json", *figures):
-            mlrun.log_artifact(path, "reports")
+        digest = distributed.check_in_sync(task.model, dist)  # every rank; raises if DDP let them drift
+        if not dist.is_rank0:
+            distributed.barrier(dist)
+            return {"rank": dist.rank, "weights_sha256": digest}
+        result = _finish(cfg, ctx, data, task, heldout_hu, so_far(stats), (start, total), digest,
+                         dist.world_size, mlrun, console)
+    distributed.barrier(dist)
     # Finished: keep the final state for inspection but never resume from it, so a re-run after a code change
     # trains again rather than silently re-emitting the old weights.
     if checkpoint.is_file():
         checkpoint.replace(checkpoint.with_name("complete.pt"))
+    return result
 
-    table = Table(title="headct pretrain (MAE)")
+
+def _finish(
+    cfg: PretrainConfig, ctx: JobContext, data: PretrainData, task: Any, heldout_hu: Any, run_so_far: dict[str, Any],
+    steps: tuple[int, int], digest: str, world_size: int, mlrun: Any, console: Any,
+) -> dict[str, Any]:
+    """Rank 0, after training: held-out loss at the end, model directory, metrics, figures, MLflow, registry."""
+    from rich.table import Table
+
+    from headct import tracking
+    from headct.data.splits import path_for_files
+    from headct.io import write_json
+    from headct.models.model_dir import save_model_dir
+    from headct.train.plots import plot_loss_curve
+
+    start, total = steps
+    grid = list(data.preprocess["shape"])
+    start_loss = run_so_far["heldout_loss_start"]
+    end_loss = task.heldout_loss(heldout_hu)
+    mlrun.log_metrics({"heldout_loss": end_loss}, step=total)
+    provenance = {"git_commit": tracking.git_commit(ctx.root), "data": data.provenance,
+                  "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
+                             ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
+    save_model_dir(cfg.model_dir, task.encoder, {
+        "preprocess": data.preprocess, "windows": [w.model_dump(mode="json") for w in cfg.windows],
+        "method": cfg.method, "provenance": provenance})
+    seconds = run_so_far["seconds"]
+    metrics = {
+        "method": cfg.method, "heldout_loss_start": start_loss, "heldout_loss_end": end_loss, "steps": total,
+        "samples": total * cfg.batch_size * world_size, "world_size": world_size, "seconds": round(seconds, 2),
+        "volumes_per_s": round(run_so_far["samples"] * world_size / seconds, 2) if seconds else 0.0,
+        "data_wait_fraction": round(run_so_far["data_seconds"] / seconds, 4) if seconds else 0.0,
+        "resumed_from_step": start, "train_scans": len(data.train_paths), "heldout_scans": len(data.heldout_paths),
+        "weights_sha256": digest,
+    }
+    write_json(cfg.report_dir / "metrics.json", metrics)
+    figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
+                               f"{cfg.method.upper()} training loss", task.metric_name())]
+    snapshot = task.snapshot(heldout_hu, cfg.report_dir / f"{cfg.method}_reconstruction.png"
+                             if cfg.method == "mae" else cfg.report_dir / f"{cfg.method}_crops.png")
+    figures += [snapshot] if snapshot is not None else []
+    mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "resumed_from_step"},
+                      step=total)
+    mlrun.log_artifacts(cfg.model_dir, "model")
+    for path in (cfg.report_dir / "metrics.json", *figures):
+        mlrun.log_artifact(path, "reports")
+    registered = None
+    if cfg.register_as:
+        from headct import registry
+
+        improved = end_loss < start_loss
+        registered = registry.register_encoder(
+            cfg.model_dir, cfg.register_as, grid, task.encoder.embed_dim, promote=improved,
+            tags={"method": cfg.method, "heldout_loss_start": f"{start_loss:.6g}",
+                  "heldout_loss_end": f"{end_loss:.6g}", "run_id": mlrun.run_id})
+
+    table = Table(title=f"headct pretrain ({cfg.method.upper()})")
     table.add_column("item")
     table.add_column("value", justify="right")
     for name, value in (
-        ("encoder", f"{cfg.arch}, patch {cfg.patch_size}, grid {list(grid)}"),
-        ("training scans / held-out scans", f"{len(train_set)} / {len(heldout_set)}"
+        ("encoder", f"{cfg.arch}, patch {cfg.patch_size}, grid {grid}"
+                    + (f", {cfg.num_registers} registers" if cfg.num_registers else "")),
+        ("training scans / held-out scans", f"{len(data.train_paths)} / {len(data.heldout_paths)}"
                                             + (" (val in training)" if cfg.use_val else "")),
-        ("steps x batch", f"{total} x {cfg.batch_size}" + (f" (resumed at {start})" if start else "")),
-        ("held-out masked MSE start -> end", f"{start_loss:.4f} -> {end_loss:.4f}"),
+        ("steps x batch x ranks", f"{total} x {cfg.batch_size} x {world_size}"
+                                  + (f" (resumed at {start})" if start else "")),
+        (f"held-out {task.metric_name()} start -> end", f"{start_loss:.4f} -> {end_loss:.4f}"),
         ("training time (all invocations)", f"{seconds:.0f} s, {metrics['volumes_per_s']:.1f} volumes/s"),
         ("waiting for data", f"{100 * metrics['data_wait_fraction']:.1f} %"),
         ("model directory", path_for_files(cfg.model_dir, ctx.root)),
+        ("registered model", "not registered" if registered is None else
+         f"{registered['name']} v{registered['version']}"
+         + (" (champion)" if registered["champion"] else " (held-out loss did not improve: not champion)")),
     ):
         table.add_row(name, value)
     console.print(table)
-    return {**metrics, "model_dir": str(cfg.model_dir)}
+    return {**metrics, "model_dir": str(cfg.model_dir), "registered": registered}

@@ -1,6 +1,7 @@
 """Job `headct report`: the closing results table from the pre-training and probe metrics.
 
-Inputs: cfg.pretrain_metrics (recon_loss_start, recon_loss_end: held-out reconstruction loss) and
+Inputs: cfg.pretrain_metrics (method; heldout_loss_start, heldout_loss_end: the pretext loss on held-out val
+volumes, masked-patch MSE for MAE, self-distillation cross-entropy for DINO) and
 cfg.probe_metrics ({"pretrained": {label: {...}}, "random_init": {...}, "skipped": {label: reason}}).
 Outputs under cfg.report_dir: results.md and metrics.json.
 """
@@ -69,8 +70,9 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any]) -> str:
         lines += [f"- {label}: {probe['skipped'][label]}" for label in _canonical(probe["skipped"])]
     lines += [
         "",
-        f"Held-out reconstruction loss (MAE pre-training): {pretrain['recon_loss_start']:.4f} at start, "
-        f"{pretrain['recon_loss_end']:.4f} at end.",
+        f"Held-out pretext loss ({pretrain.get('method', 'mae').upper()} pre-training): "
+        f"{pretrain['heldout_loss_start']:.4f} at start, "
+        f"{pretrain['heldout_loss_end']:.4f} at end.",
         "",
     ]
     return "\n".join(lines)
@@ -78,8 +80,8 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any]) -> str:
 
 def summary_metrics(pretrain: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "recon_loss_start": pretrain["recon_loss_start"],
-        "recon_loss_end": pretrain["recon_loss_end"],
+        "heldout_loss_start": pretrain["heldout_loss_start"],
+        "heldout_loss_end": pretrain["heldout_loss_end"],
         "labels_probed": len(probe["pretrained"]),
         "labels_skipped": len(probe.get("skipped", {})),
     }
@@ -96,7 +98,7 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.io import write_json, write_text
 
-    pretrain = _load(cfg.pretrain_metrics, ("recon_loss_start", "recon_loss_end"))
+    pretrain = _load(cfg.pretrain_metrics, ("heldout_loss_start", "heldout_loss_end"))
     probe = _load(cfg.probe_metrics, ("pretrained", "random_init"))
     markdown = render_markdown(pretrain, probe)
     summary = summary_metrics(pretrain, probe)
@@ -117,6 +119,6 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
     for label in _canonical(probe.get("skipped", {})):
         console.print(f"skipped {label}: {probe['skipped'][label]}")
     console.print(
-        f"held-out reconstruction loss: {summary['recon_loss_start']:.4f} -> {summary['recon_loss_end']:.4f}"
+        f"held-out pretext loss: {summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}"
     )
     return summary

@@ -51,6 +51,59 @@ def test_base_has_fm_hct_parameter_count() -> None:
     assert enc.num_patches == 512 and enc.embed_dim == 768
 
 
+def test_registers_join_the_blocks_but_never_the_output() -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(tiny_arch(num_registers=4, depth=2))
+    x = torch.rand(2, 3, 16, 16, 16)
+    tokens = enc.forward_features(x)
+    assert tokens.shape == (2, 1 + 64, 192)  # CLS + patches; the 4 registers are dropped
+    assert enc.num_prefix_tokens == 5 and "register_tokens" in enc.no_weight_decay()
+    # They do take part: changing them changes the patch tokens.
+    with torch.no_grad():
+        enc.register_tokens.add_(1.0)
+    assert not torch.allclose(enc.forward_features(x), tokens)
+    assert build_encoder(enc.arch).arch == enc.arch  # round-trips through a model directory's arch
+    mae = MAE(enc, mask_ratio=0.75, decoder_dim=48)
+    loss, pred, masking = mae(x, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and pred.shape == (2, 48, 3 * 4**3)
+
+
+def test_intermediates_match_forward_features_and_select_blocks() -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(tiny_arch(depth=4, num_registers=2)).eval()
+    x = torch.rand(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        last = enc.forward_intermediates(x, norm=True)
+        assert len(last) == 1 and torch.allclose(last[0], enc.forward_features(x), atol=1e-6)
+        two = enc.forward_intermediates(x, indices=2)
+        picked = enc.forward_intermediates(x, indices=[0, -1])
+    assert [t.shape for t in two] == [(2, 65, 192)] * 2
+    assert torch.allclose(picked[1], two[1], atol=1e-6)  # block -1 is the same whichever way it is asked for
+    assert not torch.allclose(picked[0], picked[1])
+    with pytest.raises(ValueError, match="block indices"):
+        enc.forward_intermediates(x, indices=[4])
+
+
+def test_attention_weights_are_the_ones_sdpa_applies() -> None:
+    torch.manual_seed(0)
+    enc = build_encoder(tiny_arch(depth=3, num_registers=1)).eval()
+    x = torch.rand(2, 3, 16, 16, 16)
+    with torch.no_grad():
+        maps = enc.attention_maps(x, blocks="all")
+        (last,) = enc.attention_maps(x)
+        # The explicit-softmax path must give the same block output as the SDPA path.
+        tokens = enc.prepend_cls(enc.tokenize(x))
+        explicit, _ = enc.blocks[0](tokens, return_attention=True)
+        fused = enc.blocks[0](tokens)
+    assert len(maps) == 3 and torch.allclose(maps[-1], last, atol=1e-6)
+    t = 1 + 1 + 64
+    assert last.shape == (2, enc.num_heads, t, t)
+    assert torch.allclose(last.sum(-1), torch.ones(2, enc.num_heads, t), atol=1e-5)
+    assert torch.allclose(explicit, fused, atol=1e-5)
+    cls_to_patches = last[:, :, 0, enc.num_prefix_tokens:].mean(1).reshape(2, *enc.grid_of(x))
+    assert cls_to_patches.shape == (2, 4, 4, 4) and (cls_to_patches > 0).all()
+
+
 def test_patch_embedding_equals_the_conv3d_it_stores() -> None:
     torch.manual_seed(0)
     enc = build_encoder(tiny_arch())

@@ -101,7 +101,7 @@ def test_chain_produces_every_stage_output(chain: Path) -> None:
     ):
         assert (chain / rel).is_file(), rel
     metrics = json.loads((chain / "reports/pretrain/metrics.json").read_text())
-    assert metrics["recon_loss_start"] > 0 and metrics["recon_loss_end"] > 0
+    assert metrics["heldout_loss_start"] > 0 and metrics["heldout_loss_end"] > 0
     results = (chain / "reports/report/results.md").read_text()
     assert "AUROC" in results
     # every job is one MLflow run

@@ -143,7 +143,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     from pipelines.pretrain import run
 
     root = make_project(tmp_path_factory.mktemp("pretrain") / "proj")
-    return root, run(make_cfg(root), ctx_for(root))
+    return root, run(make_cfg(root, figure_every=4), ctx_for(root))
 
 
 def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: tuple[Path, dict]) -> None:
@@ -153,10 +153,10 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
     project, out = trained
     assert out["steps"] == 8 and out["samples"] == 16
     metrics = json.loads((project / "reports/pretrain/metrics.json").read_text())
-    for key in ("recon_loss_start", "recon_loss_end", "steps", "samples", "seconds", "volumes_per_s",
+    for key in ("heldout_loss_start", "heldout_loss_end", "steps", "samples", "seconds", "volumes_per_s",
                 "data_wait_fraction"):
         assert key in metrics
-    assert metrics["recon_loss_end"] < metrics["recon_loss_start"]  # it learned something
+    assert metrics["heldout_loss_end"] < metrics["heldout_loss_start"]  # it learned something
     for name in ("loss_curve.png", "mae_reconstruction.png"):
         assert (project / "reports/pretrain" / name).stat().st_size > 1000
     encoder, config = load_model_dir(project / "models/mae")
@@ -170,8 +170,37 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
     with sqlite3.connect(project / "mlflow.db") as db:
         runs = db.execute("SELECT run_uuid FROM runs WHERE name = 'pretrain' AND status = 'FINISHED'").fetchall()
         keys = {r[0] for r in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", runs[0])}
-    assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "recon_loss_heldout"} <= keys
+    assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "heldout_loss"} <= keys
     assert list(project.glob(f"mlartifacts/**/{runs[0][0]}/artifacts/model/model.safetensors"))
+    # A reconstruction PNG every `figure_every` steps (4 of 8: the end one is the report's own figure).
+    (snapshot,) = project.glob(f"mlartifacts/**/{runs[0][0]}/artifacts/figures/step_*.png")
+    assert snapshot.name == "step_0000004.png" and snapshot.stat().st_size > 1000
+
+
+def test_finished_run_is_registered_as_champion_pyfunc_that_embeds_like_load_encoder(
+    trained: tuple[Path, dict]
+) -> None:
+    import mlflow
+
+    import headct
+    from headct.registry import CHAMPION, register_encoder
+
+    project, out = trained
+    assert out["registered"] == {"name": "headct-encoder", "version": "1", "champion": True}
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
+    client = mlflow.MlflowClient()
+    champion = client.get_model_version_by_alias("headct-encoder", CHAMPION)
+    assert str(champion.version) == "1" and champion.tags["method"] == "mae"
+    assert float(champion.tags["heldout_loss_end"]) < float(champion.tags["heldout_loss_start"])
+    volumes = np.stack([np.load(p) for p in sorted((project / "data/store/t/volumes").glob("*.npy"))[:2]])
+    served = mlflow.pyfunc.load_model(f"models:/headct-encoder@{CHAMPION}").predict(volumes)
+    direct = headct.load_encoder(project / "models/mae").embed(volumes)
+    assert served.shape == (2, 192) and np.allclose(served, direct, atol=1e-5)
+    # A version whose held-out loss did not improve is registered but does not take the alias.
+    with mlflow.start_run(experiment_id=client.get_experiment_by_name("test").experiment_id):
+        info = register_encoder(project / "models/mae", "headct-encoder", [SIZE] * 3, 192, promote=False, tags={})
+    assert info["version"] == "2" and not info["champion"]
+    assert str(client.get_model_version_by_alias("headct-encoder", CHAMPION).version) == "1"
 
 
 class Interrupted(Exception):

@@ -220,7 +220,7 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
 def test_report_renders_the_table_and_names_a_missing_input(tmp_path: Path, job_ctx) -> None:
     pretrain = tmp_path / "pretrain.json"
     probe = tmp_path / "probe.json"
-    pretrain.write_text(json.dumps({"recon_loss_start": 0.91234, "recon_loss_end": 0.41, "steps": 10}))
+    pretrain.write_text(json.dumps({"heldout_loss_start": 0.91234, "heldout_loss_end": 0.41, "steps": 10}))
     entry = {"auroc": 0.8123, "auroc_low": 0.7, "auroc_high": 0.9, "n_pos": 12}
     probe.write_text(
         json.dumps(

@@ -115,13 +115,15 @@ class MAE(nn.Module):
     ) -> tuple[torch.Tensor, Masking]:
         """patches (B, N, C * p**3) -> latent (B, 1 + N_keep, D) and the masking used.
 
-        Only the kept patches are embedded and encoded: that is where MAE's 3-4x saving comes from.
+        Only the kept patches are embedded and encoded: that is where MAE's 3-4x saving comes from. Register
+        tokens (if any) take part in the encoder and are dropped from the latent.
         """
         b, n, p = patches.shape
         masking = self.random_masking(b, n, generator, patches.device)
         visible = torch.gather(patches, 1, masking.ids_keep[:, :, None].expand(-1, -1, p))
         tokens = self.encoder.embed_patches(visible, self.encoder.grid, masking.ids_keep)
-        return self.encoder.encode(self.encoder.prepend_cls(tokens)), masking
+        latent = self.encoder.encode(self.encoder.prepend_cls(tokens))
+        return self.encoder.drop_registers(latent), masking  # registers never reach the decoder
 
     def forward_decoder(self, latent: torch.Tensor, masking: Masking) -> torch.Tensor:
         """latent (B, 1 + N_keep, D) -> predicted voxels of the masked patches (B, N_mask, C * p**3),

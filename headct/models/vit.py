@@ -2,12 +2,15 @@
 
 Reads top-down: attention, MLP, pre-norm block, patch embedding, the encoder, then the named sizes.
 Input is a windowed volume (B, C, X, Y, Z) float in [0, 1] (C = HU windows, see headct.data.windows);
-the cube is cut into non-overlapping patch**3 voxel patches, one token each, plus a CLS token.
+the cube is cut into non-overlapping patch**3 voxel patches, one token each, plus a CLS token and optional
+register tokens (Darcet et al. 2024, "Vision Transformers Need Registers": extra learned tokens that absorb the
+high-norm "artefact" activations, so the patch tokens' attention maps stay clean). Registers take part in every
+block but are dropped from what the encoder returns: callers always see CLS + patch tokens.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,9 +31,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
+        """(B, T, D) -> (B, T, D); with ``return_attention`` also the weights (B, H, T, T), rows summing to 1.
+
+        The weights are only materialised on request (explicit softmax, same maths as SDPA); training always
+        takes the fused SDPA kernel.
+        """
         b, t, d = x.shape
         q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if return_attention:
+            weights = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+            out = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, d)
+            return self.proj(out), weights
         x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
         return self.proj(x.transpose(1, 2).reshape(b, t, d))
 
@@ -55,7 +67,12 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
+        """With ``return_attention``: (tokens, attention weights (B, H, T, T))."""
+        if return_attention:
+            out, weights = self.attn(self.norm1(x), return_attention=True)
+            x = x + out
+            return x + self.mlp(self.norm2(x)), weights
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
@@ -110,7 +127,8 @@ class PatchEmbed3D(nn.Module):
 
 
 class ViT3D(nn.Module):
-    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, CLS token, pre-norm blocks, LayerNorm.
+    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, CLS (+ register) tokens, pre-norm
+    blocks, LayerNorm.
 
     Args:
         img_size: volume grid (X, Y, Z) in voxels the model is built for (one int = a cube).
@@ -118,6 +136,7 @@ class ViT3D(nn.Module):
         in_chans: input channels (HU windows).
         embed_dim, depth, num_heads, mlp_ratio: transformer width, blocks, heads, MLP hidden/width.
         qkv_bias: learn a bias on the query/key/value projection.
+        num_registers: extra learned tokens after CLS (0 = none); used inside the blocks, never returned.
         name: the registered size this was built from (kept in ``arch`` for the model directory).
 
     Example:
@@ -136,6 +155,7 @@ class ViT3D(nn.Module):
         num_heads: int = 3,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        num_registers: int = 0,
         name: str = "custom",
     ) -> None:
         super().__init__()
@@ -144,10 +164,12 @@ class ViT3D(nn.Module):
             raise ValueError(f"patch_size {patch_size} must divide every dimension of img_size {list(img)}")
         if in_chans < 1 or depth < 1:
             raise ValueError(f"in_chans and depth must be >= 1, got {in_chans} and {depth}")
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         self.arch: dict[str, Any] = {
             "name": name, "img_size": list(img), "patch_size": patch_size, "in_chans": in_chans,
             "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
-            "qkv_bias": qkv_bias,
+            "qkv_bias": qkv_bias, "num_registers": num_registers,
         }
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -155,12 +177,16 @@ class ViT3D(nn.Module):
         self.grid: tuple[int, int, int] = (img[0] // patch_size, img[1] // patch_size, img[2] // patch_size)
         self.patch_embed = PatchEmbed3D(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.num_registers = num_registers
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
         # Fixed (not learned) and recomputable from `arch`, so it is not part of the saved weights.
         self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
         nn.init.normal_(self.cls_token, std=0.02)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=0.02)
         self.blocks.apply(init_weights)
         self.norm.apply(init_weights)
 
@@ -170,7 +196,12 @@ class ViT3D(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names kept out of weight decay besides norms and biases (token and position tables)."""
-        return {"cls_token", "pos_embed"}
+        return {"cls_token", "pos_embed", "register_tokens"}
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens before the patch tokens inside the blocks: CLS + registers."""
+        return 1 + self.num_registers
 
     def pos_embed_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
         """(1, 1 + gx*gy*gz, D): the position table, resampled when ``grid`` differs from the built one."""
@@ -202,18 +233,80 @@ class ViT3D(nn.Module):
         return self.embed_patches(self.patch_embed.patchify(x), self.grid_of(x))
 
     def prepend_cls(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, 1 + N, D); the CLS row of the position table is zero, so no position is added."""
-        return torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        """(B, N, D) -> (B, 1 + R + N, D): CLS, the R registers, then the patch tokens. Prefix tokens carry no
+        position (the CLS row of the table is zero; registers are position-free by design)."""
+        b = tokens.shape[0]
+        prefix = [self.cls_token.expand(b, -1, -1)]
+        if self.register_tokens is not None:
+            prefix.append(self.register_tokens.expand(b, -1, -1))
+        return torch.cat([*prefix, tokens], dim=1)
+
+    def drop_registers(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + R + N, D) -> (B, 1 + N, D)."""
+        if not self.num_registers:
+            return tokens
+        return torch.cat([tokens[:, :1], tokens[:, self.num_prefix_tokens:]], dim=1)
 
     def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, T, D): the transformer blocks then the final LayerNorm."""
+        """(B, T, D) -> (B, T, D): the transformer blocks then the final LayerNorm (registers kept)."""
         for block in self.blocks:
             tokens = block(tokens)
         return self.norm(tokens)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, X, Y, Z) float -> (B, 1 + N, D) normed tokens, CLS first."""
-        return self.encode(self.prepend_cls(self.tokenize(x)))
+        """(B, C, X, Y, Z) float -> (B, 1 + N, D) normed tokens, CLS first (registers dropped)."""
+        return self.drop_registers(self.encode(self.prepend_cls(self.tokenize(x))))
+
+    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        depth = len(self.blocks)
+        if indices is None:
+            return [depth - 1]
+        if isinstance(indices, int):
+            if not 1 <= indices <= depth:
+                raise ValueError(f"ask for the last 1..{depth} blocks, got {indices}")
+            return list(range(depth - indices, depth))
+        bad = [i for i in indices if not -depth <= i < depth]
+        if bad or not indices:
+            raise ValueError(f"block indices must be a non-empty list in [-{depth}, {depth - 1}], got {list(indices)}")
+        return sorted({i % depth for i in indices})
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """The token outputs of chosen blocks, each (B, 1 + N, D), CLS first, registers dropped.
+
+        Args:
+            indices: an int n = the last n blocks; a list = those block indices (negative from the end);
+                None = the last block.
+            norm: pass each through the final LayerNorm (as ``forward_features`` does for the last block).
+        Blocks after the last requested one are not run.
+        """
+        wanted = self._block_indices(indices)
+        tokens = self.prepend_cls(self.tokenize(x))
+        out = []
+        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
+            tokens = block(tokens)
+            if i in wanted:
+                out.append(self.drop_registers(self.norm(tokens) if norm else tokens))
+        return out
+
+    def attention_maps(self, x: torch.Tensor, blocks: Literal["last", "all"] = "last") -> list[torch.Tensor]:
+        """Attention weights (B, H, T, T) of the last block or of every block (for attention rollout).
+
+        T = 1 + R + N in the blocks' token order (CLS, registers, patches in (x, y, z) C-order); each row sums to
+        1. ``weights[:, :, 0, self.num_prefix_tokens:]`` is the CLS-to-patch attention, reshaped with
+        ``grid_of(x)`` to a (gx, gy, gz) map.
+        """
+        tokens = self.prepend_cls(self.tokenize(x))
+        maps = []
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            if blocks == "all" or i == last:
+                tokens, weights = block(tokens, return_attention=True)
+                maps.append(weights)
+            else:
+                tokens = block(tokens)
+        return maps
 
     def forward_pooled(self, x: torch.Tensor, pool: Literal["cls", "mean"] = "cls") -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B, D): the CLS token, or the mean of the patch tokens."""
@@ -263,7 +356,7 @@ def vit_base(**kwargs: Any) -> ViT3D:
 
 
 _ARCH_KEYS = {"name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-              "qkv_bias"}
+              "qkv_bias", "num_registers"}
 
 
 def build_encoder(arch: dict[str, Any]) -> ViT3D:

@@ -3,12 +3,16 @@
 Everything random or scheduled is a function of the global step: the learning rate and weight decay (pure
 functions passed in), the batch (the caller's sampler starts at the step), and augmentation/masking noise
 (`step_generator`). A run resumed from a checkpoint therefore repeats an uninterrupted run exactly.
-The loop is DDP-ready in shape (rank-0 logging and checkpointing, per-rank sampling by the caller);
-wrapping the model in DistributedDataParallel is left to the caller.
+Distributed data parallel: the caller wraps the model in DistributedDataParallel (see `headct.train.distributed`)
+and gives each rank its own batches; the loop skips the gradient all-reduce on all but the last micro-batch
+(`no_sync`), agrees on a non-finite loss across ranks (so no rank hangs in an all-reduce the others left),
+averages the logged loss over ranks and counts volumes/s over all of them; only rank 0 logs and checkpoints.
+Mixed precision: `amp_dtype` (bf16 on GPU) runs `compute_loss` under autocast; bf16 needs no loss scaling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -31,10 +35,25 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def is_distributed() -> bool:
+    """True inside an initialised torch.distributed process group (e.g. under torchrun)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def is_rank0() -> bool:
     """True unless this process is a non-zero rank of an initialised process group."""
+    return not is_distributed() or torch.distributed.get_rank() == 0
+
+
+def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
+    """Sum (or max) a few floats over ranks; identity outside a process group. Every rank must call it."""
+    if not is_distributed():
+        return values
     dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.tolist()
 
 
 def adamw(
@@ -109,6 +128,9 @@ def train(
     log_every: int = 20,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    amp_dtype: torch.dtype | None = None,
+    after_backward: Callable[[int], None] | None = None,
+    after_update: Callable[[int], None] | None = None,
 ) -> TrainStats:
     """Run global steps start_step .. total_steps - 1.
 
@@ -123,12 +145,17 @@ def train(
         on_log: rank 0 only, every `log_every` steps: loss (mean since the last log), lr, volumes_per_s,
             data_wait_fraction.
         on_step: after every step with (completed steps, loss), e.g. for a progress bar.
+        amp_dtype: run `compute_loss` under torch.autocast with this dtype (torch.bfloat16 on GPU); None = fp32.
+        after_backward: (global step) after the gradients of a step are complete, before clipping and the
+            update (DINO zeroes its last layer's gradients here in the first epoch).
+        after_update: (global step) after the optimizer step (DINO's teacher EMA update).
 
     Raises:
         NonFiniteLossError: naming the step, before that step's update is applied.
     """
     stats = TrainStats(start_step, start_step)
     rank0 = is_rank0()
+    device_type = next(model.parameters()).device.type
     model.train()
     window: dict[str, float] = {"loss": 0.0, "steps": 0, "samples": 0, "seconds": 0.0, "data": 0.0}
     iterator = iter(batches)
@@ -145,21 +172,32 @@ def train(
                 group["weight_decay"] = wd_at(step)
 
         step_loss = 0.0
-        for micro, part in enumerate(_split(batch, accum_steps)):
-            loss = compute_loss(part, step, micro)
+        parts = _split(batch, accum_steps)
+        for micro, part in enumerate(parts):
+            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = compute_loss(part, step, micro)
             value = loss.item()
-            if not math.isfinite(value):
+            (bad,) = _all_reduce([0.0 if math.isfinite(value) else 1.0], "max")
+            if bad:
                 raise NonFiniteLossError(
-                    f"loss is {value} at global step {step} (micro-batch {micro}, lr {lr:.3g}); training "
-                    "stopped before this update. Lower the learning rate or check the input volumes; the "
-                    "last checkpoint holds the state before the divergence."
+                    f"loss is {value if not math.isfinite(value) else 'non-finite on another rank'} at global "
+                    f"step {step} (micro-batch {micro}, lr {lr:.3g}); training stopped before this update. Lower "
+                    "the learning rate or check the input volumes; the last checkpoint holds the state before "
+                    "the divergence."
                 )
-            (loss / accum_steps).backward()  # DDP: wrap all but the last micro-batch in model.no_sync()
+            # DDP all-reduces gradients in backward; with accumulation only the last micro-batch needs to.
+            sync = micro == len(parts) - 1 or not hasattr(model, "no_sync")
+            with contextlib.nullcontext() if sync else model.no_sync():
+                (loss / accum_steps).backward()
             step_loss += value / accum_steps
+        if after_backward is not None:
+            after_backward(step)
         if grad_clip is not None:
             nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_update is not None:
+            after_update(step)
 
         now = time.perf_counter()
         seconds, t_prev = now - t_prev, now
@@ -174,13 +212,17 @@ def train(
 
         if on_step is not None:
             on_step(step + 1, step_loss)
-        if rank0 and on_log is not None and ((step + 1) % log_every == 0 or step + 1 == total_steps):
-            on_log(step + 1, {
-                "loss": window["loss"] / window["steps"],
-                "lr": lr,
-                "volumes_per_s": window["samples"] / window["seconds"],
-                "data_wait_fraction": window["data"] / window["seconds"],
-            })
+        if (step + 1) % log_every == 0 or step + 1 == total_steps:
+            # Every rank joins the reduction; the loss is the mean over ranks, volumes/s the sum over them.
+            loss_sum, samples, data_sum = _all_reduce([window["loss"], window["samples"], window["data"]])
+            world = torch.distributed.get_world_size() if is_distributed() else 1
+            if rank0 and on_log is not None:
+                on_log(step + 1, {
+                    "loss": loss_sum / world / window["steps"],
+                    "lr": lr,
+                    "volumes_per_s": samples / window["seconds"],
+                    "data_wait_fraction": data_sum / world / window["seconds"],
+                })
             window = dict.fromkeys(window, 0.0)
         saved = bool(checkpoint_every) and (step + 1) % checkpoint_every == 0
         if rank0 and save_checkpoint is not None and (saved or step + 1 == total_steps):

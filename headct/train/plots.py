@@ -10,7 +10,9 @@ import numpy as np
 from headct.io import atomic_path
 
 
-def plot_loss_curve(losses: Sequence[float], path: Path, title: str = "MAE training loss") -> Path:
+def plot_loss_curve(
+    losses: Sequence[float], path: Path, title: str = "MAE training loss", ylabel: str = "masked-patch MSE"
+) -> Path:
     """Per-step loss (faint) and its moving average over ~2% of the run (bold), log-scaled y."""
     import matplotlib
 
@@ -27,7 +29,7 @@ def plot_loss_curve(losses: Sequence[float], path: Path, title: str = "MAE train
         ax.plot(steps[k - 1 :], smooth, lw=1.6, color="tab:blue", label=f"mean of {k} steps")
     if len(y) and np.all(y > 0):
         ax.set_yscale("log")
-    ax.set(xlabel="global step", ylabel="masked-patch MSE", title=title)
+    ax.set(xlabel="global step", ylabel=ylabel, title=title)
     ax.legend(loc="upper right", fontsize=8)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
@@ -37,7 +39,8 @@ def plot_loss_curve(losses: Sequence[float], path: Path, title: str = "MAE train
 
 
 def plot_reconstruction(
-    volume: np.ndarray, mask: np.ndarray, recon: np.ndarray, path: Path, channel_name: str = "brain"
+    volume: np.ndarray, mask: np.ndarray, recon: np.ndarray, path: Path, channel_name: str = "brain",
+    title: str | None = None,
 ) -> Path:
     """Mid axial and coronal slices of one window channel: input / masked input / reconstruction.
 
@@ -67,7 +70,7 @@ def plot_reconstruction(
                 ax.set_title(name)
             if c == 0:
                 ax.set_ylabel(view)
-    fig.suptitle(f"MAE on a held-out volume ({channel_name} window)")
+    fig.suptitle(title or f"MAE on a held-out volume ({channel_name} window)")
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")

@@ -1,0 +1,115 @@
+"""Self-supervised pretext tasks as the pre-training job sees them: one object per method (MAE, DINO).
+
+A task owns its model (the encoder plus what only pre-training needs: MAE's decoder, DINO's heads and teacher),
+turns a batch of int16 HU volumes into a loss on the training device (augmentation, crops, windows and masks
+drawn from generators seeded by the global step and rank, so a resumed or re-run job repeats exactly), scores a
+fixed held-out set, and draws its figures. The pre-training job (`pipelines/pretrain.py`) is method-agnostic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from headct.data.augment import augment_hu
+from headct.data.windows import hu_to_windows
+from headct.models.vit import ViT3D
+from headct.train.engine import step_generator
+
+EVAL_STREAM = 1_000_003  # generator stream of held-out masks/crops (training uses small stream numbers)
+
+
+def stream(rank: int, micro: int, accum_steps: int, kind: int) -> int:
+    """Generator stream for (rank, micro-batch, kind of randomness): distinct per rank so ranks draw different
+    augmentations; rank 0 keeps the single-process numbering (0, 1 for micro-batch 0)."""
+    return 2 * (rank * accum_steps + micro) + kind
+
+
+class PretextTask(Protocol):
+    method: str
+    model: nn.Module  # what the optimizer trains (unwrapped); DDP/compile wrap it in the job
+    encoder: ViT3D  # what the model directory keeps
+
+    def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor: ...
+    def heldout_loss(self, hu: torch.Tensor) -> float: ...
+    def after_backward(self, step: int) -> None: ...
+    def after_update(self, step: int) -> None: ...
+    def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path | None: ...
+    def metric_name(self) -> str: ...
+
+
+class MaeTask:
+    """MAE: flip/intensity augmentation, windows, random masking, masked-patch MSE.
+
+    Args:
+        cfg: the `pretrain` section (mask ratio, decoder, windows, augmentation, seed, batch size).
+        encoder: the ViT3D to pre-train.
+        device: training device.
+        rank, accum_steps: this process's rank and the micro-batches per step (for generator streams).
+    """
+
+    method = "mae"
+
+    def __init__(self, cfg: Any, encoder: ViT3D, device: torch.device, rank: int = 0) -> None:
+        from headct.models.mae import MAE
+
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.model = MAE(encoder, cfg.mask_ratio, cfg.decoder_dim, cfg.decoder_depth,
+                         norm_pix_loss=cfg.norm_pix_loss).to(device)
+        self.encoder = self.model.encoder
+
+    def metric_name(self) -> str:
+        return "masked-patch MSE" + (" (normalised targets)" if self.cfg.norm_pix_loss else "")
+
+    def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        cfg = self.cfg
+        hu = hu.to(self.device, non_blocking=True)
+        aug = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 0))
+        hu = augment_hu(hu, aug, cfg.flip_lr, cfg.jitter_hu, cfg.jitter_scale)
+        masks = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 1))
+        loss, _, _ = model(hu_to_windows(hu, cfg.windows), masks)
+        return loss
+
+    @torch.no_grad()
+    def heldout_loss(self, hu: torch.Tensor) -> float:
+        """Mean masked-patch MSE over held-out volumes (B, X, Y, Z) int16: no augmentation, the same masks
+        on every call (same seed and chunking)."""
+        generator = step_generator(self.cfg.seed, 0, EVAL_STREAM)
+        total, was_training = 0.0, self.model.training
+        self.model.eval()
+        for chunk in hu.split(self.cfg.batch_size):
+            loss, _, _ = self.model(hu_to_windows(chunk.to(self.device), self.cfg.windows), generator)
+            total += loss.item() * len(chunk)  # every volume has the same number of masked patches
+        self.model.train(was_training)
+        return total / len(hu)
+
+    def after_backward(self, step: int) -> None:
+        return None
+
+    def after_update(self, step: int) -> None:
+        return None
+
+    @torch.no_grad()
+    def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path:
+        """Input / masked / reconstruction slices of the first held-out volume (first window) as a PNG."""
+        from headct.train.plots import plot_reconstruction
+
+        was_training = self.model.training
+        self.model.eval()
+        x = hu_to_windows(hu[:1].to(self.device), self.cfg.windows)
+        mask, recon = self.model.reconstruct(x, step_generator(self.cfg.seed, 0, EVAL_STREAM))
+        self.model.train(was_training)
+        vol, mask, recon = (t[0].float().cpu().numpy() for t in (x, mask, recon))
+        return plot_reconstruction(vol[0], mask[0], recon[0], path, self.cfg.windows[0].name, title=title)
+
+
+def build_task(
+    cfg: Any, encoder: ViT3D, device: torch.device, rank: int = 0, *, total_steps: int, steps_per_epoch: int
+) -> PretextTask:
+    """The task for `cfg.method` (`total_steps` and `steps_per_epoch` drive DINO's schedules)."""
+    if cfg.method == "mae":
+        return MaeTask(cfg, encoder, device, rank)
+    raise ValueError(f"unknown pre-training method {cfg.method!r}")
