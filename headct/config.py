@@ -183,8 +183,9 @@ class DinoConfig(Section):
     local_crops: int = Field(6, ge=0, le=16)
     global_size: int | None = Field(None, ge=2)  # output edge of a global crop; None: the store grid's edge
     local_size: int | None = Field(None, ge=2)  # None: half the global size (rounded to the patch)
-    global_scale: tuple[float, float] = (0.5, 1.0)  # crop edge as a fraction of the volume edge
-    local_scale: tuple[float, float] = (0.25, 0.5)
+    # Share of the volume's voxels a crop box covers (DINO's area scale, in 3D); box centres lie inside the head.
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
     teacher_momentum: float = Field(0.996, ge=0.0, lt=1.0)  # cosine schedule from this to 1.0
     teacher_temp: float = Field(0.07, gt=0.0)
     warmup_teacher_temp: float = Field(0.04, gt=0.0)

@@ -159,7 +159,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     from headct.train.checkpoint import save_checkpoint
     from headct.train.engine import TrainStats, adamw, train
     from headct.train.pretext import build_task
-    from headct.train.schedules import cosine, warmup_cosine
+    from headct.train.schedules import dino_weight_decay, warmup_cosine
 
     console = Console(quiet=not dist.is_rank0)
     device = dist.device
@@ -197,7 +197,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
         step_model = torch.compile(step_model)
     wd_at = None
     if cfg.method == "dino":  # DINO's weight decay rises on a cosine (Caron et al. 2021)
-        wd_at = lambda s: cosine(s, total - 1, cfg.weight_decay, cfg.dino.weight_decay_end)  # noqa: E731
+        wd_at = lambda s: dino_weight_decay(s, total, cfg.weight_decay, cfg.dino.weight_decay_end)  # noqa: E731
 
     run_ctx = (tracking.job_run(ctx.tracking, "pretrain", cfg, ctx.root, tags={"headct.method": cfg.method})
                if dist.is_rank0 else contextlib.nullcontext(None))
@@ -293,8 +293,8 @@ def _finish(
     write_json(cfg.report_dir / "metrics.json", metrics)
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
                                f"{cfg.method.upper()} training loss", task.metric_name())]
-    snapshot = task.snapshot(heldout_hu, cfg.report_dir / f"{cfg.method}_reconstruction.png"
-                             if cfg.method == "mae" else cfg.report_dir / f"{cfg.method}_crops.png")
+    snapshot = task.snapshot(heldout_hu, cfg.report_dir / ("mae_reconstruction.png" if cfg.method == "mae"
+                                                           else "dino_views.png"))
     figures += [snapshot] if snapshot is not None else []
     mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "resumed_from_step"},
                       step=total)

@@ -261,3 +261,52 @@ def test_changed_config_trains_afresh_and_a_foreign_checkpoint_is_refused(traine
     identity = {**state["config"], "lr": 0.002}
     with pytest.raises(InputError, match=r"different run.*lr: 0\.001 -> 0\.002"):
         _resume(finished, identity, None, None)
+
+
+# ------------------------------------------------------------------------------------------------ DINO
+DINO_SMALL = {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops": 2, "local_size": 16}
+
+
+def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headct.train.checkpoint as checkpoint
+    from headct.models.model_dir import load_model_dir
+    from headct.train.distributed import weights_digest
+    from pipelines.pretrain import run
+
+    root = make_project(tmp_path / "proj", n_scans=16)
+
+    def cfg(tag: str, **kw) -> PretrainConfig:
+        return make_cfg(root, method="dino", dino=DINO_SMALL, checkpoint_dir=root / f"ckpt_{tag}",
+                        model_dir=root / f"models/{tag}", report_dir=root / f"reports/{tag}", register_as=None, **kw)
+
+    whole = run(cfg("a"), ctx_for(root))
+    assert whole["method"] == "dino" and whole["steps"] == 8
+    assert (root / "reports/a/dino_views.png").stat().st_size > 1000
+    encoder, config = load_model_dir(root / "models/a")
+    assert config["method"] == "dino"
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(path, model, optimizer, step, config, extra=None):
+        save(path, model, optimizer, step, config, extra)
+        if step == 3:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(Interrupted):
+        run(cfg("b", checkpoint_every=3), ctx_for(root))
+    monkeypatch.undo()
+    resumed = run(cfg("b", checkpoint_every=3), ctx_for(root))
+    assert resumed["resumed_from_step"] == 3
+    a = checkpoint.load_checkpoint(next((root / "ckpt_a").glob("*/complete.pt")))
+    b = checkpoint.load_checkpoint(next((root / "ckpt_b").glob("*/complete.pt")))
+    assert np.allclose(a["extra"]["losses"], b["extra"]["losses"], rtol=1e-6, atol=0)
+    for key, value in a["model"].items():  # student, teacher (EMA) and the centre buffer
+        assert torch.allclose(value, b["model"][key], rtol=1e-6, atol=1e-7), key
+    # The model directory holds the teacher's encoder (the EMA network DINO evaluates), not the student's.
+    teacher = {k.removeprefix("teacher.encoder."): v for k, v in a["model"].items() if k.startswith("teacher.encoder.")}
+    student = {k.removeprefix("student.encoder."): v for k, v in a["model"].items() if k.startswith("student.encoder.")}
+    assert all(torch.equal(encoder.state_dict()[k], teacher[k]) for k in teacher)
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    assert weights_digest(encoder)

@@ -1,4 +1,4 @@
-"""Figures of a pre-training run: the loss curve and MAE reconstructions (PNG, matplotlib Agg)."""
+"""Figures of a pre-training run: the loss curve, MAE reconstructions, DINO views (PNG, matplotlib Agg)."""
 
 from __future__ import annotations
 
@@ -71,6 +71,37 @@ def plot_reconstruction(
             if c == 0:
                 ax.set_ylabel(view)
     fig.suptitle(title or f"MAE on a held-out volume ({channel_name} window)")
+    fig.tight_layout()
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_views(global_views: Sequence[np.ndarray], local_views: Sequence[np.ndarray], path: Path, title: str) -> Path:
+    """Mid-axial slice of each DINO view, globals on the first row, locals on the second; views (X, Y, Z) in
+    [0, 1]. Shows what the student is asked to match: crops inside the head, the local ones smaller."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(len(global_views), len(local_views), 1)
+    rows = [("global", global_views), ("local", local_views)]
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.8), dpi=110, squeeze=False)
+    for r, (kind, views) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c < len(views):
+                v = views[c]
+                ax.imshow(v[:, :, v.shape[2] // 2].T, cmap="gray", vmin=0, vmax=1, origin="lower")
+                ax.set_title(f"{kind} {c + 1} ({v.shape[0]}^3)" if len(set(v.shape)) == 1 else f"{kind} {c + 1}",
+                             fontsize=8)
+            else:
+                ax.axis("off")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     with atomic_path(Path(path)) as tmp:
         fig.savefig(tmp, format="png")

@@ -106,10 +106,102 @@ class MaeTask:
         return plot_reconstruction(vol[0], mask[0], recon[0], path, self.cfg.windows[0].name, title=title)
 
 
+class DinoTask:
+    """DINO: multi-crop inside the head (2 global + local views), windows, student/teacher self-distillation.
+
+    Schedules are pure functions of the global step: teacher temperature warm-up, teacher momentum (cosine to 1),
+    and the head's last layer frozen for the first `freeze_last_layer_epochs` epochs. The saved encoder is the
+    teacher's (the EMA network DINO evaluates); the held-out loss is the DINO cross-entropy on fixed crops of the
+    held-out volumes at the final teacher temperature, without moving the centre.
+    """
+
+    method = "dino"
+
+    def __init__(
+        self, cfg: Any, encoder: ViT3D, device: torch.device, rank: int, total_steps: int, steps_per_epoch: int
+    ) -> None:
+        from headct.models.dino import DINO
+
+        d = cfg.dino
+        self.cfg, self.d, self.device, self.rank = cfg, d, device, rank
+        self.total_steps, self.steps_per_epoch = total_steps, max(1, steps_per_epoch)
+        self.model = DINO(encoder, d.out_dim, d.hidden_dim, d.bottleneck_dim, student_temp=d.student_temp,
+                          center_momentum=d.center_momentum, koleo_weight=d.koleo_weight).to(device)
+        self.encoder = self.model.teacher.encoder
+        p = encoder.patch_size
+        built = tuple(g * p for g in encoder.grid)
+        self.global_size = (d.global_size,) * 3 if d.global_size else built
+        local = d.local_size or max(p, round(min(self.global_size) / 2 / p) * p)
+        self.local_size = (local,) * 3
+        if any(s % p for s in (*self.global_size, *self.local_size)):
+            raise ValueError(f"DINO crop sizes {self.global_size} / {self.local_size} must be multiples of the "
+                             f"patch size {p}")
+        self.temp_warmup = round(d.warmup_teacher_temp_frac * total_steps)
+
+    def metric_name(self) -> str:
+        return "DINO cross-entropy"
+
+    def views(self, hu: torch.Tensor, generator: torch.Generator, augment: bool = True) -> tuple[list, list]:
+        """HU batch -> (global views, local views), each a list of windowed (B, C, X, Y, Z) tensors."""
+        from headct.data.crops import multi_crop
+
+        cfg, d = self.cfg, self.d
+        crops = multi_crop(
+            hu.to(self.device, non_blocking=True), generator, d.global_crops, self.global_size, d.local_crops,
+            self.local_size, d.global_scale, d.local_scale, flip_lr=augment and cfg.flip_lr,
+            jitter_hu=cfg.jitter_hu if augment else 0.0, jitter_scale=cfg.jitter_scale if augment else 0.0,
+            patch_size=self.encoder.patch_size,
+        )
+        return ([hu_to_windows(c, cfg.windows) for c in crops.global_crops],
+                [hu_to_windows(c, cfg.windows) for c in crops.local_crops])
+
+    def teacher_temp(self, step: int) -> float:
+        from headct.train.schedules import teacher_temperature
+
+        return teacher_temperature(step, self.temp_warmup, self.d.warmup_teacher_temp, self.d.teacher_temp)
+
+    def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        generator = step_generator(self.cfg.seed, step, stream(self.rank, micro, self.cfg.accum_steps, 0))
+        global_views, local_views = self.views(hu, generator)
+        return model(global_views, local_views, self.teacher_temp(step))["loss"]
+
+    def after_backward(self, step: int) -> None:
+        self.model.cancel_last_layer_grad(step // self.steps_per_epoch, self.d.freeze_last_layer_epochs)
+
+    def after_update(self, step: int) -> None:
+        from headct.train.schedules import teacher_momentum
+
+        self.model.update_teacher(teacher_momentum(step, self.total_steps, self.d.teacher_momentum))
+
+    @torch.no_grad()
+    def heldout_loss(self, hu: torch.Tensor) -> float:
+        generator = step_generator(self.cfg.seed, 0, EVAL_STREAM)
+        total, was_training = 0.0, self.model.training
+        self.model.eval()
+        for chunk in hu.split(self.cfg.batch_size):
+            global_views, local_views = self.views(chunk, generator, augment=False)
+            out = self.model(global_views, local_views, self.d.teacher_temp, update_center=False)
+            total += out["dino"].item() * len(chunk)
+        self.model.train(was_training)
+        return total / len(hu)
+
+    @torch.no_grad()
+    def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path:
+        """Mid-axial slices of the global and local views of the first held-out volume (first window)."""
+        from headct.train.plots import plot_views
+
+        global_views, local_views = self.views(hu[:1], step_generator(self.cfg.seed, 0, EVAL_STREAM), False)
+        return plot_views([v[0, 0].float().cpu().numpy() for v in global_views],
+                          [v[0, 0].float().cpu().numpy() for v in local_views], path,
+                          title or f"DINO views of a held-out volume ({self.cfg.windows[0].name} window)")
+
+
 def build_task(
     cfg: Any, encoder: ViT3D, device: torch.device, rank: int = 0, *, total_steps: int, steps_per_epoch: int
 ) -> PretextTask:
     """The task for `cfg.method` (`total_steps` and `steps_per_epoch` drive DINO's schedules)."""
     if cfg.method == "mae":
         return MaeTask(cfg, encoder, device, rank)
+    if cfg.method == "dino":
+        return DinoTask(cfg, encoder, device, rank, total_steps, steps_per_epoch)
     raise ValueError(f"unknown pre-training method {cfg.method!r}")
