@@ -15,7 +15,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step
+.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step bench-gpu-pretrain
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -55,6 +55,9 @@ lock: ## Re-pin every dependency into constraints.txt from the current .venv
 
 bench-train-step: setup ## Our ViT-B/12 training step vs MONAI's ViT, same config, side by side (CPU)
 	$(PY) benchmarks/train_step.py
+
+bench-gpu-pretrain: setup ## ViT-B/12 MAE + DINO steps on one GPU: volumes/s, step split, peak memory, MFU
+	$(PY) benchmarks/gpu_pretrain.py --json build/bench/gpu_pretrain.json
 
 docker-cpu: ## Build the CPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cpu -t headct:cpu .

@@ -21,3 +21,57 @@ def test_train_step_benchmark_runs_both_models_at_tiny_size() -> None:
     # same configuration: parameter counts agree to within the CLS token and MONAI's unused cross-attention norm
     params = [float(row.split()[-4]) for row in rows]
     assert abs(params[0] - params[1]) / params[0] < 0.01, rows
+
+
+def test_gpu_pretrain_benchmark_smoke_runs_mae_and_dino_on_cpu_with_torch_alone(tmp_path: Path) -> None:
+    import json
+
+    report = tmp_path / "gpu_pretrain.json"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/gpu_pretrain.py"), "--device", "cpu", "--size", "tiny", "--img", "32",
+         "--patch", "16", "--steps", "1", "--warmup", "0", "--mae-batch", "2", "--dino-batch", "2",
+         "--local-crops", "2", "--local-size", "16", "--pool", "4", "--no-compile", "--dino-out-dim", "64",
+         "--json", str(report)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no pydantic/MONAI/MLflow" in out.stdout  # the script checks its own imports
+    results = {r["method"]: r for r in json.loads(report.read_text())["results"]}
+    assert set(results) == {"mae", "dino"}
+    for r in results.values():
+        assert r["volumes_per_s"] > 0 and r["loss_finite"] and 0 < r["mfu"] < 1
+        assert set(r["split_ms"]) == {"data", "forward", "backward", "optimizer"}
+    # DINO's step counts more work than MAE's at the same size (teacher + several views vs 25% of the patches).
+    assert results["dino"]["model_tflops_per_step"] > results["mae"]["model_tflops_per_step"]
+
+
+def test_analytic_flops_of_the_gpu_benchmark_agree_with_torch_flop_counter() -> None:
+    import importlib.util
+
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from headct.models.mae import MAE
+    from headct.models.vit import build_encoder
+
+    spec = importlib.util.spec_from_file_location("gpu_pretrain", REPO / "benchmarks/gpu_pretrain.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    enc = build_encoder({"name": "tiny", "img_size": 32, "patch_size": 8, "in_chans": 3, "qkv_bias": False})
+    mae = MAE(enc, 0.75)
+    x = torch.rand(2, 3, 32, 32, 32)
+    # The math SDPA backend runs attention as matmuls the counter sees (it does not count the fused CPU kernel).
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss, _, _ = mae(x, torch.Generator().manual_seed(0))
+        loss.backward()
+    counted = counter.get_total_flops()
+    analytic = bench.mae_flops(enc, mae, batch=2)
+    assert abs(analytic - counted) / counted < 0.01, (analytic, counted)
+
+    dino = bench.DINO(enc, out_dim=64, hidden_dim=64, bottleneck_dim=32)
+    views = [torch.rand(2, 3, 32, 32, 32) for _ in range(2)], [torch.rand(2, 3, 16, 16, 16) for _ in range(3)]
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        dino(*views, 0.04)["loss"].backward()
+    analytic = bench.dino_flops(enc, dino, 2, 2, 32, 3, 16)
+    assert abs(analytic - counter.get_total_flops()) / counter.get_total_flops() < 0.02
