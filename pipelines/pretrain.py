@@ -316,7 +316,8 @@ def _finish(
     table.add_column("value", justify="right")
     for name, value in (
         ("encoder", f"{cfg.arch}, patch {cfg.patch_size}, grid {grid}"
-                    + (f", {cfg.num_registers} registers" if cfg.num_registers else "")),
+                    + (f", {cfg.num_registers} registers" if cfg.num_registers else "")
+                    + f", {sum(p.numel() for p in task.encoder.parameters()) / 1e6:.2f} M parameters"),
         ("training scans / held-out scans", f"{len(data.train_paths)} / {len(data.heldout_paths)}"
                                             + (" (val in training)" if cfg.use_val else "")),
         ("steps x batch x ranks", f"{total} x {cfg.batch_size} x {world_size}"
