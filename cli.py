@@ -148,6 +148,12 @@ def probe(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 
 @app.command()
+def explain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Attention maps (CLS attention, rollout) and occlusion sensitivity as axial montages per label."""
+    _run_job("explain", params_file, overrides)
+
+
+@app.command()
 def report(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """The results table: per-label AUROC [95% CI] and the held-out reconstruction loss."""
     _run_job("report", params_file, overrides)

@@ -277,6 +277,22 @@ class ProbeConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class ExplainConfig(Section):
+    """Attention maps (last-block CLS attention, rollout) and occlusion sensitivity, as axial montages per label."""
+
+    splits: Path = Path("data/splits/synth")
+    model_dir: Path = Path("models/mae")
+    # A fine-tuned classifier directory: picks each label's most confident positive and enables occlusion.
+    classifier_dir: Path | None = None
+    split: Literal["train", "val", "test"] = "val"  # val by default: test is read once, by the final evaluation
+    labels: list[Label] | None = None  # None: every label with a positive scan in the split
+    methods: tuple[Literal["cls", "rollout", "occlusion"], ...] = ("cls", "rollout")
+    slices: int = Field(6, ge=1, le=16)  # axial slices per row
+    baseline_hu: float = Field(30.0, ge=-1024, le=3000)  # occlusion fill (brain parenchyma)
+    report_dir: Path = Path("reports/explain")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ReportConfig(Section):
     """The closing results table (Markdown + terminal)."""
 
@@ -294,6 +310,7 @@ class Params(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")
