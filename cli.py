@@ -62,8 +62,10 @@ def _run_job(
     params_file: Path | None,
     overrides: list[str] | None,
     positional: dict[str, Any] | None = None,
+    also: tuple[str, ...] = (),
 ) -> Any:
-    """Validate everything, then import `pipelines.<job>` and call its run(cfg, ctx)."""
+    """Validate everything, then import `pipelines.<job>` and call its run(cfg, ctx); sections named in
+    `also` are passed as keyword arguments (e.g. tune gets the finetune section its trials start from)."""
     params, root = _resolve(params_file, overrides)
     section = getattr(params, job)
     updates = positional or {}
@@ -74,9 +76,10 @@ def _run_job(
             raise _fail(format_validation_error(exc, "command-line arguments"), 2) from None
     section = with_absolute_paths(section, root)
     ctx = JobContext(root=root, tracking=params.tracking)
+    extra = {name: with_absolute_paths(getattr(params, name), root) for name in also}
     module = importlib.import_module(f"pipelines.{job}")
     try:
-        return module.run(section, ctx)
+        return module.run(section, ctx, **extra)
     except InputError as exc:
         raise _fail(f"headct {job}: {exc}", 1) from None
 
@@ -145,6 +148,36 @@ def pretrain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 def probe(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """Linear probes on frozen features: pre-trained vs random init, AUROC/AP with patient-bootstrap CIs."""
     _run_job("probe", params_file, overrides)
+
+
+@app.command()
+def finetune(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Fine-tune encoder + head (best epoch on val AUROC), score test once, write a classifier directory."""
+    _run_job("finetune", params_file, overrides)
+
+
+@app.command()
+def tune(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Optuna TPE over fine-tuning learning rates and weight decay; best values to tune.best_params."""
+    _run_job("tune", params_file, overrides, also=("finetune",))
+
+
+@app.command()
+def extract(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Embed every scan of the split files once (pre-trained, random init, HU histogram, external encoders)."""
+    _run_job("extract", params_file, overrides)
+
+
+@app.command()
+def fewshot(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Few-shot probes: K positives + K negatives per label by patient, several seeds, mean and spread."""
+    _run_job("fewshot", params_file, overrides)
+
+
+@app.command()
+def retrieval(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Query-by-embedding retrieval (cosine, same patient excluded): mAP per label and model."""
+    _run_job("retrieval", params_file, overrides)
 
 
 @app.command()

@@ -11,10 +11,18 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # The canonical label vocabulary (DESIGN.md, "Labels"): CQ500's columns plus Tumor.
 LABELS: tuple[str, ...] = (
@@ -275,6 +283,72 @@ class ProbeConfig(Section):
     pool: Literal["cls", "mean"] = "mean"
     seed: int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # A feature cache written by `headct extract`: probe every model cached there (pool, batch_size and device
+    # are then unused). None: embed here with model_dir and its random-init twin.
+    features: Path | None = None
+
+
+ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+
+
+class ExtractConfig(Section):
+    """Embed every scan of the split files once into a feature cache (`<out>/<model>.npz` + `.json`, index.json)
+    that probe, few-shot and retrieval read. Models: `pretrained` (model_dir), `random_init` (its seeded twin),
+    `hu_histogram` (the non-learned baseline) and any external encoder (name -> "pkg.module:factory")."""
+
+    splits: Path = Path("data/splits/synth")
+    model_dir: Path | None = Path("models/mae")  # None: no ViT features (external encoders / histogram only)
+    out: Path = Path("data/features/synth")
+    random_init: bool = True
+    hu_histogram: bool = True
+    histogram_bins: int = Field(64, ge=4, le=1024)  # equal-width bins over [-100, 200) HU inside the head
+    external: dict[ModelName, str] = Field(default_factory=dict)  # e.g. {"ctfm": "my_pkg.ctfm:make_encoder"}
+    pool: Literal["cls", "mean"] = "mean"
+    batch_size: int = Field(16, ge=1)
+    seed: int = Field(0, ge=0)  # the random-init twin
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @field_validator("external")
+    @classmethod
+    def _no_reserved_names(cls, v: dict[str, str]) -> dict[str, str]:
+        clash = sorted(set(v) & {"pretrained", "random_init", "hu_histogram"})
+        if clash:
+            raise ValueError(f"external encoder name(s) {clash} are reserved for the built-in models")
+        return v
+
+
+class FewshotConfig(Section):
+    """K positives + K negatives per label (patient-level, without replacement) from train, several seeds,
+    logistic regression on cached features (C and threshold chosen on val), scored on test."""
+
+    features: Path = Path("data/features/synth")
+    splits: Path = Path("data/splits/synth")
+    report_dir: Path = Path("reports/fewshot")
+    models: list[ModelName] | None = None  # None: every model in the cache
+    labels: list[Label] | None = None  # None: every canonical label present in the split files
+    shots: tuple[int, ...] = Field((1, 2, 4, 8, 16), min_length=1)  # K values
+    seeds: int = Field(5, ge=1, le=1000)  # seeds 0 .. seeds-1 (each a different patient draw)
+    c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)  # chosen on val AUROC per fit
+    min_positives: int = Field(2, ge=1)  # in val and test; fewer -> label skipped with a message
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every K must be >= 1, got {list(v)}")
+        return tuple(sorted(set(v)))
+
+
+class RetrievalConfig(Section):
+    """Query-by-embedding (cosine) over one split, same-patient scans excluded; mAP per label and model."""
+
+    features: Path = Path("data/features/synth")
+    splits: Path = Path("data/splits/synth")
+    report_dir: Path = Path("reports/retrieval")
+    split: Literal["val", "test"] = "test"
+    models: list[ModelName] | None = None  # None: every model in the cache
+    labels: list[Label] | None = None
+    min_positives: int = Field(2, ge=1)  # positives in the split; fewer -> label skipped with a message
 
 
 class ExplainConfig(Section):
@@ -291,6 +365,102 @@ class ExplainConfig(Section):
     baseline_hu: float = Field(30.0, ge=-1024, le=3000)  # occlusion fill (brain parenchyma)
     report_dir: Path = Path("reports/explain")
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class FinetuneConfig(Section):
+    """End-to-end fine-tuning of an encoder + head on the split's labels; best epoch chosen on val AUROC.
+
+    `init`: "pretrained" loads `model_dir`; "random" builds the same architecture from a seeded random init (the
+    baseline twin). `arch`: "vit" (the encoder of `model_dir`), or a MONAI 3D ResNet from scratch
+    ("resnet18"/"resnet10", a baseline; `init` is then ignored). Learning rates are peaks of a warm-up + cosine
+    schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
+    exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
+    """
+
+    splits: Path = Path("data/splits/synth")
+    model_dir: Path = Path("models/mae")
+    init: Literal["pretrained", "random"] = "pretrained"
+    arch: Literal["vit", "resnet18", "resnet10"] = "vit"
+    out_dir: Path = Path("models/classifier")  # the classifier directory `headct predict` loads
+    report_dir: Path = Path("reports/finetune")
+    checkpoint_dir: Path | None = Path("checkpoints/finetune")  # last epoch's state (atomic); None: none kept
+    tuned_params: Path | None = Path("params/tuned/finetune.yaml")
+    labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
+    min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
+    pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
+    attention_heads: int = Field(4, ge=1, le=64)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accum_steps: int = Field(1, ge=1)
+    backbone_lr: float = Field(1e-4, ge=0, le=1.0)
+    head_lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    freeze_backbone_epochs: int = Field(0, ge=0)  # first epochs train the head only
+    class_weighted_loss: bool = True  # BCE pos_weight = negatives / positives in train, per label
+    balanced_sampling: bool = False  # draw scans with weights that balance each label's classes
+    grad_clip: float | None = Field(3.0, gt=0)
+    flip_lr: bool = True
+    jitter_hu: float = Field(5.0, ge=0, le=100)
+    jitter_scale: float = Field(0.02, ge=0, le=0.5)
+    eval_batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=10)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _one_label(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self) -> FinetuneConfig:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"accum_steps={self.accum_steps} must divide batch_size={self.batch_size}")
+        if self.batch_size // self.accum_steps < 2:
+            raise ValueError("micro-batches need >= 2 scans (batch_size / accum_steps): BatchNorm in the head "
+                             "and ResNet cannot normalise over one")
+        return self
+
+
+class TuneConfig(Section):
+    """Optuna TPE over the fine-tuning learning rates and weight decay; trials start from the `finetune` section.
+
+    Each trial fine-tunes for `epochs` epochs, reports mean val AUROC every epoch to a MedianPruner, and is an
+    MLflow child run. `storage` None means `sqlite:///<project root>/optuna.db`; any RDB URL lets many
+    processes share one study. The best values go to `best_params` (what finetune.tuned_params reads).
+    """
+
+    storage: str | None = None
+    study_name: str = "headct-finetune"
+    load_if_exists: bool = True
+    n_trials: int = Field(10, ge=1)  # trials this process runs (several processes add up)
+    epochs: int = Field(2, ge=1)  # per trial
+    backbone_lr: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range
+    head_lr: tuple[float, float] = (1e-4, 1e-2)  # log-uniform range
+    weight_decay: tuple[float, float] = (0.0, 0.1)  # uniform range
+    seed: int | None = Field(0, ge=0)  # TPE sampler seed (None: random)
+    n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
+    pruner_startup_trials: int = Field(2, ge=0)  # MedianPruner: trials finished before pruning starts
+    pruner_warmup_epochs: int = Field(1, ge=0)  # MedianPruner: epochs of a trial before it may be pruned
+    best_params: Path = Path("params/tuned/finetune.yaml")
+    report_dir: Path = Path("reports/tune")
+
+    @field_validator("backbone_lr", "head_lr", "weight_decay")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] < 0 or v[0] > v[1]:
+            raise ValueError(f"expected a range [low, high] with 0 <= low <= high, got {list(v)}")
+        return v
+
+    @field_validator("backbone_lr", "head_lr")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0:
+            raise ValueError(f"a log-uniform range needs low > 0, got {list(v)}")
+        return v
 
 
 class ReportConfig(Section):
@@ -310,6 +480,11 @@ class Params(Section):
     split: SplitConfig = Field(default_factory=SplitConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    extract: ExtractConfig = Field(default_factory=ExtractConfig)
+    fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
@@ -324,6 +499,9 @@ class Params(Section):
 
 
 # --------------------------------------------------------------------------------------------- resolution
+_TUNED_DEFAULT = FinetuneConfig.model_fields["tuned_params"].default
+
+
 class ConfigError(ValueError):
     """A params file or override that cannot be used; the message names the key, value and what is allowed."""
 
@@ -392,6 +570,32 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _tuned_params_file(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], root: Path) -> Path | None:
+    """The existing tuned-parameters file finetune.tuned_params names (an override of it counts), else None."""
+    section = tree.get("finetune")
+    value: Any = section.get("tuned_params", _TUNED_DEFAULT) if isinstance(section, dict) else _TUNED_DEFAULT
+    for item in overrides:
+        parts, raw = _parse_override(item)
+        if parts == ["finetune", "tuned_params"]:
+            value = raw
+    if value in (None, ""):
+        return None
+    path = resolve_path(root, Path(value))
+    return path if path.is_file() else None
+
+
+def read_tuned_params(path: Path) -> dict[str, Any]:
+    """The `finetune:` mapping of a tuned-parameters file (written by `headct tune`)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML tuned-parameters file ({exc})") from None
+    values = loaded.get("finetune") if isinstance(loaded, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping under the key 'finetune'")
+    return values
+
+
 def load_params(
     params_file: Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
@@ -399,6 +603,8 @@ def load_params(
 ) -> tuple[Params, Path]:
     """Resolve the configuration: defaults < params file < overrides. Returns (params, project root).
 
+    The tuned-parameters file (finetune.tuned_params, when it exists) sits between the params file and the
+    overrides: its `finetune:` values replace params.yaml's, and --set replaces both.
     Raises ConfigError (the CLI turns it into exit code 2) naming the offending key and value.
     """
     root = root or find_project_root()
@@ -416,6 +622,12 @@ def load_params(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    tuned = _tuned_params_file(tree, overrides, root)
+    if tuned is not None:
+        section = tree.setdefault("finetune", {})
+        if isinstance(section, dict):
+            section.update(read_tuned_params(tuned))
+            source += f" + tuned {tuned}"
     for item in overrides:
         parts, value = _parse_override(item)
         _apply_override(tree, parts, value)

@@ -4,7 +4,10 @@ Recipe: read the split files; load the pre-trained encoder and build a seeded ra
 architecture; embed train/val/test once per encoder; per label, skip (with the reason) when a split lacks
 positives or negatives, else standardise on train, fit a logistic regression per C, choose C and the decision
 threshold on val, score test once, bootstrap patient-level 95% CIs.
-Outputs under cfg.report_dir: metrics.json, predictions.csv, roc.png (a panel per probed label).
+With `probe.features` set (a cache from `headct extract`), every cached model is probed instead (e.g. with the
+HU-histogram baseline and external encoders) and nothing is embedded here.
+Outputs under cfg.report_dir: metrics.json (per model and label: test metrics with CIs, Brier/ECE, patient-level
+AUROC, AUROC by subgroup where the store's manifest is found), predictions.csv, roc.png, pr.png, reliability.png.
 """
 
 from __future__ import annotations
@@ -67,12 +70,13 @@ def _print_table(metrics: dict[str, Any]) -> None:
         ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
         return f"{m['auroc']:.3f}{ci}"
 
+    models = [m for m in metrics if m != "skipped"]
     table = Table(title="linear probe: test AUROC [95% CI, patient bootstrap]")
-    for name in ("label", "test pos/neg", "pre-trained", "random init", "C (pre-trained)"):
+    for name in ("label", "test pos/neg", *models, f"C ({models[0]})"):
         table.add_column(name, justify="left" if name == "label" else "right")
-    for label, m in metrics["pretrained"].items():
-        r = metrics["random_init"].get(label)
-        table.add_row(label, f"{m['n_pos']}/{m['n_neg']}", cell(m), cell(r), f"{m['C']:g}")
+    for label, m in metrics[models[0]].items():
+        cells = [cell(metrics[other].get(label)) for other in models]
+        table.add_row(label, f"{m['n_pos']}/{m['n_neg']}", *cells, f"{m['C']:g}")
     console = Console()
     console.print(table)
     for label, reason in metrics["skipped"].items():
@@ -126,34 +130,74 @@ def _probe_labels(
 
     from headct.eval.probe import label_data, probe_label, skip_reason
 
-    metrics: dict[str, dict[str, Any]] = {"pretrained": {}, "random_init": {}, "skipped": {}}
+    models = list(features)
+    metrics: dict[str, dict[str, Any]] = {**{m: {} for m in models}, "skipped": {}}
     predictions = []
     for label in labels:
-        data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in MODELS}
-        reason = skip_reason(data["pretrained"], cfg.min_positives)  # targets are the same for both models
+        data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in models}
+        reason = skip_reason(data[models[0]], cfg.min_positives)  # targets are the same for every model
         if reason is not None:
             rprint(f"[yellow]skip {label}:[/] {reason}")
             metrics["skipped"][label] = reason
             continue
-        for model in MODELS:
-            # Same bootstrap seed for both models: paired resamples, so their CIs are comparable.
+        for model in models:
+            # Same bootstrap seed for every model: paired resamples, so their CIs are comparable.
             result, rows = probe_label(data[model], label, model, cfg.c_grid, cfg.bootstrap, cfg.seed)
             metrics[model][label] = result
             predictions.append(rows)
     return metrics, predictions
 
 
-def _write_outputs(cfg: ProbeConfig, metrics: dict[str, Any], predictions: list[Any]) -> list[Path]:
+def _subgroups_of_store(cfg: ProbeConfig, ctx: JobContext) -> Any:
+    """scan_id -> subgroup columns from the manifest of the store behind the splits, or None if not found."""
+    import pandas as pd
+
+    from headct.data.splits import store_of_split
+    from headct.eval.subgroups import subgroup_table
+
+    store = store_of_split(cfg.splits, ctx.root)
+    manifest = store / "manifest.parquet" if store is not None else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        return subgroup_table(pd.read_parquet(manifest))
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{manifest}: cannot read the subgroup columns ({exc})") from exc
+
+
+def _add_test_breakdowns(metrics: dict[str, Any], table: Any, cfg: ProbeConfig, ctx: JobContext) -> None:
+    """Per model and label: patient-level (max over series) test AUROC and, where the manifest is found,
+    AUROC by subgroup (subgroups with < 5 positives or negatives are listed as skipped with the reason)."""
+    from headct.eval.metrics import auroc, patient_level
+    from headct.eval.subgroups import subgroup_auroc
+
+    groups = _subgroups_of_store(cfg, ctx)
+    test = table[table["split"] == "test"]
+    for (model, label), rows in test.groupby(["model", "label"], sort=False):
+        y, score = rows["target"].to_numpy(), rows["score"].to_numpy()
+        y_p, score_p, _ = patient_level(y, score, rows["patient_id"].to_numpy())
+        entry = metrics[model][label]
+        entry["auroc_patient"] = auroc(y_p, score_p) if 0 < y_p.sum() < len(y_p) else None
+        entry["n_patients_pos"] = int(y_p.sum())
+        if groups is not None:
+            aligned = rows[["scan_id"]].merge(groups, on="scan_id", how="left").drop(columns="scan_id")
+            entry["subgroups"] = subgroup_auroc(y, score, aligned)
+
+
+def _write_outputs(
+    cfg: ProbeConfig, ctx: JobContext, metrics: dict[str, Any], predictions: list[Any]
+) -> list[Path]:
     import pandas as pd
 
     from headct.eval import PREDICTION_COLUMNS
-    from headct.eval.plots import plot_roc_grid
+    from headct.eval.plots import plot_pr_grid, plot_reliability_grid, plot_roc_grid
     from headct.io import atomic_path, write_json
 
-    write_json(cfg.report_dir / "metrics.json", metrics)
     table = (
         pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_COLUMNS)
     )
+    _add_test_breakdowns(metrics, table, cfg, ctx)
+    write_json(cfg.report_dir / "metrics.json", metrics)
     with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     test = table[table["split"] == "test"]
@@ -164,7 +208,10 @@ def _write_outputs(cfg: ProbeConfig, metrics: dict[str, Any], predictions: list[
         for label, rows in test.groupby("label", sort=False)
     }
     plot_roc_grid(panels, cfg.report_dir / "roc.png", "linear probe ROC (test)")
-    return [cfg.report_dir / name for name in ("metrics.json", "predictions.csv", "roc.png")]
+    plot_pr_grid(panels, cfg.report_dir / "pr.png", "linear probe precision-recall (test)")
+    plot_reliability_grid(panels, cfg.report_dir / "reliability.png", "linear probe reliability (test)")
+    names = ("metrics.json", "predictions.csv", "roc.png", "pr.png", "reliability.png")
+    return [cfg.report_dir / name for name in names]
 
 
 def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
@@ -177,21 +224,26 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
 
     frames = read_splits(cfg.splits)
     labels = _labels(cfg, frames)
-    pretrained, config = load_model_dir(cfg.model_dir)
-    _check_preprocessing(cfg, ctx, config)
-    torch.manual_seed(cfg.seed)  # the random-init twin: same architecture and windows, seeded
-    encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
+    if cfg.features is not None:  # features extracted once by `headct extract`
+        from headct.eval.feature_cache import read_cache, split_features
 
-    features, seconds = _embed(encoders, frames, config, cfg, ctx)
+        features, seconds = split_features(read_cache(cfg.features), frames, cfg.features), {}
+    else:
+        pretrained, config = load_model_dir(cfg.model_dir)
+        _check_preprocessing(cfg, ctx, config)
+        torch.manual_seed(cfg.seed)  # the random-init twin: same architecture and windows, seeded
+        encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
+        features, seconds = _embed(encoders, frames, config, cfg, ctx)
     metrics, predictions = _probe_labels(labels, frames, features, cfg)
-    outputs = _write_outputs(cfg, metrics, predictions)
+    outputs = _write_outputs(cfg, ctx, metrics, predictions)
 
     with tracking.job_run(ctx.tracking, "probe", cfg, ctx.root) as mlrun:
         mlrun.log_metrics({f"features_seconds.{m}": s for m, s in seconds.items()})
+        models = [m for m in metrics if m != "skipped"]
         mlrun.log_metrics(
-            {"labels_probed": len(metrics["pretrained"]), "labels_skipped": len(metrics["skipped"])}
+            {"labels_probed": len(metrics[models[0]]), "labels_skipped": len(metrics["skipped"])}
         )
-        for model in MODELS:
+        for model in models:
             for label, result in metrics[model].items():
                 with mlrun.child(f"{model}/{label}", params={"model": model, "label": label}) as child:
                     child.log_metrics({k: v for k, v in result.items() if isinstance(v, int | float)})
@@ -201,7 +253,7 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
             mlrun.log_artifact(path, "probe")
     _print_table(metrics)
     return {
-        "labels_probed": len(metrics["pretrained"]),
+        "labels_probed": len(metrics[models[0]]),
         "labels_skipped": len(metrics["skipped"]),
         "features_seconds": {m: round(s, 2) for m, s in seconds.items()},
     }

@@ -55,8 +55,6 @@ def splits(signal: float) -> dict[str, LabelData]:
     }
 
 
-
-
 # ------------------------------------------------------------------------------------------------ probe logic
 def test_probe_separates_an_informative_label_and_not_a_noise_label() -> None:
     good, _ = probe_label(splits(signal=4.0), "ICH", "pretrained", (0.01, 1.0), n_resamples=200, seed=0)
@@ -110,6 +108,26 @@ def write_volumes(folder: Path, n: int, shape=(16, 16, 16)) -> list[Path]:
     return paths
 
 
+def write_splits_and_model(root: Path, rows: list[dict]) -> None:
+    """train/val/test.csv from rows (each with a "split" key) and a tiny seeded model directory at root/model."""
+    import torch
+
+    from headct.models.model_dir import save_model_dir
+    from headct.models.vit import build_encoder
+
+    frame = pd.DataFrame(rows)
+    for split, part in frame.groupby("split"):
+        part.drop(columns="split").to_csv(root / f"{split}.csv", index=False)
+    torch.manual_seed(1)
+    config = {
+        "windows": WINDOWS,
+        "preprocess": {"shape": [16, 16, 16], "version": "v1"},
+        "method": "mae",
+        "provenance": {},
+    }
+    save_model_dir(root / "model", build_encoder(TINY_ARCH), config)
+
+
 def test_features_are_batch_independent_and_the_encoder_stays_frozen(tmp_path: Path) -> None:
     import torch
 
@@ -145,11 +163,6 @@ def test_a_missing_or_misshapen_volume_is_a_named_error(tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------- probe job
 def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx) -> None:
-    import torch
-
-    from headct.models.model_dir import save_model_dir
-    from headct.models.vit import build_encoder
-
     paths = write_volumes(tmp_path / "store/volumes", 36)
     rows = []
     for i, path in enumerate(paths):
@@ -166,17 +179,7 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
                 "EDH": edh,
             }
         )
-    frame = pd.DataFrame(rows)
-    for split, part in frame.groupby("split"):
-        part.drop(columns="split").to_csv(tmp_path / f"{split}.csv", index=False)
-    torch.manual_seed(1)
-    config = {
-        "windows": WINDOWS,
-        "preprocess": {"shape": [16, 16, 16], "version": "v1"},
-        "method": "mae",
-        "provenance": {},
-    }
-    save_model_dir(tmp_path / "model", build_encoder(TINY_ARCH), config)
+    write_splits_and_model(tmp_path, rows)
 
     cfg = ProbeConfig(
         splits=tmp_path,

@@ -7,7 +7,7 @@ into channels on the compute device (`hu_to_windows`, as in pre-training) and po
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,41 @@ def _load_batch(paths: Sequence[Path], shape: Sequence[int] | None) -> np.ndarra
     return np.stack([load_volume(p, shape) for p in paths])
 
 
+def map_volumes(
+    fn: Callable[[np.ndarray], np.ndarray],
+    paths: Sequence[Path],
+    *,
+    batch_size: int = 16,
+    shape: Sequence[int] | None = None,
+    description: str = "features",
+) -> np.ndarray:
+    """Apply `fn` to batches of volumes read from disk one batch ahead on a worker thread.
+
+    Args:
+        fn: (B, X, Y, Z) int16 HU numpy batch -> (B, D) features (numpy, any float dtype).
+        paths: `.npy` files, int16 HU volumes (X, Y, Z); shape checked per file when `shape` is given.
+    Returns:
+        (N, D) float32, in the order of `paths`; (0, 0) when `paths` is empty.
+    """
+    from rich.progress import Progress
+
+    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
+    out: list[np.ndarray] = []
+    with (
+        concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,
+        Progress(transient=True) as progress,
+    ):
+        task = progress.add_task(description, total=len(paths))
+        pending = reader.submit(_load_batch, batches[0], shape) if batches else None
+        for index in range(len(batches)):
+            hu = pending.result()  # type: ignore[union-attr]
+            if index + 1 < len(batches):
+                pending = reader.submit(_load_batch, batches[index + 1], shape)
+            out.append(np.asarray(fn(hu), dtype=np.float32))
+            progress.advance(task, len(hu))
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def extract_features(
     encoder: Any,
     paths: Sequence[Path],
@@ -62,28 +97,17 @@ def extract_features(
         (N, D) float32 features, in the order of `paths`.
     """
     import torch
-    from rich.progress import Progress
 
     from headct.data.windows import hu_to_windows
 
     encoder.eval()
     encoder.to(device)
-    batches = [list(paths[i : i + batch_size]) for i in range(0, len(paths), batch_size)]
-    out: list[np.ndarray] = []
-    with (
-        torch.inference_mode(),
-        concurrent.futures.ThreadPoolExecutor(max_workers=1) as reader,
-        Progress(transient=True) as progress,
-    ):
-        task = progress.add_task(description, total=len(paths))
-        pending = reader.submit(_load_batch, batches[0], shape) if batches else None
-        for index in range(len(batches)):
-            hu = pending.result()  # type: ignore[union-attr]
-            if index + 1 < len(batches):
-                pending = reader.submit(_load_batch, batches[index + 1], shape)
-            x = hu_to_windows(torch.from_numpy(hu).to(device, non_blocking=True), windows)
-            out.append(encoder.forward_pooled(x, pool=pool).float().cpu().numpy())
-            progress.advance(task, len(hu))
-    if not out:
+
+    def embed(hu: np.ndarray) -> np.ndarray:
+        x = hu_to_windows(torch.from_numpy(hu).to(device, non_blocking=True), windows)
+        return encoder.forward_pooled(x, pool=pool).float().cpu().numpy()
+
+    if not paths:
         return np.zeros((0, int(getattr(encoder, "embed_dim", 0))), dtype=np.float32)
-    return np.concatenate(out).astype(np.float32, copy=False)
+    with torch.inference_mode():
+        return map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)

@@ -54,6 +54,22 @@ def sensitivity_specificity(y: np.ndarray, score: np.ndarray, threshold: float) 
     return float(pred[y == 1].mean()), float((~pred[y == 0]).mean())
 
 
+def patient_level(
+    y: np.ndarray, score: np.ndarray, patient_id: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Study/patient-level aggregation: max over a patient's series of the target and of the score.
+
+    Where labels are per patient (CQ500 reads), a patient is positive when any series is, and the model's
+    patient score is its most suspicious series. Returns (y (P,), score (P,), patient ids (P,), sorted).
+    """
+    ids, index = np.unique(np.asarray(patient_id), return_inverse=True)
+    y_p = np.zeros(len(ids), dtype=np.int8)
+    s_p = np.full(len(ids), -np.inf)
+    np.maximum.at(y_p, index, _as_binary(y))
+    np.maximum.at(s_p, index, np.asarray(score, dtype=np.float64))
+    return y_p, s_p, ids
+
+
 # --------------------------------------------------------------------------------- weighted (vectorised)
 def weighted_auroc(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
     """AUROC per row of weights. y, score: (n,); w: (B, n) non-negative -> (B,). Ties count one half."""
@@ -173,6 +189,10 @@ def evaluate_binary(
     }
     boot = patient_bootstrap(y, score, groups, threshold, n_resamples, seed)
     out: dict[str, Any] = {}
+    if np.all((np.asarray(score) >= 0) & (np.asarray(score) <= 1)):  # probabilities: calibration applies
+        from headct.eval.calibration import ECE_BINS, brier_score, expected_calibration_error
+
+        out.update(brier=brier_score(y, score), ece=expected_calibration_error(y, score), ece_bins=ECE_BINS)
     for name in METRICS:
         out[name] = point[name]
         out[f"{name}_low"], out[f"{name}_high"] = boot.intervals[name]

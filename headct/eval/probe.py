@@ -101,9 +101,17 @@ def fit_probe(train: LabelData, val: LabelData, c_grid: Sequence[float]) -> Prob
 
 
 def predictions_frame(
-    part: LabelData, split: str, label: str, model: str, score: np.ndarray, threshold: float, seed: int
+    part: LabelData,
+    split: str,
+    label: str,
+    model: str,
+    score: np.ndarray,
+    threshold: float,
+    seed: int,
+    mode: str = "linear_probe",
+    k: int | str = "",
 ) -> pd.DataFrame:
-    """Rows in the predictions CSV schema (`headct.eval.PREDICTION_COLUMNS`)."""
+    """Rows in the predictions CSV schema (`headct.eval.PREDICTION_COLUMNS`); k is empty unless few-shot."""
     frame = pd.DataFrame(
         {
             "scan_id": part.scan_id,
@@ -111,8 +119,8 @@ def predictions_frame(
             "split": split,
             "label": label,
             "model": model,
-            "mode": "linear_probe",
-            "k": "",
+            "mode": mode,
+            "k": k,
             "seed": seed,
             "score": score,
             "target": part.y.astype(int),

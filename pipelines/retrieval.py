@@ -1,0 +1,79 @@
+"""Job `headct retrieval`: query-by-embedding over one split (test by default), mAP per label and model.
+
+Each scan queries every other scan of the split except its own patient's, ranked by cosine similarity of the
+cached embeddings (`headct extract`); see headct/eval/retrieval.py for the mAP definition. A label with fewer
+than `min_positives` positives in the split is skipped with the reason.
+Outputs under cfg.report_dir: metrics.json ({model: {label: {map, chance, n_queries, n_candidates}}, skipped}),
+retrieval.png (bars per label and model, chance marked).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from headct.config import JobContext, RetrievalConfig
+
+
+def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+
+    from headct import tracking
+    from headct.data.splits import read_splits
+    from headct.eval.feature_cache import read_cache
+    from headct.eval.plots import plot_retrieval_bars
+    from headct.eval.probe import label_data
+    from headct.eval.retrieval import retrieval_map
+    from headct.io import write_json
+    from pipelines.probe import _labels
+
+    frames = read_splits(cfg.splits)
+    labels = _labels(cfg, frames)  # type: ignore[arg-type]  # needs only .labels and .splits
+    frame = frames[cfg.split]
+    cache = read_cache(cfg.features, cfg.models)
+    features = {m: fs.for_frame(frame, cfg.features / f"{m}.npz") for m, fs in cache.items()}
+    results: dict[str, dict[str, Any]] = {m: {} for m in features}
+    chance: dict[str, float] = {}
+    skipped: dict[str, str] = {}
+    for label in labels:
+        n_pos = int((frame[label] == 1).sum())
+        if n_pos < cfg.min_positives:
+            skipped[label] = f"{cfg.split} has {n_pos} positive(s) (min_positives={cfg.min_positives})"
+            continue
+        for model, x in features.items():
+            data = label_data(frame, x, label)
+            results[model][label] = retrieval_map(data.x, data.y, data.patient_id)
+        chance[label] = results[next(iter(features))][label]["chance"]
+    metrics = {**results, "skipped": skipped, "split": cfg.split}
+    write_json(cfg.report_dir / "metrics.json", metrics)
+    scores = {m: {label: r["map"] for label, r in by_label.items()} for m, by_label in results.items()}
+    plot_retrieval_bars(
+        scores, chance, cfg.report_dir / "retrieval.png", f"retrieval mAP ({cfg.split}, cosine)"
+    )
+
+    with tracking.job_run(ctx.tracking, "retrieval", cfg, ctx.root) as mlrun:
+        mlrun.log_metrics(
+            {f"{m}.{label}.map": v for m, by_label in scores.items() for label, v in by_label.items()}
+        )
+        if skipped:
+            mlrun.set_tags({f"skipped.{label}": reason for label, reason in skipped.items()})
+        for name in ("metrics.json", "retrieval.png"):
+            mlrun.log_artifact(cfg.report_dir / name, "retrieval")
+
+    table = Table(title=f"retrieval mAP ({cfg.split}, cosine, same patient excluded)")
+    for column in ("label", "queries", "chance", *features):
+        table.add_column(column, justify="left" if column == "label" else "right")
+    for label, base in chance.items():
+        row = results[next(iter(features))][label]
+        table.add_row(
+            label, str(row["n_queries"]), f"{base:.3f}", *(f"{scores[m][label]:.3f}" for m in features)
+        )
+    console = Console()
+    console.print(table)
+    for label, reason in skipped.items():
+        console.print(f"skipped {label}: {reason}")
+    return {
+        "labels": len(chance),
+        "labels_skipped": len(skipped),
+        "mean_map": {m: round(sum(v.values()) / len(v), 4) if v else None for m, v in scores.items()},
+    }
