@@ -1,6 +1,6 @@
 """Pydantic models for every ``params.yaml`` section, and the loader that resolves them.
 
-Precedence, lowest first: code defaults < params.yaml < tuned-parameters file (fine-tuning only, later)
+Precedence, lowest first: code defaults < params.yaml < tuned-parameters file (fine-tuning only)
 < ``--set section.key=value``. Every model forbids unknown keys, so a typo is an error that names the key
 before any work starts. This module imports only pydantic/yaml so ``headct --help`` stays instant.
 """
@@ -464,10 +464,15 @@ class TuneConfig(Section):
 
 
 class ReportConfig(Section):
-    """The closing results table (Markdown + terminal)."""
+    """The closing report: results table, radar of AUROC per label and model, few-shot curve, retrieval bars,
+    calibration (Markdown + PNG + terminal). Optional inputs (None, or a file not written yet) are left out."""
 
     probe_metrics: Path = Path("reports/probe/metrics.json")
+    probe_predictions: Path | None = Path("reports/probe/predictions.csv")
     pretrain_metrics: Path = Path("reports/pretrain/metrics.json")
+    fewshot_metrics: Path | None = None
+    retrieval_metrics: Path | None = None
+    finetune_metrics: Path | None = None
     report_dir: Path = Path("reports/report")
 
 

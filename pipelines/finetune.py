@@ -1,0 +1,293 @@
+"""Job `headct finetune`: encoder + head trained end to end on the split's labels, best epoch on val AUROC.
+
+Recipe: read train and val (test is read only at the very end) -> keep the labels with at least
+`min_positives` positives and negatives in train and val -> build the classifier (pre-trained encoder,
+its random-init twin, or a MONAI 3D ResNet from scratch) -> fine-tune through the one training loop, scoring
+val every epoch (one MLflow metric step per epoch) -> restore the best epoch -> thresholds by Youden's J on val
+per label -> read test and score it once -> metrics with patient-bootstrap 95% CIs, predictions CSV, ROC
+plot, classifier directory.
+
+Outputs: cfg.out_dir (the classifier directory: model.safetensors + config.json, loaded by
+`headct.models.classifier_dir.load_classifier`), cfg.report_dir/{metrics.json, predictions.csv, roc.png,
+history.json}; cfg.checkpoint_dir/<run key>/last.pt (state after the latest epoch, written atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from headct.config import FinetuneConfig, JobContext, dump_params
+from headct.data.splits import read_split
+from headct.errors import InputError
+
+MODE = "finetune"
+
+
+@dataclass
+class FinetuneData:
+    """What fine-tuning reads before the end: train/val frames, the trained labels, the store's grid."""
+
+    train: Any
+    val: Any
+    labels: list[str]
+    skipped: dict[str, str]
+    preprocess: dict[str, Any]
+    model_name: str
+
+
+def model_name(cfg: FinetuneConfig) -> str:
+    """The `model` column of the predictions: pretrained, random_init, or the ResNet's name."""
+    if cfg.arch != "vit":
+        return cfg.arch
+    return "pretrained" if cfg.init == "pretrained" else "random_init"
+
+
+def _choose_labels(cfg: FinetuneConfig, train: Any, val: Any) -> tuple[list[str], dict[str, str]]:
+    from headct.data.splits import label_columns
+
+    wanted = list(cfg.labels) if cfg.labels is not None else label_columns(train)
+    for name, frame in (("train", train), ("val", val)):
+        missing = [label for label in wanted if label not in frame.columns]
+        if missing:
+            raise InputError(f"{cfg.splits / f'{name}.csv'}: no column for label(s) {missing}")
+    chosen, skipped = [], {}
+    for label in wanted:
+        problems = [f"{name} has {n} {kind}" for name, frame in (("train", train), ("val", val))
+                    for kind, n in (("positive(s)", int((frame[label] == 1).sum())),
+                                    ("negative(s)", int((frame[label] == 0).sum())))
+                    if n < cfg.min_positives]
+        if problems:
+            skipped[label] = f"{', '.join(problems)} (min_positives={cfg.min_positives})"
+        else:
+            chosen.append(label)
+    if not chosen:
+        raise InputError(f"{cfg.splits}: no label has enough positives and negatives in train and val: {skipped}")
+    return chosen, skipped
+
+
+def load_data(cfg: FinetuneConfig, ctx: JobContext) -> FinetuneData:
+    """Train and val (never test), the labels to train and the store's preprocessing spec."""
+    from headct.data.splits import store_of_split
+
+    train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
+    shared = set(train["patient_id"]) & set(val["patient_id"])
+    if shared:
+        raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both train.csv and val.csv")
+    labels, skipped = _choose_labels(cfg, train, val)
+    store = store_of_split(cfg.splits, ctx.root)
+    preprocess: dict[str, Any] = {}
+    if store is not None:
+        spec = store / "preprocess.json"
+        try:
+            preprocess = json.loads(spec.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{spec}: not found (the store named in {cfg.splits / 'split.json'})") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{spec}: not valid JSON ({exc})") from None
+    return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
+
+
+def build_classifier(cfg: FinetuneConfig, data: FinetuneData) -> tuple[Any, list[Any], dict[str, Any]]:
+    """A fresh classifier (seeded) -> (classifier, HU windows, preprocess spec for its directory)."""
+    import torch
+
+    from headct.config import DEFAULT_WINDOWS
+    from headct.models.heads import Classifier
+    from headct.models.model_dir import load_model_dir, read_config
+    from headct.models.resnet import ResNetBackbone
+    from headct.models.vit import build_encoder
+
+    torch.manual_seed(cfg.seed)
+    if cfg.arch != "vit":
+        windows = [w.model_dump(mode="json") for w in DEFAULT_WINDOWS]
+        backbone = ResNetBackbone(cfg.arch, in_chans=len(windows))
+        preprocess = data.preprocess
+    else:
+        if cfg.init == "pretrained":
+            backbone, config = load_model_dir(cfg.model_dir)
+        else:
+            config = read_config(cfg.model_dir)
+            backbone = build_encoder(config["arch"])
+        windows, preprocess = config["windows"], config["preprocess"]
+        store_version = data.preprocess.get("version")
+        if store_version and preprocess.get("version") and store_version != preprocess["version"]:
+            raise InputError(f"{cfg.model_dir / 'config.json'}: preprocessing version {preprocess['version']} "
+                             f"differs from the store's {store_version}; re-ingest with the model's spec")
+    classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)
+    return classifier, windows, preprocess
+
+
+def amp_dtype(cfg: FinetuneConfig, device: Any) -> Any:
+    """bf16 autocast on GPU ("auto") or wherever asked ("bf16"); None = full fp32."""
+    import torch
+
+    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else None
+
+
+def train_classifier(
+    cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, device: Any, *, epochs: int | None = None,
+    on_epoch: Any = None, on_log: Any = None, save_state: Any = None,
+) -> tuple[Any, list[Any], dict[str, Any], Any]:
+    """Build and fine-tune a classifier on train, selecting on val -> (classifier at its best epoch, windows,
+    preprocess, FitResult). Used by this job and by each `headct tune` trial."""
+    from headct.eval.finetune import FitSettings, LabelledVolumes, fit, targets_of
+
+    classifier, windows, preprocess = build_classifier(cfg, data)
+    shape = preprocess.get("shape") or data.preprocess.get("shape")
+    train_set = LabelledVolumes([ctx.root / p for p in data.train["img_path"]],
+                                targets_of(data.train, data.labels), shape)
+    settings = FitSettings.from_config(cfg, amp_dtype=amp_dtype(cfg, device),
+                                       **({"epochs": epochs} if epochs is not None else {}))
+    result = fit(classifier, train_set, [ctx.root / p for p in data.val["img_path"]],
+                 targets_of(data.val, data.labels), data.labels, windows, settings, device,
+                 on_epoch=on_epoch, on_log=on_log, save_state=save_state)
+    classifier.load_state_dict(result.best_state, strict=True)
+    return classifier, windows, preprocess, result
+
+
+def _label_rows(frame: Any, label: str, scores: np.ndarray, split: str, model: str, threshold: float,
+                seed: int) -> tuple[Any, Any]:
+    """(LabelData of the known rows, their prediction rows in the DESIGN.md schema)."""
+    from headct.eval.probe import label_data, predictions_frame
+
+    part = label_data(frame, scores[:, None], label)
+    rows = predictions_frame(part, split, label, model, part.x[:, 0], threshold, seed)
+    rows["mode"] = MODE
+    return part, rows
+
+
+def evaluate(
+    cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, classifier: Any, windows: list[Any],
+    shape: Any, device: Any,
+) -> tuple[dict[str, Any], Any, dict[str, float]]:
+    """Thresholds on val, then test read and scored ONCE -> (metrics, predictions frame, thresholds)."""
+    import pandas as pd
+
+    from headct.eval.finetune import score_volumes
+    from headct.eval.metrics import evaluate_binary, youden_threshold
+
+    val_probs = score_volumes(classifier, [ctx.root / p for p in data.val["img_path"]], windows,
+                              cfg.eval_batch_size, device, shape)
+    thresholds, rows, metrics = {}, [], {"labels": {}, "skipped": dict(data.skipped)}
+    for j, label in enumerate(data.labels):
+        part, val_rows = _label_rows(data.val, label, val_probs[:, j], "val", data.model_name, 0.0, cfg.seed)
+        thresholds[label] = youden_threshold(part.y, part.x[:, 0])
+        val_rows["threshold"] = thresholds[label]
+        rows.append(val_rows)
+    test = read_split(cfg.splits, "test")  # the one read of test, after every choice is made
+    leaked = set(test["patient_id"]) & (set(data.train["patient_id"]) | set(data.val["patient_id"]))
+    if leaked:
+        raise InputError(f"{cfg.splits / 'test.csv'}: {len(leaked)} patient(s) also in train/val")
+    test_probs = score_volumes(classifier, [ctx.root / p for p in test["img_path"]], windows,
+                               cfg.eval_batch_size, device, shape)
+    for j, label in enumerate(data.labels):
+        if label not in test.columns:
+            metrics["skipped"][label] = "test.csv has no column for it"
+            continue
+        part, test_rows = _label_rows(test, label, test_probs[:, j], "test", data.model_name, thresholds[label],
+                                      cfg.seed)
+        rows.append(test_rows)
+        if not ((part.y == 1).any() and (part.y == 0).any()):
+            metrics["skipped"][label] = "test lacks positives or negatives (threshold and predictions kept)"
+            continue
+        metrics["labels"][label] = evaluate_binary(part.y, part.x[:, 0], part.patient_id, thresholds[label],
+                                                   cfg.bootstrap, cfg.seed)
+    return metrics, pd.concat(rows, ignore_index=True), thresholds
+
+
+def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, history: list[Any]) -> list[Path]:
+    from headct.eval.plots import plot_roc_grid
+    from headct.io import atomic_path, write_json
+
+    write_json(cfg.report_dir / "metrics.json", metrics)
+    write_json(cfg.report_dir / "history.json", history)
+    with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
+        table.to_csv(tmp, index=False, lineterminator="\n")
+    test = table[table["split"] == "test"]
+    panels = {label: {model: (g["target"].to_numpy(), g["score"].to_numpy()) for model, g in rows.groupby("model")}
+              for label, rows in test.groupby("label", sort=False) if label in metrics["labels"]}
+    plot_roc_grid(panels, cfg.report_dir / "roc.png", f"fine-tuned {metrics['model']} ROC (test)")
+    return [cfg.report_dir / n for n in ("metrics.json", "history.json", "predictions.csv", "roc.png")]
+
+
+def _print_table(metrics: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fine-tune ({metrics['model']}, best epoch {metrics['best_epoch'] + 1}): test metrics "
+                        "[95% CI, patient bootstrap]")
+    for name in ("label", "test pos/neg", "AUROC", "AP", "sens / spec", "val AUROC"):
+        table.add_column(name, justify="left" if name == "label" else "right")
+    for label, m in metrics["labels"].items():
+        ci = f" [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}]" if m["auroc_low"] is not None else ""
+        table.add_row(label, f"{m['n_pos']}/{m['n_neg']}", f"{m['auroc']:.3f}{ci}", f"{m['ap']:.3f}",
+                      f"{m['sensitivity']:.2f} / {m['specificity']:.2f}",
+                      f"{metrics['best_val_auroc'].get(label, float('nan')):.3f}")
+    console = Console()
+    console.print(table)
+    for label, reason in metrics["skipped"].items():
+        console.print(f"skipped {label}: {reason}")
+
+
+def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
+    import torch
+
+    from headct import tracking
+    from headct.data.splits import path_for_files
+    from headct.device import resolve_device
+    from headct.models.classifier_dir import save_classifier
+    from headct.train.checkpoint import save_checkpoint
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = load_data(cfg, ctx)
+    identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
+    run_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+    def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
+        if cfg.checkpoint_dir is not None:
+            save_checkpoint(cfg.checkpoint_dir / run_key / "last.pt", model, optimizer, step, identity, extra)
+
+    tags = {"headct.model": data.model_name, "headct.labels": ",".join(data.labels)}
+    with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags) as mlrun:
+        def on_epoch(epoch: int, record: dict[str, Any]) -> None:
+            mlrun.log_metrics({"val_auroc_mean": record["val_auroc_mean"], "train_loss": record["train_loss"],
+                               **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
+
+        classifier, windows, preprocess, fitted = train_classifier(
+            cfg, ctx, data, device, on_epoch=on_epoch, save_state=save_state,
+            on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
+        shape = preprocess.get("shape") or data.preprocess.get("shape")
+        metrics, table, thresholds = evaluate(cfg, ctx, data, classifier, windows, shape, device)
+        best = fitted.history[fitted.best_epoch]
+        metrics.update(model=data.model_name, mode=MODE, best_epoch=fitted.best_epoch,
+                       best_val_auroc=best["val_auroc"], best_val_auroc_mean=fitted.best_val_auroc,
+                       epochs=cfg.epochs, steps=fitted.steps, seconds=round(fitted.seconds, 2),
+                       mean_test_auroc=float(np.mean([m["auroc"] for m in metrics["labels"].values()]))
+                       if metrics["labels"] else None)
+        outputs = _write_reports(cfg, metrics, table, fitted.history)
+        save_classifier(cfg.out_dir, classifier, {
+            "labels": data.labels, "thresholds": thresholds, "windows": list(windows), "preprocess": preprocess,
+            "init": data.model_name, "best_epoch": fitted.best_epoch,
+            "provenance": {"git_commit": tracking.git_commit(ctx.root), "run_id": mlrun.run_id,
+                           "splits": path_for_files(cfg.splits, ctx.root),
+                           "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
+                           "params": dump_params(cfg)},
+        })
+        mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
+                           **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
+                           **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()}})
+        for path in outputs:
+            mlrun.log_artifact(path, "finetune")
+        mlrun.log_artifacts(cfg.out_dir, "classifier")
+    _print_table(metrics)
+    return {"model": data.model_name, "labels": data.labels, "best_epoch": fitted.best_epoch,
+            "best_val_auroc_mean": fitted.best_val_auroc, "mean_test_auroc": metrics["mean_test_auroc"],
+            "classifier_dir": str(cfg.out_dir)}
