@@ -39,18 +39,20 @@ class _ClassifierScorer:
     """A fine-tuned classifier's probability for one label, on HU volumes (for choosing scans and occlusion)."""
 
     def __init__(self, classifier_dir: Any, root: Any, device: Any) -> None:
-        from headct.eval.finetune_model import load_classifier
+        from headct.models.classifier_dir import load_classifier
 
         self.model, self.config = load_classifier(classifier_dir, device)
         self.labels = list(self.config["labels"])
         self.root, self.device = root, device
 
     def scores(self, hu: Any, label: str) -> Any:
-        from headct.eval.finetune_model import predict_proba
+        import torch
+
+        from headct.models.classifier_dir import predict_proba
 
         if label not in self.labels:
             raise InputError(f"classifier has no output for {label} (it predicts {self.labels})")
-        return predict_proba(self.model, self.config, hu)[:, self.labels.index(label)]
+        return torch.as_tensor(predict_proba(self.model, hu)[:, self.labels.index(label)])
 
     def label_score(self, img_path: str, label: str) -> float:
         import torch

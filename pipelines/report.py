@@ -1,9 +1,11 @@
-"""Job `headct report`: the closing results table from the pre-training and probe metrics.
+"""Job `headct report`: the closing results, every model side by side, from the evaluation stages' outputs.
 
-Inputs: cfg.pretrain_metrics (method; heldout_loss_start, heldout_loss_end: the pretext loss on held-out val
-volumes, masked-patch MSE for MAE, self-distillation cross-entropy for DINO) and
-cfg.probe_metrics ({"pretrained": {label: {...}}, "random_init": {...}, "skipped": {label: reason}}).
-Outputs under cfg.report_dir: results.md and metrics.json.
+Inputs (cfg paths): pre-training metrics (method, held-out pretext loss start/end), probe metrics
+({model: {label: {auroc, auroc_low, auroc_high, n_pos, ...}}, "skipped": {label: reason}}) and predictions, and
+optionally few-shot metrics (mean over labels per model and K), retrieval metrics (mAP per model and label) and
+fine-tuning metrics. Nothing is recomputed here except what the predictions CSV gives directly (calibration).
+Outputs under cfg.report_dir: results.md, metrics.json, radar.png (probe AUROC per label, models overlaid),
+fewshot.png, retrieval.png, calibration.png (the last three when their inputs exist).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 
 from headct.config import LABELS, JobContext, ReportConfig
 from headct.errors import InputError
+
+# Display names; any other model key (an external encoder) is shown as it is.
+NAMES = {"pretrained": "pre-trained", "random_init": "random init", "hu_histogram": "HU histogram"}
 
 
 def _load(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
@@ -27,6 +32,10 @@ def _load(path: Path, required: tuple[str, ...]) -> dict[str, Any]:
     if missing:
         raise InputError(f"{path}: missing key(s) {missing}")
     return data
+
+
+def _optional(path: Path | None) -> dict[str, Any] | None:
+    return _load(path, ()) if path is not None and path.is_file() else None
 
 
 def _auroc_cell(m: dict[str, Any] | None) -> str:
@@ -43,51 +52,123 @@ def _canonical(labels: Any) -> list[str]:
     return sorted(labels, key=lambda label: (order.get(label, len(order)), label))
 
 
+def probe_models(probe: dict[str, Any]) -> list[str]:
+    return [m for m, v in probe.items() if m != "skipped" and isinstance(v, dict)]
+
+
+def display(model: str, method: str) -> str:
+    return f"pre-trained {method.upper()}" if model == "pretrained" else NAMES.get(model, model)
+
+
 def results_rows(probe: dict[str, Any]) -> list[list[str]]:
-    """[label, test positives, AUROC [CI] pre-trained, AUROC [CI] random init] per probed label."""
+    """[label, test positives, AUROC [CI] per model] per probed label."""
+    models = probe_models(probe)
+    labels = _canonical({lab for m in models for lab in probe[m]})
     rows = []
-    for label in _canonical(probe["pretrained"]):
-        m = probe["pretrained"][label]
-        rows.append([label, str(m["n_pos"]), _auroc_cell(m), _auroc_cell(probe["random_init"].get(label))])
+    for label in labels:
+        n_pos = next(probe[m][label]["n_pos"] for m in models if label in probe[m])
+        rows.append([label, str(n_pos), *(_auroc_cell(probe[m].get(label)) for m in models)])
     return rows
 
 
-HEADER = ["label", "test positives", "AUROC [95% CI] pre-trained", "AUROC [95% CI] random init"]
+def _mean_auroc(per_label: dict[str, Any]) -> float | None:
+    values = [m["auroc"] for m in per_label.values()]
+    return sum(values) / len(values) if values else None
 
 
-def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any]) -> str:
-    lines = [
-        "# Results",
-        "",
-        "Linear probe on frozen features, test split; 95% CIs from a patient-level bootstrap.",
-        "",
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(HEADER) - 1)) + "|",
-    ]
-    lines += ["| " + " | ".join(row) + " |" for row in results_rows(probe)]
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
+                    retrieval: dict[str, Any] | None, finetune: dict[str, Any] | None, figures: list[str]) -> str:
+    method = pretrain.get("method", "mae")
+    models = probe_models(probe)
+    lines = ["# Results", "", "## Linear probe (frozen features, test split)", "",
+             "AUROC with 95% CIs from a patient-level bootstrap; C and thresholds chosen on val.", ""]
+    lines += _table(["label", "test positives", *(f"AUROC {display(m, method)}" for m in models)],
+                    results_rows(probe))
+    lines += ["", "Mean AUROC over labels: " + ", ".join(
+        f"{display(m, method)} {v:.3f}" for m in models if (v := _mean_auroc(probe[m])) is not None) + "."]
     if probe.get("skipped"):
         lines += ["", "Skipped labels:", ""]
         lines += [f"- {label}: {probe['skipped'][label]}" for label in _canonical(probe["skipped"])]
-    lines += [
-        "",
-        f"Held-out pretext loss ({pretrain.get('method', 'mae').upper()} pre-training): "
-        f"{pretrain['heldout_loss_start']:.4f} at start, "
-        f"{pretrain['heldout_loss_end']:.4f} at end.",
-        "",
-    ]
-    return "\n".join(lines)
+    if fewshot and fewshot.get("mean_over_labels"):
+        mean = fewshot["mean_over_labels"]
+        ks = sorted({int(k) for by_k in mean.values() for k in by_k})
+        lines += ["", "## Few-shot (K positives + K negatives per label, mean over labels; mean [min, max] over seeds)",
+                  ""]
+        rows = [[display(m, method), *(f"{by_k[str(k)]['auroc_mean']:.3f} [{by_k[str(k)]['auroc_min']:.3f}, "
+                                       f"{by_k[str(k)]['auroc_max']:.3f}]" if str(k) in by_k else "-" for k in ks)]
+                for m, by_k in mean.items()]
+        lines += _table(["model", *(f"K={k}" for k in ks)], rows)
+    if retrieval:
+        rmodels = [m for m in retrieval if m not in ("skipped", "split") and isinstance(retrieval[m], dict)]
+        labels = _canonical({lab for m in rmodels for lab in retrieval[m]})
+        if labels:
+            lines += ["", f"## Retrieval (cosine, {retrieval.get('split', 'test')} split, mAP per label)", ""]
+            rows = [[lab, f"{next(retrieval[m][lab]['chance'] for m in rmodels if lab in retrieval[m]):.3f}",
+                     *(f"{retrieval[m][lab]['map']:.3f}" if lab in retrieval[m] else "-" for m in rmodels)]
+                    for lab in labels]
+            lines += _table(["label", "chance", *(display(m, method) for m in rmodels)], rows)
+    if finetune and finetune.get("labels"):
+        lines += ["", f"## Fine-tuning ({finetune.get('init', 'pretrained')} init, test split)", ""]
+        rows = [[lab, str(m.get("n_pos", "-")), _auroc_cell(m)] for lab, m in
+                ((lab, finetune["labels"][lab]) for lab in _canonical(finetune["labels"]))]
+        lines += _table(["label", "test positives", "AUROC [95% CI]"], rows)
+    lines += ["", f"Held-out pretext loss ({method.upper()} pre-training): {pretrain['heldout_loss_start']:.4f} at "
+              f"start, {pretrain['heldout_loss_end']:.4f} at end.", ""]
+    lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
+    return "\n".join(lines) + "\n"
 
 
-def summary_metrics(pretrain: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+def summary_metrics(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
+                    retrieval: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "heldout_loss_start": pretrain["heldout_loss_start"],
         "heldout_loss_end": pretrain["heldout_loss_end"],
         "labels_probed": len(probe["pretrained"]),
         "labels_skipped": len(probe.get("skipped", {})),
     }
-    for model in ("pretrained", "random_init"):
-        values = [m["auroc"] for m in probe[model].values()]
-        out[f"mean_auroc_{model}"] = sum(values) / len(values) if values else None
+    for model in probe_models(probe):
+        out[f"mean_auroc_{model}"] = _mean_auroc(probe[model])
+    for model, by_k in (fewshot or {}).get("mean_over_labels", {}).items():
+        for k, entry in by_k.items():
+            out[f"fewshot_auroc_{model}_k{k}"] = entry["auroc_mean"]
+    for model, per_label in (retrieval or {}).items():
+        if model not in ("skipped", "split") and isinstance(per_label, dict) and per_label:
+            out[f"retrieval_map_{model}"] = sum(r["map"] for r in per_label.values()) / len(per_label)
+    return out
+
+
+def _figures(cfg: ReportConfig, probe: dict[str, Any], fewshot: dict[str, Any] | None,
+             retrieval: dict[str, Any] | None, method: str) -> list[Path]:
+    from headct.eval.plots import plot_fewshot_curves, plot_radar, plot_reliability_grid, plot_retrieval_bars
+
+    out = [plot_radar({display(m, method): {lab: r["auroc"] for lab, r in probe[m].items()}
+                       for m in probe_models(probe)}, cfg.report_dir / "radar.png",
+                      "linear probe test AUROC per label")]
+    if fewshot and fewshot.get("mean_over_labels"):
+        panel = {display(m, method): {int(k): (e["auroc_mean"], e["auroc_min"], e["auroc_max"])
+                                      for k, e in by_k.items()} for m, by_k in fewshot["mean_over_labels"].items()}
+        out.append(plot_fewshot_curves({"mean over labels": panel}, cfg.report_dir / "fewshot.png"))
+    if retrieval:
+        rmodels = [m for m in retrieval if m not in ("skipped", "split") and isinstance(retrieval[m], dict)]
+        labels = _canonical({lab for m in rmodels for lab in retrieval[m]})
+        chance = {lab: next(retrieval[m][lab]["chance"] for m in rmodels if lab in retrieval[m]) for lab in labels}
+        out.append(plot_retrieval_bars({display(m, method): {lab: r["map"] for lab, r in retrieval[m].items()}
+                                        for m in rmodels}, chance, cfg.report_dir / "retrieval.png"))
+    if cfg.probe_predictions is not None and cfg.probe_predictions.is_file():
+        import pandas as pd
+
+        table = pd.read_csv(cfg.probe_predictions)
+        test = table[table["split"] == "test"]
+        # Pooled over labels: one reliability curve per model (per-label panels are in reports/probe/).
+        pooled = {"all labels": {display(m, method): (g["target"].to_numpy(), g["score"].to_numpy())
+                                 for m, g in test.groupby("model", sort=False)}}
+        out.append(plot_reliability_grid(pooled, cfg.report_dir / "calibration.png",
+                                         "linear probe calibration (test, pooled over labels)"))
     return out
 
 
@@ -100,17 +181,23 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
 
     pretrain = _load(cfg.pretrain_metrics, ("heldout_loss_start", "heldout_loss_end"))
     probe = _load(cfg.probe_metrics, ("pretrained", "random_init"))
-    markdown = render_markdown(pretrain, probe)
-    summary = summary_metrics(pretrain, probe)
+    fewshot, retrieval = _optional(cfg.fewshot_metrics), _optional(cfg.retrieval_metrics)
+    finetune = _optional(cfg.finetune_metrics)
+    method = pretrain.get("method", "mae")
+    figures = _figures(cfg, probe, fewshot, retrieval, method)
+    markdown = render_markdown(pretrain, probe, fewshot, retrieval, finetune, [str(f) for f in figures])
+    summary = summary_metrics(pretrain, probe, fewshot, retrieval)
     write_text(cfg.report_dir / "results.md", markdown)
     write_json(cfg.report_dir / "metrics.json", summary)
 
     with tracking.job_run(ctx.tracking, "report", cfg, ctx.root) as mlrun:
         mlrun.log_metrics({k: v for k, v in summary.items() if v is not None})
-        mlrun.log_artifact(cfg.report_dir / "results.md", "report")
+        for path in (cfg.report_dir / "results.md", *figures):
+            mlrun.log_artifact(path, "report")
 
+    models = probe_models(probe)
     table = Table(title="results: linear probe, test AUROC [95% CI]")
-    for name in HEADER:
+    for name in ["label", "test positives", *(display(m, method) for m in models)]:
         table.add_column(name, justify="left" if name == "label" else "right")
     for row in results_rows(probe):
         table.add_row(*row)
@@ -121,4 +208,6 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
     console.print(
         f"held-out pretext loss: {summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}"
     )
+    for path in figures:
+        console.print(f"wrote {path}")
     return summary

@@ -84,3 +84,17 @@ def test_explain_job_writes_montages_and_names_scans_by_pseudonym(job_ctx) -> No
     val = (root / "data/splits/t/val.csv").read_text()
     assert scan.startswith("ser_") and f"{scan},pat_" in val and f"{scan}," in val
     assert all(len(v) == 3 for v in summary["scans"]["ICH"]["slices"].values())
+
+    # With a fine-tuned classifier: the most confident positive is shown, and occlusion runs through it.
+    from headct.models.classifier_dir import save_classifier
+    from headct.models.heads import Classifier
+
+    torch.manual_seed(1)
+    classifier = Classifier(enc, "mean", 1).eval()
+    save_classifier(root / "models/classifier", classifier, {"labels": ["ICH"], "thresholds": {"ICH": 0.5},
+                                                            "windows": windows, "preprocess": spec})
+    out = run(cfg.model_copy(update={"classifier_dir": root / "models/classifier"}), ctx)
+    assert (root / "reports/explain/occlusion.png").stat().st_size > 2000
+    summary = json.loads((root / "reports/explain/explain.json").read_text())
+    assert summary["methods"] == ["cls", "rollout", "occlusion"]
+    assert len(summary["scans"]["ICH"]["slices"]["occlusion"]) == 3

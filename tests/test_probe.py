@@ -225,22 +225,40 @@ def test_report_renders_the_table_and_names_a_missing_input(tmp_path: Path, job_
     probe = tmp_path / "probe.json"
     pretrain.write_text(json.dumps({"heldout_loss_start": 0.91234, "heldout_loss_end": 0.41, "steps": 10}))
     entry = {"auroc": 0.8123, "auroc_low": 0.7, "auroc_high": 0.9, "n_pos": 12}
+    labels = ("ICH", "IPH", "SDH")
     probe.write_text(
         json.dumps(
             {
-                "pretrained": {"ICH": entry},
-                "random_init": {"ICH": dict(entry, auroc=0.55)},
+                "pretrained": {lab: entry for lab in labels},
+                "random_init": {lab: dict(entry, auroc=0.55) for lab in labels},
+                "hu_histogram": {"ICH": dict(entry, auroc=0.61, auroc_low=None)},
                 "skipped": {"EDH": "test has 1 positive(s) (min_positives=2)"},
             }
         )
     )
-    cfg = ReportConfig(probe_metrics=probe, pretrain_metrics=pretrain, report_dir=tmp_path / "reports/report")
+    fewshot, retrieval = tmp_path / "fewshot.json", tmp_path / "retrieval.json"
+    spread = {"auroc_mean": 0.6, "auroc_min": 0.5, "auroc_max": 0.7}
+    fewshot.write_text(json.dumps({"mean_over_labels": {"pretrained": {"1": spread, "4": dict(spread, auroc_mean=0.7)},
+                                                        "random_init": {"1": spread}}}))
+    retrieval.write_text(json.dumps({"pretrained": {"ICH": {"map": 0.42, "chance": 0.3}}, "skipped": {},
+                                     "split": "test"}))
+    cfg = ReportConfig(probe_metrics=probe, pretrain_metrics=pretrain, report_dir=tmp_path / "reports/report",
+                       probe_predictions=None, fewshot_metrics=fewshot, retrieval_metrics=retrieval)
     summary = report_job.run(cfg, job_ctx)
     markdown = (cfg.report_dir / "results.md").read_text()
-    assert "| label | test positives | AUROC [95% CI] pre-trained | AUROC [95% CI] random init |" in markdown
-    assert "| ICH | 12 | 0.812 [0.700, 0.900] | 0.550 [0.700, 0.900] |" in markdown
+    assert ("| label | test positives | AUROC pre-trained MAE | AUROC random init | AUROC HU histogram |"
+            in markdown)
+    assert "| ICH | 12 | 0.812 [0.700, 0.900] | 0.550 [0.700, 0.900] | 0.610 |" in markdown
+    assert "| IPH | 12 | 0.812 [0.700, 0.900] | 0.550 [0.700, 0.900] | - |" in markdown
+    assert "| pre-trained MAE | 0.600 [0.500, 0.700] | 0.700 [0.500, 0.700] |" in markdown  # few-shot, K=1, 4
+    assert "| ICH | 0.300 | 0.420 |" in markdown  # retrieval: chance, then mAP
     assert "EDH: test has 1 positive(s)" in markdown and "0.9123 at start, 0.4100 at end" in markdown
     assert summary["mean_auroc_pretrained"] == pytest.approx(0.8123)
+    assert summary["fewshot_auroc_pretrained_k4"] == pytest.approx(0.7)
+    assert summary["retrieval_map_pretrained"] == pytest.approx(0.42)
+    for name in ("radar.png", "fewshot.png", "retrieval.png"):
+        assert (cfg.report_dir / name).stat().st_size > 2000 and f"]({name})" in markdown
+    assert not (cfg.report_dir / "calibration.png").exists()  # no predictions given
     assert json.loads((cfg.report_dir / "metrics.json").read_text())["labels_skipped"] == 1
     (run,) = runs_of(job_ctx)
     import mlflow

@@ -163,3 +163,32 @@ def plot_retrieval_bars(
         ax.set(ylim=(0, 1.01), ylabel="mAP")
         ax.legend(fontsize=7)
     return _save(fig, dest)
+
+
+def plot_radar(scores: Mapping[str, Mapping[str, float]], dest: Path, title: str = "test AUROC per label") -> Path:
+    """One polygon per model over one spoke per label (AUROC, radius 0.4 to 1; the dashed circle is chance),
+    as in FM-HCT's comparison figure. Labels missing for a model are drawn at the centre."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(dict.fromkeys(lab for per_label in scores.values() for lab in per_label))
+    fig = Figure(figsize=(6.4, 6.0), dpi=110)
+    FigureCanvasAgg(fig)
+    fig.suptitle(title)
+    if len(labels) < 3:
+        fig.text(0.5, 0.5, f"a radar needs >= 3 labels; got {labels}", ha="center", va="center")
+        return _save(fig, dest)
+    angles = np.linspace(0, 2 * np.pi, len(labels), endpoint=False)
+    ax = fig.add_subplot(1, 1, 1, projection="polar")
+    ring = np.concatenate([angles, angles[:1]])
+    for name, per_label in scores.items():
+        values = np.array([per_label.get(lab, 0.4) for lab in labels])
+        ax.plot(ring, np.concatenate([values, values[:1]]), lw=1.6, label=name)
+        ax.fill(ring, np.concatenate([values, values[:1]]), alpha=0.08)
+    ax.plot(np.linspace(0, 2 * np.pi, 200), np.full(200, 0.5), ls="--", lw=0.8, color="grey")
+    ax.set_xticks(angles, labels, fontsize=8)
+    ax.set_ylim(0.4, 1.0)
+    ax.set_yticks([0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.3, 1.12), fontsize=8)
+    return _save(fig, dest)
