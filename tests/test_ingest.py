@@ -16,56 +16,31 @@ import numpy as np
 import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
-from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_factory import AIR_HU, MARKER_HU, MARKER_LPS, SeriesSpec, slice_positions, write_series  # noqa: E402
+from dicom_factory import AIR_HU, MARKER_HU, SeriesSpec, slice_positions, write_series  # noqa: E402
+from ingest_helpers import (  # noqa: E402
+    EXPECTED_MARKER_RAS,
+    SPEC,
+    make_cfg,
+    marker_ras,
+    only_volume,
+    run_ingest,
+)
 
-from headct.config import IngestConfig, JobContext, PreprocessSpec, QcRules  # noqa: E402
+from headct.config import JobContext, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.dicom_series import Series, SliceHeader, stack_geometry  # noqa: E402
 from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key  # noqa: E402
-from headct.data.ingest import ingest  # noqa: E402
 from headct.data.labels import read_cq500  # noqa: E402
 from headct.data.selection import is_bone_kernel, qc_series, rank_series  # noqa: E402
 from headct.errors import InputError  # noqa: E402
-
-SPEC = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)  # 192 mm field of view
-RULES = QcRules(min_slices=8, min_coverage_mm=30.0)  # test series are 8-32 slices, 5 mm apart
 
 
 @pytest.fixture(autouse=True)
 def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
-
-
-def make_cfg(tmp: Path, **kw) -> IngestConfig:
-    base = dict(src=tmp / "src", dest=tmp / "store", labels=None, labels_format="none", patient_key="dicom",
-                demo_key=True, workers=1, linkage=tmp / "private" / "link.csv", report_dir=tmp / "reports",
-                preprocess=SPEC, qc=RULES)
-    return IngestConfig(**{**base, **kw})
-
-
-def run_ingest(cfg: IngestConfig) -> dict:
-    return ingest(cfg, cfg.src.parent, Console(quiet=True)).summary
-
-
-def only_volume(cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray, pd.Series]:
-    manifest = store.read_manifest(cfg.dest)
-    assert len(manifest) == 1
-    row = manifest.iloc[0]
-    return store.read_volume(cfg.dest, row["volume"]), store.affine_of(row), row
-
-
-def marker_ras(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """RAS mm of the marker block: centroid of voxels above bone (1000 HU), weighted by their excess."""
-    weight = np.clip(vol.astype(float) - 1000.0, 0, None)
-    index = np.array([(np.indices(vol.shape)[a] * weight).sum() / weight.sum() for a in range(3)])
-    return affine[:3, :3] @ index + affine[:3, 3]
-
-
-EXPECTED_MARKER_RAS = np.array([-MARKER_LPS[0], -MARKER_LPS[1], MARKER_LPS[2]])  # left = -x, anterior = +y
 
 
 # -------------------------------------------------------------------------------------------------- geometry
@@ -229,15 +204,15 @@ def _series(n: int = 12, **change) -> Series:
     ],
 )
 def test_series_qc_reason_codes(series: Series, reason: str | None) -> None:
-    assert qc_series(series, RULES.model_copy(update={"min_coverage_mm": 0.0})).reason == reason
+    assert qc_series(series, QcRules(min_slices=8, min_coverage_mm=0.0)).reason == reason
 
 
 def test_gantry_tilt_is_measured_and_uneven_spacing_is_kept() -> None:
     tilted = _series(position=lambda k: (0.0, 5.0 * k * np.tan(np.radians(15)), 5.0 * k))
-    geometry = qc_series(tilted, RULES).geometry
+    geometry = qc_series(tilted, QcRules(min_slices=8, min_coverage_mm=0.0)).geometry
     assert geometry is not None and abs(geometry.tilt_deg - 15) < 0.01
     uneven = _series(position=lambda k: (0.0, 0.0, 5.0 * k + (2.0 if k > 5 else 0.0)))
-    assert qc_series(uneven, RULES).reason is None
+    assert qc_series(uneven, QcRules(min_slices=8, min_coverage_mm=0.0)).reason is None
 
 
 @pytest.mark.parametrize(

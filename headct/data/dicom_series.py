@@ -27,6 +27,7 @@ from headct.errors import InputError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an image
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class SliceHeader:
     frame: int = 0  # index of this slice's frame in its file (multi-frame objects hold one slice per frame)
     # why a multi-frame object could not be split into slices (no per-frame geometry), else ""
     frame_problem: str = ""
+    transfer_syntax: str = ""  # TransferSyntaxUID of the file
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,7 @@ def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader | str:
         study_description=_text(ds, "StudyDescription"),
         rescale=_rescale(ds),
         padding=_padding(ds),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
     )
 
 
@@ -379,8 +382,8 @@ class PixelDataError(InputError):
         self.path, self.why = path, why
 
 
-def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) -> tuple[np.ndarray, str]:
-    """(N, rows, cols) float32 HU in stack order, and the sha256 of those HU values (the pixel-content hash).
+def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) -> np.ndarray:
+    """(N, rows, cols) float32 HU in stack order.
 
     HU = stored * RescaleSlope + RescaleIntercept per slice (per frame for Enhanced CT), computed in float32
     one slice at a time (no float64 copy of the stack). Stored values inside the pixel-padding range are set to
@@ -401,7 +404,10 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
         ds = pydicom.Dataset()  # filled with the file's non-pixel elements by iter_pixels
         indices = sorted(frames) if header.frames > 1 else None
         try:
-            for frame, stored in zip(indices or [0], iter_pixels(path, ds_out=ds, indices=indices), strict=True):
+            # iter_pixels reads pixel data straight from the file, except from a deflated one (the whole dataset
+            # is zlib-compressed): that is inflated by dcmread first
+            source = pydicom.dcmread(path) if header.transfer_syntax == _DEFLATED else path
+            for frame, stored in zip(indices or [0], iter_pixels(source, ds_out=ds, indices=indices), strict=True):
                 if stored.shape != (geometry.rows, geometry.cols):
                     raise PixelDataError(path, f"pixel array {stored.shape} differs from Rows/Columns of the series")
                 k = frames[frame]
@@ -418,4 +424,18 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
             syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
             name = getattr(syntax, "name", "unknown transfer syntax")
             raise PixelDataError(path, f"pixel data could not be decoded ({type(exc).__name__}; {name})") from exc
-    return hu, hashlib.sha256(memoryview(hu).cast("B")).hexdigest()
+    return hu
+
+
+def content_sha256(hu: np.ndarray, geometry: StackGeometry) -> str:
+    """sha256 of the HU stack laid out in the closest RAS orientation (so the same volume stored with flipped or
+    swapped axes, e.g. a DICOM series and its NIfTI conversion, hashes alike), with its shape."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    axes = np.stack([geometry.row_dir, geometry.col_dir, geometry.normal], axis=1) * LPS_TO_RAS.diagonal()[:3, None]
+    view = apply_orientation(hu.transpose(2, 1, 0), io_orientation(np.vstack([np.c_[axes, np.zeros(3)],
+                                                                               [0, 0, 0, 1]])))
+    digest = hashlib.sha256(str(view.shape).encode())
+    for k in range(view.shape[2]):  # one contiguous slice at a time: no copy of the whole stack
+        digest.update(np.ascontiguousarray(view[:, :, k]).data)
+    return digest.hexdigest()

@@ -46,6 +46,7 @@ from headct.data.dicom_series import (
     PixelDataError,
     Series,
     StackGeometry,
+    content_sha256,
     drop_repeated_instances,
     group_series,
     list_files,
@@ -106,9 +107,10 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path)
             break
         try:
             if series.nifti is not None:
-                hu, content = nifti_input.load_hu(series, geometry)
+                hu = nifti_input.load_hu(series, geometry)
             else:
-                hu, content = load_hu(series, geometry, float(spec.pad_hu))
+                hu = load_hu(series, geometry, float(spec.pad_hu))
+            content = content_sha256(hu, geometry)
             volume, affine = to_canonical(hu, geometry, spec)
             del hu  # the source stack is the largest allocation: free it before writing
         except PixelDataError as exc:

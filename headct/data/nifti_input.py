@@ -15,7 +15,6 @@ are 0 or NaN), in float32 slice by slice; a volume whose values do not look like
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +133,8 @@ def geometry(info: NiftiInfo) -> StackGeometry | str:
                          rows=rows, cols=cols)
 
 
-def load_hu(series: Series, geometry: StackGeometry) -> tuple[np.ndarray, str]:
-    """(N, rows, cols) float32 HU in stack order and its sha256, like `dicom_series.load_hu`.
+def load_hu(series: Series, geometry: StackGeometry) -> np.ndarray:
+    """(N, rows, cols) float32 HU in stack order, like `dicom_series.load_hu`.
 
     Peak memory: the stored array (decompressed, its own dtype) plus the float32 stack.
     """
@@ -161,7 +160,7 @@ def load_hu(series: Series, geometry: StackGeometry) -> tuple[np.ndarray, str]:
         hu[k] *= slope
         hu[k] += inter
     check_hu(hu, path)
-    return hu, hashlib.sha256(memoryview(hu).cast("B")).hexdigest()
+    return hu
 
 
 def check_hu(hu: np.ndarray, path: Path) -> None:
