@@ -65,7 +65,7 @@ def _run_job(
     runner: str = "run",
     extra: list[Any] | None = None,
 ) -> Any:
-    """Validate everything, then import `pipelines.<job>` and call its `runner`(cfg, ctx, *extra)."""
+    """Validate everything, then import `pipelines.<job>` and call its `runner`(cfg, ctx[, extra])."""
     params, root = _resolve(params_file, overrides)
     section = getattr(params, job)
     updates = positional or {}
@@ -78,7 +78,7 @@ def _run_job(
     ctx = JobContext(root=root, tracking=params.tracking)
     module = importlib.import_module(f"pipelines.{job}")
     try:
-        return getattr(module, runner)(section, ctx, *(extra or []))
+        return getattr(module, runner)(section, ctx, *([] if extra is None else [extra]))
     except InputError as exc:
         raise _fail(f"headct {job}: {exc}", 1) from None
 
