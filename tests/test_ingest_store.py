@@ -160,7 +160,6 @@ def test_shards_partition_studies_deterministically() -> None:
 
 # ------------------------------------------------------------------------------------------- workers, resume
 def test_worker_count_is_capped_by_memory() -> None:
-    from dicom_factory import SeriesSpec as Spec  # noqa: F401  (series shape comes from headers below)
     from headct.config import PreprocessSpec
     from headct.data.dicom_series import Series, SliceHeader
 

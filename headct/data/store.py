@@ -170,8 +170,11 @@ def converted_rows(store: Path, version: str, tables: Path | None = None) -> dic
     tables = tables or store
     rows: dict[str, dict[str, Any]] = {}
     if (tables / MANIFEST).is_file():
-        for row in read_manifest(tables).to_dict("records"):
-            rows[row["scan_id"]] = row
+        try:  # a manifest of an older layout is not an error here: its volumes are simply made again
+            for row in read_manifest(tables).to_dict("records"):
+                rows[row["scan_id"]] = row
+        except InputError:
+            pass
     journal = tables / JOURNAL
     if journal.is_file():
         for line in journal.read_text().splitlines():
@@ -182,7 +185,7 @@ def converted_rows(store: Path, version: str, tables: Path | None = None) -> dic
             rows[row["scan_id"]] = row
     facts = {}
     for scan_id, row in rows.items():
-        path = store / row["volume"]
+        path = store / str(row.get("volume", ""))
         # the hash check catches a file rewritten by a later, interrupted run with another recipe
         if row.get("preprocess_version") != version or not row.get("content_sha256") or not path.is_file():
             continue
