@@ -15,7 +15,8 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step bench-gpu-pretrain
+.PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
+	bench-ingest bench-gpu-pretrain
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +59,9 @@ bench-train-step: setup ## Our ViT-B/12 training step vs MONAI's ViT, same confi
 
 bench-gpu-pretrain: setup ## ViT-B/12 MAE + DINO steps on one GPU: volumes/s, step split, peak memory, MFU
 	$(PY) benchmarks/gpu_pretrain.py --json build/bench/gpu_pretrain.json
+
+bench-ingest: setup ## headct ingest vs the seed's MONAI chain and dcm2niix + MONAI, series/s, 1 thread each (CPU)
+	$(PY) benchmarks/ingest.py $(BENCH_ARGS)
 
 docker-cpu: ## Build the CPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cpu -t headct:cpu .

@@ -63,9 +63,11 @@ def _run_job(
     overrides: list[str] | None,
     positional: dict[str, Any] | None = None,
     also: tuple[str, ...] = (),
+    runner: str = "run",
+    extra: list[Any] | None = None,
 ) -> Any:
-    """Validate everything, then import `pipelines.<job>` and call its run(cfg, ctx); sections named in
-    `also` are passed as keyword arguments (e.g. tune gets the finetune section its trials start from)."""
+    """Validate everything, then import `pipelines.<job>` and call its `runner`(cfg, ctx[, extra]); sections
+    named in `also` are passed as keyword arguments (e.g. tune gets the finetune section its trials start from)."""
     params, root = _resolve(params_file, overrides)
     section = getattr(params, job)
     updates = positional or {}
@@ -76,10 +78,10 @@ def _run_job(
             raise _fail(format_validation_error(exc, "command-line arguments"), 2) from None
     section = with_absolute_paths(section, root)
     ctx = JobContext(root=root, tracking=params.tracking)
-    extra = {name: with_absolute_paths(getattr(params, name), root) for name in also}
+    sections = {name: with_absolute_paths(getattr(params, name), root) for name in also}
     module = importlib.import_module(f"pipelines.{job}")
     try:
-        return module.run(section, ctx, **extra)
+        return getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
     except InputError as exc:
         raise _fail(f"headct {job}: {exc}", 1) from None
 
@@ -113,21 +115,43 @@ def synth(
 
 @app.command()
 def ingest(
-    src: Annotated[Path | None, typer.Argument(help="Folder of DICOM series (default: ingest.src).")] = None,
-    dest: Annotated[Path | None, typer.Argument(help="Canonical store folder (default: ingest.dest).")] = None,
+    paths: Annotated[
+        list[str] | None,
+        typer.Argument(help="SRC DEST (default: ingest.src, ingest.dest), or `merge DEST [STORE...]` to join "
+                            "the shards of a --shard job array into DEST.", show_default=False),
+    ] = None,
+    workers: Annotated[
+        str | None, typer.Option("--workers", help="Worker processes, or 'auto' (CPU count); capped by memory.")
+    ] = None,
+    shard: Annotated[
+        str | None, typer.Option("--shard", help="K/N: convert only the studies of shard K of N (job arrays).")
+    ] = None,
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
 ) -> None:
-    """DICOM -> canonical int16 RAS volumes + manifest + rejects + labels (+ local linkage file)."""
-    if src is not None and dest is None:
+    """DICOM/NIfTI -> canonical int16 RAS volumes + manifest + rejects + labels (+ local linkage file)."""
+    paths = paths or []
+    overrides = list(overrides or [])
+    if workers is not None:
+        overrides.append(f"ingest.workers={workers}")
+    if shard is not None:
+        overrides.append(f"ingest.shard={shard}")
+    if paths[:1] == ["merge"]:
+        if len(paths) < 2:
+            raise _fail("headct ingest merge: give the store folder DEST (and any other stores to join into it)", 2)
+        _run_job("ingest", params_file, overrides, runner="run_merge",
+                 extra=[Path(p).resolve() for p in paths[1:]])
+        return
+    if len(paths) not in (0, 2):
         raise _fail("headct ingest: give both SRC and DEST, or neither (then params.yaml decides)", 2)
     positional: dict[str, Any] = {}
-    if src is not None:
+    if paths:
+        src, dest = (Path(p) for p in paths)
         positional.update(src=src.resolve(), dest=dest.resolve())  # relative to where the user stands
         # An ad hoc folder is not the configured data set: no labels file, patients keyed by DICOM PatientID,
         # unless the user says otherwise with --set.
         adhoc = {"labels": None, "labels_format": "none", "patient_key": "dicom"}
-        given = {item.split("=", 1)[0].strip() for item in overrides or []}
+        given = {item.split("=", 1)[0].strip() for item in overrides}
         positional.update({k: v for k, v in adhoc.items() if f"ingest.{k}" not in given})
     _run_job("ingest", params_file, overrides, positional)
 

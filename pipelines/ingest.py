@@ -1,8 +1,10 @@
-"""Job `headct ingest`: a folder of DICOM series -> the canonical volume store.
+"""Job `headct ingest`: a folder of DICOM series and NIfTI files -> the canonical volume store; and
+`headct ingest merge`, which joins the shards of a `--shard K/N` job array.
 
-Outputs: under `cfg.dest` volumes/, manifest.parquet, rejects.csv, labels.csv, preprocess.json; the local
-linkage file (`cfg.linkage`, default `<root>/private/linkage/<dest name>.csv`, never logged);
-`<cfg.report_dir>/metrics.json` (counts, for DVC) and `<cfg.report_dir>/qc.png` (three planes of a few volumes).
+Outputs: under `cfg.dest` volumes/, manifest.parquet, rejects.csv, labels.csv, preprocess.json (a shard: its
+tables under DEST/shards/<K>of<N>/), nifti/ with `export_nifti`; the local linkage file (`cfg.linkage`, default
+`<root>/private/linkage/<dest name>.csv`, never logged); `<cfg.report_dir>/metrics.json` (counts, for DVC) and
+`<cfg.report_dir>/contact_sheet.png` (three planes of up to `contact_sheet_volumes` accepted volumes).
 """
 
 from __future__ import annotations
@@ -12,13 +14,14 @@ from typing import Any
 
 from headct.config import IngestConfig, JobContext
 
-QC_VOLUMES = 4
 QC_WINDOW = (40.0, 80.0)  # brain window, level/width HU
+CONTACT_SHEET = "contact_sheet.png"
 
 
-def write_qc_sheet(store_dir: Path, rows: list[dict[str, Any]], dest: Path) -> Path:
+def write_contact_sheet(store_dir: Path, rows: list[dict[str, Any]], dest: Path) -> Path:
     """Axial, coronal and sagittal mid-planes of each volume in `rows`, brain window, radiological view
-    (patient's right on the image's left, anterior up in axial, superior up in coronal/sagittal)."""
+    (patient's right on the image's left, anterior up in axial, superior up in coronal/sagittal), labelled by
+    scan pseudonym only."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -64,41 +67,73 @@ def loggable_params(cfg: IngestConfig, root: Path) -> dict[str, Any]:
     return params
 
 
-def _print_table(summary: dict[str, Any]) -> None:
+_TABLE_ROWS = ("studies_seen", "series_seen", "accepted", "converted", "reused", "duplicates", "files_dicom",
+               "files_nifti", "files_dicomdir", "files_repeated", "files_unreadable", "unlabelled_scans", "shards",
+               "duplicates_across_shards")
+
+
+def _print_table(summary: dict[str, Any], title: str = "ingest") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="ingest")
+    table = Table(title=title)
     table.add_column("", style="bold")
     table.add_column("count", justify="right")
-    for key in ("studies_seen", "series_seen", "accepted", "converted", "reused", "files_unreadable",
-                "unlabelled_scans"):
-        table.add_row(key.replace("_", " "), str(summary[key]))
+    for key in _TABLE_ROWS:
+        if key in summary:
+            table.add_row(key.replace("_", " "), str(summary[key]))
     for reason, n in summary["rejected"].items():
         table.add_row(f"rejected: {reason}", str(n))
-    table.add_row("seconds", str(summary["seconds"]))
+    if "seconds" in summary:
+        table.add_row("seconds", str(summary["seconds"]))
     Console().print(table)
+
+
+def _log(cfg: IngestConfig, ctx: JobContext, summary: dict[str, Any], artifacts: list[Path], job: str) -> None:
+    from headct import tracking
+
+    with tracking.job_run(ctx.tracking, job, loggable_params(cfg, ctx.root), ctx.root) as mlrun:
+        counts = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        counts.update({f"rejected.{reason}": n for reason, n in summary["rejected"].items()})
+        mlrun.log_metrics(counts)
+        for path in artifacts:
+            if path.is_file():
+                mlrun.log_artifact(path, "ingest")
 
 
 def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
     from rich.console import Console
 
-    from headct import tracking
     from headct.data.ingest import ingest
+    from headct.data.shards import SHARDS
     from headct.data.store import MANIFEST, REJECTS
     from headct.io import write_json
 
     result = ingest(cfg, ctx.root, Console(stderr=True))
     summary = result.summary
+    tables = cfg.dest / SHARDS / cfg.shard.replace("/", "of") if cfg.shard else cfg.dest
+    report_dir = tables / "reports" if cfg.shard else cfg.report_dir  # shards never share a report file
+    metrics_path = report_dir / "metrics.json"
+    write_json(metrics_path, summary)
+    sheet = write_contact_sheet(cfg.dest, result.manifest_rows[: cfg.contact_sheet_volumes],
+                                report_dir / CONTACT_SHEET)
+    _log(cfg, ctx, summary, [tables / MANIFEST, tables / REJECTS, metrics_path, sheet], "ingest")
+    _print_table(summary)
+    return summary
+
+
+def run_merge(cfg: IngestConfig, ctx: JobContext, stores: list[Path]) -> dict[str, Any]:
+    """Join the shards under `stores` into `stores[0]` and write the same reports as a whole run."""
+    from headct.data.ingest import merge
+    from headct.data.store import MANIFEST, REJECTS, read_manifest
+    from headct.io import write_json
+
+    summary = merge(cfg, stores, ctx.root)
+    cfg = cfg.model_copy(update={"dest": stores[0]})
     metrics_path = cfg.report_dir / "metrics.json"
     write_json(metrics_path, summary)
-    qc_path = write_qc_sheet(cfg.dest, result.manifest_rows[:QC_VOLUMES], cfg.report_dir / "qc.png")
-
-    with tracking.job_run(ctx.tracking, "ingest", loggable_params(cfg, ctx.root), ctx.root) as mlrun:
-        counts = {k: v for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        counts.update({f"rejected.{reason}": n for reason, n in summary["rejected"].items()})
-        mlrun.log_metrics(counts)
-        for path in (cfg.dest / MANIFEST, cfg.dest / REJECTS, metrics_path, qc_path):
-            mlrun.log_artifact(path, "ingest")
-    _print_table(summary)
+    rows = read_manifest(cfg.dest).head(cfg.contact_sheet_volumes).to_dict("records")
+    sheet = write_contact_sheet(cfg.dest, rows, cfg.report_dir / CONTACT_SHEET)
+    _log(cfg, ctx, summary, [cfg.dest / MANIFEST, cfg.dest / REJECTS, metrics_path, sheet], "ingest-merge")
+    _print_table(summary, "ingest merge")
     return summary

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,3 +78,28 @@ def test_analytic_flops_of_the_gpu_benchmark_agree_with_torch_flop_counter() -> 
         dino(*views, 0.04)["loss"].backward()
     analytic = bench.dino_flops(enc, dino, 2, 2, 32, 3, 16)
     assert abs(analytic - counter.get_total_flops()) / counter.get_total_flops() < 0.02
+
+
+@pytest.mark.slow  # ~30 s: synthetic data, two worker processes (torch, MONAI imports), MONAI's 1 mm cubic resample
+def test_ingest_benchmark_runs_every_method_on_tiny_series(tmp_path: Path) -> None:
+    out_json = tmp_path / "ingest.json"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/ingest.py"), "--series", "2", "--matrix", "64", "--slice-mm", "5",
+         "--workers", "1,2", "--warmup", "0", "--repeats", "1", "--disk-probe-mb", "8", "--data", str(tmp_path),
+         "--out", str(out_json)],
+        capture_output=True, text=True, check=False, timeout=600,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    report = json.loads(out_json.read_text())
+    methods = {"headct-w1", "headct-w2", "monai-pydicom", "dcm2niix-monai"}
+    assert set(report["results"]) == methods
+    assert report["inputs"]["series"] == 2 and report["inputs"]["rows"] == 64
+    for result in report["results"].values():
+        assert result["series_per_s"] > 0 and len(result["seconds_all"]) == 1
+    assert set(report["time_over_headct_w1"]) == methods and report["time_over_headct_w1"]["headct-w1"] == 1.0
+    assert set(report["headct_speedup_by_workers"]) == {"1", "2"}
+    assert report["floor"]["ratio"] > 0 and isinstance(report["floor"]["met"], bool)
+    limits = report["limits"]
+    for key in ("disk_series_per_s", "input_cold_read_series_per_s", "decode_series_per_s"):
+        assert limits[key] > 0, key
+    assert "headct ingest" in out.stdout and "reading limit" in out.stdout

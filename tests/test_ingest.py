@@ -16,55 +16,31 @@ import numpy as np
 import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
-from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_factory import AIR_HU, MARKER_HU, MARKER_LPS, SeriesSpec, slice_positions, write_series  # noqa: E402
+from dicom_factory import AIR_HU, MARKER_HU, SeriesSpec, slice_positions, write_series  # noqa: E402
+from ingest_helpers import (  # noqa: E402
+    EXPECTED_MARKER_RAS,
+    SPEC,
+    make_cfg,
+    marker_ras,
+    only_volume,
+    run_ingest,
+)
 
-from headct.config import IngestConfig, JobContext, PreprocessSpec  # noqa: E402
+from headct.config import JobContext, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.dicom_series import Series, SliceHeader, stack_geometry  # noqa: E402
 from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key  # noqa: E402
-from headct.data.ingest import ingest  # noqa: E402
 from headct.data.labels import read_cq500  # noqa: E402
 from headct.data.selection import is_bone_kernel, qc_series, rank_series  # noqa: E402
 from headct.errors import InputError  # noqa: E402
-
-SPEC = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)  # 192 mm field of view
 
 
 @pytest.fixture(autouse=True)
 def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
-
-
-def make_cfg(tmp: Path, **kw) -> IngestConfig:
-    base = dict(src=tmp / "src", dest=tmp / "store", labels=None, labels_format="none", patient_key="dicom",
-                demo_key=True, workers=1, linkage=tmp / "private" / "link.csv", report_dir=tmp / "reports",
-                preprocess=SPEC, min_slices=8)
-    return IngestConfig(**{**base, **kw})
-
-
-def run_ingest(cfg: IngestConfig) -> dict:
-    return ingest(cfg, cfg.src.parent, Console(quiet=True)).summary
-
-
-def only_volume(cfg: IngestConfig) -> tuple[np.ndarray, np.ndarray, pd.Series]:
-    manifest = store.read_manifest(cfg.dest)
-    assert len(manifest) == 1
-    row = manifest.iloc[0]
-    return store.read_volume(cfg.dest, row["volume"]), store.affine_of(row), row
-
-
-def marker_ras(vol: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """RAS mm of the marker block: centroid of voxels above bone (1000 HU), weighted by their excess."""
-    weight = np.clip(vol.astype(float) - 1000.0, 0, None)
-    index = np.array([(np.indices(vol.shape)[a] * weight).sum() / weight.sum() for a in range(3)])
-    return affine[:3, :3] @ index + affine[:3, 3]
-
-
-EXPECTED_MARKER_RAS = np.array([-MARKER_LPS[0], -MARKER_LPS[1], MARKER_LPS[2]])  # left = -x, anterior = +y
 
 
 # -------------------------------------------------------------------------------------------------- geometry
@@ -220,22 +196,23 @@ def _series(n: int = 12, **change) -> Series:
         (_series(rows=lambda k: 8 if k else 16), "inconsistent_geometry"),
         (_series(orientation=(0.0, 1.0, 0, 0, 0, -1.0), position=lambda k: (5.0 * k, 0.0, 0.0)), "non_axial"),
         (_series(position=lambda k: (0.0, 0.0, 5.0 * k + (20.0 if k > 5 else 0.0))), "missing_slices"),
-        (_series(frames=40), "unsupported"),
+        (_series(frames=40, frame_problem="multi-frame object (40 frames) without per-frame functional groups"),
+         "unsupported"),
         (_series(position=None), "missing_geometry"),
         (_series(modality="SR"), "not_ct"),
         (_series(n=1), "localizer"),
     ],
 )
 def test_series_qc_reason_codes(series: Series, reason: str | None) -> None:
-    assert qc_series(series, min_slices=8).reason == reason
+    assert qc_series(series, QcRules(min_slices=8, min_coverage_mm=0.0)).reason == reason
 
 
 def test_gantry_tilt_is_measured_and_uneven_spacing_is_kept() -> None:
     tilted = _series(position=lambda k: (0.0, 5.0 * k * np.tan(np.radians(15)), 5.0 * k))
-    geometry = qc_series(tilted, min_slices=8).geometry
+    geometry = qc_series(tilted, QcRules(min_slices=8, min_coverage_mm=0.0)).geometry
     assert geometry is not None and abs(geometry.tilt_deg - 15) < 0.01
     uneven = _series(position=lambda k: (0.0, 0.0, 5.0 * k + (2.0 if k > 5 else 0.0)))
-    assert qc_series(uneven, min_slices=8).reason is None
+    assert qc_series(uneven, QcRules(min_slices=8, min_coverage_mm=0.0)).reason is None
 
 
 @pytest.mark.parametrize(
@@ -346,7 +323,7 @@ def test_labels_join_by_cq500_folder_and_unknown_patients_stay_empty(tmp_path: P
     reads = write_reads(tmp_path / "reads.csv", {"SYN-CT-1": [(1, 1, 0), (0, 0, 0)]})
     cfg = make_cfg(tmp_path, labels=reads, labels_format="cq500", patient_key="cq500_folder")
     write_series(cfg.src / "SYNCT1 SYNCT1" / "Unknown Study" / "CT", SeriesSpec(n_slices=8))
-    write_series(cfg.src / "SYNCT2 SYNCT2" / "Unknown Study" / "CT", SeriesSpec(n_slices=8))
+    write_series(cfg.src / "SYNCT2 SYNCT2" / "Unknown Study" / "CT", SeriesSpec(n_slices=8, centre=(0.0, 0.0, 2.5)))
     summary = run_ingest(cfg)
     labels = pd.read_csv(cfg.dest / store.LABELS, dtype=str, keep_default_na=False)
     pseudo = Pseudonymizer(DEMO_KEY)
@@ -379,7 +356,7 @@ def test_job_outputs_carry_no_identifying_value(tmp_path: Path, sqlite_tracking)
     outputs = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(cfg.src)
                and "private" not in p.parts]
     assert {p.name for p in outputs} >= {"manifest.parquet", "rejects.csv", "labels.csv", "preprocess.json",
-                                        "metrics.json", "qc.png", "mlflow.db"}
+                                        "metrics.json", "contact_sheet.png", "mlflow.db"}
     for path in outputs:
         texts = [path.read_bytes().decode("latin-1")]
         if path.suffix == ".parquet":
@@ -396,7 +373,7 @@ def test_job_outputs_carry_no_identifying_value(tmp_path: Path, sqlite_tracking)
 def test_resume_reuses_volumes_of_the_same_preprocess_version(tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg(tmp_path)
     write_series(cfg.src / "a", SeriesSpec(n_slices=8), patient_id="PA0000001")
-    write_series(cfg.src / "b", SeriesSpec(n_slices=8), patient_id="PB0000001")
+    write_series(cfg.src / "b", SeriesSpec(n_slices=8, centre=(0.0, 0.0, 2.5)), patient_id="PB0000001")
     # an interrupted first run: volumes written, the manifest never
     monkeypatch.setattr(store, "write_manifest", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):

@@ -3,6 +3,7 @@
     patient  `pat_<16 hex>`  of the patient key (DICOM PatientID, or the dataset's own key such as CQ500 `name`)
     study    `stu_<16 hex>`  of StudyInstanceUID
     series   `ser_<16 hex>`  of SeriesInstanceUID (the scan_id of the canonical store)
+    instances `ins_<16 hex>` of the sorted set of a series' SOPInstanceUIDs (duplicate detection only)
 
 A keyed hash (not a plain hash) because PatientIDs and UIDs are guessable: without the key nobody can
 recompute a pseudonym from a known PatientID. The key comes from the environment variable
@@ -86,3 +87,7 @@ class Pseudonymizer:
 
     def series(self, series_uid: str) -> str:
         return self._digest("ser", series_uid)
+
+    def instances(self, sop_instance_uids: list[str] | tuple[str, ...] | set[str]) -> str:
+        """One id for a set of SOP instances: equal for the same instances exported twice under other names."""
+        return self._digest("ins", "\n".join(sorted(set(sop_instance_uids))))

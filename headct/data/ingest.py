@@ -1,26 +1,28 @@
-"""Ingest a folder of DICOM series into the canonical store: discover -> select -> convert -> write.
+"""Ingest a folder of DICOM series and NIfTI files into the canonical store: discover -> select -> convert -> write.
 
-1. discover: every file under SRC, recognised as DICOM by content, headers only (stop_before_pixels), in
-   parallel; unreadable files are named on the terminal only.
-2. select: group by Study/Series UID, QC every series, rank the valid ones of each study
-   (`headct.data.selection`, where the reason codes and the preference order are documented).
-3. convert: per study, the best series' pixels -> HU -> canonical grid -> `volumes/<scan_id>.npy`, in a process
-   pool; when its pixels turn out unusable the next-ranked series is tried. A volume already converted with
-   the same preprocess version (manifest or journal of an interrupted run) is reused, not re-converted.
-4. write: manifest, rejects, labels, preprocess.json (DEST) and the local linkage file (outside DEST and
-   the reports). The job (`pipelines/ingest.py`) writes the reports from the returned summary.
+1. discover: every file under SRC; DICOM recognised by content (headers only, stop_before_pixels; Enhanced CT
+   split into one slice per frame; DICOMDIR indexes counted and skipped), NIfTI by name; in parallel;
+   unreadable files are named on the terminal only. The same SOP instance found twice is read once.
+2. select: group by Study/Series UID, QC every series against `ingest.qc`, rank the valid ones of each study
+   (`headct.data.selection`, where the reason codes and the preference order are documented); with `--shard`
+   only the studies of that shard go on.
+3. convert: per study the best series (or, with `keep: all`, every valid one): pixels -> HU -> canonical grid ->
+   `volumes/<scan_id>.npy`, in worker processes capped by memory (`headct.data.parallel`); when its pixels turn
+   out unusable the next-ranked series is tried. A volume already converted with the same preprocess version
+   (manifest or journal of an interrupted run) is reused, not re-converted.
+4. deduplicate: accepted series with the same pixel content or SOP instances keep one copy (`headct.data.dedup`).
+5. write: manifest, rejects, labels, preprocess.json (DEST, or DEST/shards/<K>of<N>/ for a shard), optional NIfTI
+   exports, and the local linkage file (outside DEST and the reports). The job (`pipelines/ingest.py`) writes
+   the reports from the returned summary.
 Only pseudonyms leave this module, except in terminal messages about a bad file and the linkage file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +39,15 @@ from rich.progress import (
 )
 
 from headct.config import IngestConfig, PreprocessSpec
-from headct.data import store
+from headct.data import dedup, nifti_input, parallel, shards, store
+from headct.data.criteria import read_criteria
 from headct.data.dicom_series import (
     Discovery,
     PixelDataError,
     Series,
     StackGeometry,
+    content_sha256,
+    drop_repeated_instances,
     group_series,
     list_files,
     load_hu,
@@ -68,6 +73,8 @@ class SeriesRecord:
     reason: str | None
     message: str
     geometry: StackGeometry | None
+    key_source: str = "dicom"  # patient_key_source of the manifest: "dicom" | "dataset" | "self"
+    instances_id: str = ""  # keyed hash of the SOP instances ("" for NIfTI)
 
 
 @dataclass(frozen=True)
@@ -87,15 +94,30 @@ class IngestResult:
     manifest_rows: list[dict[str, Any]]
 
 
-def convert_study(candidates: list[tuple[str, Series, StackGeometry]], spec: PreprocessSpec,
-                  dest: Path) -> list[Attempt]:
-    """Convert the first usable candidate of one study (best first); one Attempt per candidate tried."""
+Candidate = tuple[str, Series, StackGeometry, "dict[str, Any] | None"]  # scan_id, series, geometry, reusable facts
+
+
+def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path) -> list[Attempt]:
+    """Convert the first usable candidate of one study (best first); one Attempt per candidate tried.
+    A candidate with reusable facts (converted by an earlier run) is taken as it is."""
     attempts = []
-    for scan_id, series, geometry in candidates:
+    for scan_id, series, geometry, previous in candidates:
+        if previous is not None:
+            attempts.append(Attempt(scan_id, None, "reused", "", previous))
+            break
         try:
-            volume, affine = to_canonical(load_hu(series, geometry), geometry, spec)
+            if series.nifti is not None:
+                hu = nifti_input.load_hu(series, geometry)
+            else:
+                hu = load_hu(series, geometry, float(spec.pad_hu))
+            content = content_sha256(hu, geometry)
+            volume, affine = to_canonical(hu, geometry, spec)
+            del hu  # the source stack is the largest allocation: free it before writing
         except PixelDataError as exc:
             attempts.append(Attempt(scan_id, "unreadable", exc.why, str(exc), None))
+            continue
+        except nifti_input.NotHuError as exc:
+            attempts.append(Attempt(scan_id, "not_hu", exc.why, str(exc), None))
             continue
         except NoHeadError as exc:
             folder = series.first.path.parent
@@ -103,33 +125,11 @@ def convert_study(candidates: list[tuple[str, Series, StackGeometry]], spec: Pre
             continue
         sha = store.write_volume(dest, scan_id, volume)
         spacing = spec.spacing_mm if spec.fit == "isotropic" else None  # stretch: per axis, see the affine
-        facts = {"affine": [float(v) for v in affine.ravel()], "spacing_mm": spacing, "volume_sha256": sha}
+        facts = {"affine": [float(v) for v in affine.ravel()], "spacing_mm": spacing, "volume_sha256": sha,
+                 "content_sha256": content}
         attempts.append(Attempt(scan_id, None, "ok", "", facts))
         break
     return attempts
-
-
-@contextlib.contextmanager
-def _workers(n: int) -> Iterator[Callable[..., Iterator[tuple[Any, Any]]]]:
-    """`run(fn, tasks)` yielding (task, fn(*task)) as they finish: in a spawn process pool, or inline for n=1.
-
-    spawn, not fork: the parent runs rich's refresh thread, and forking a threaded process can deadlock.
-    On an error or Ctrl-C the queued tasks are cancelled instead of run to the end.
-    """
-    if n == 1:
-        yield lambda fn, tasks: ((task, fn(*task)) for task in tasks)
-        return
-    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
-
-    def run(fn: Callable[..., Any], tasks: list[tuple]) -> Iterator[tuple[Any, Any]]:
-        futures = {pool.submit(fn, *task): task for task in tasks}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-
-    try:
-        yield run
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _progress(console: Console) -> Progress:
@@ -141,40 +141,55 @@ def _discover(files: list[Path], run: Callable, progress: Progress, workers: int
     size = max(16, min(512, len(files) // (workers * 8) + 1))
     chunks = [(files[i : i + size],) for i in range(0, len(files), size)]
     task = progress.add_task("reading headers", total=len(files))
-    headers, bad, other = [], [], 0
+    headers, bad, niftis, other, index = [], [], [], 0, 0
     for (chunk,), found in run(read_headers, chunks):
         headers += found.headers
         bad += found.bad_files
+        niftis += found.niftis
         other += found.other_files
+        index += found.index_files
         progress.advance(task, len(chunk))
-    headers.sort(key=lambda h: str(h.path))  # completion order varies; outputs must not
-    return Discovery(headers, sorted(bad), other)
+    headers.sort(key=lambda h: (str(h.path), h.frame))  # completion order varies; outputs must not
+    niftis.sort(key=lambda n: str(n.path))
+    return Discovery(headers, sorted(bad), other, niftis, index)
 
 
-def _patient_key(series: Series, mode: str, src: Path) -> str | None:
-    """DICOM PatientID, or the first whitespace token of the top folder under SRC (`SYNCT12 SYNCT12` -> SYNCT12)."""
+def _patient_key(series: Series, mode: str, src: Path) -> tuple[str | None, str]:
+    """(patient key, its source): DICOM PatientID ("dicom"), or the first whitespace token of the top folder under
+    SRC (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"); a NIfTI file is its own patient ("self") unless the folder
+    layout names one (nifti_input.patient_key)."""
+    if series.nifti is not None:
+        return nifti_input.patient_key(series.nifti, src, mode)
     if mode == "dicom":
-        return series.first.patient_id or None
+        return series.first.patient_id or None, "dicom"
     parts = series.first.path.relative_to(src).parts
     tokens = parts[0].split() if len(parts) > 1 else []
-    return tokens[0] if tokens else None
+    return (tokens[0] if tokens else None), "dataset"
 
 
-def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer) -> dict[str, list[SeriesRecord]]:
-    """QC every series; per study, the valid records ranked best first, then the rejected ones."""
+def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
+          shard: shards.Shard | None) -> dict[str, list[SeriesRecord]]:
+    """QC every series (of this shard's studies); per study, the valid records ranked best first, then the
+    rejected ones."""
+    criteria = read_criteria(cfg.qc.criteria_csv) if cfg.qc.criteria_csv is not None else None
     studies: dict[str, list[SeriesRecord]] = defaultdict(list)
     for series in series_list:
-        qc = qc_series(series, cfg.min_slices)
-        key = _patient_key(series, cfg.patient_key, cfg.src)
-        record = SeriesRecord(series, pseudo.series(series.series_uid), pseudo.study(series.study_uid), key,
-                              pseudo.patient(key) if key else "", qc.reason, qc.message, qc.geometry)
+        study_id = pseudo.study(series.study_uid)
+        if shard is not None and not shard.holds(study_id):
+            continue
+        qc = qc_series(series, cfg.qc, criteria)
+        key, source = _patient_key(series, cfg.patient_key, cfg.src)
+        sops = [s.sop_instance_uid for s in series.slices if s.sop_instance_uid]
+        record = SeriesRecord(series, pseudo.series(series.series_uid), study_id, key,
+                              pseudo.patient(key) if key else "", qc.reason, qc.message, qc.geometry, source,
+                              pseudo.instances(sops) if sops else "")
         if record.reason is None and key is None:
             where = "PatientID" if cfg.patient_key == "dicom" else "patient folder under SRC"
             record.reason, record.message = "no_patient_key", f"no patient key (no {where})"
         studies[series.study_uid].append(record)
     for study_uid, records in studies.items():
         by_uid = {r.series.series_uid: r for r in records}
-        valid = rank_series([(r.series, r.geometry) for r in records if r.reason is None])
+        valid = rank_series([(r.series, r.geometry) for r in records if r.reason is None], cfg.qc)
         studies[study_uid] = [by_uid[s.series_uid] for s, _ in valid] + [r for r in records if r.reason]
     return dict(studies)
 
@@ -184,7 +199,7 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
     rows_mm, cols_mm = g.pixel_spacing
     return {
         "scan_id": record.scan_id, "study_id": record.study_id, "patient_id": record.patient_id,
-        "patient_key_source": "dicom" if cfg.patient_key == "dicom" else "dataset",
+        "patient_key_source": record.key_source,
         "volume": store.volume_relpath(record.scan_id), "affine": json.dumps(facts["affine"]),
         "spacing_mm": facts["spacing_mm"],
         "src_shape": json.dumps([g.cols, g.rows, g.n_slices]),  # (x, y, z) = (columns, rows, slices)
@@ -193,34 +208,67 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
         "kvp": first.kvp, "kernel": first.kernel, "manufacturer": first.manufacturer,
         "body_part": first.body_part, "series_description": first.series_description, "n_slices": g.n_slices,
         "preprocess_version": cfg.preprocess.version, "volume_sha256": facts["volume_sha256"],
+        "source_format": "nifti" if record.series.nifti is not None else "dicom",
+        "content_sha256": facts["content_sha256"], "instances_id": record.instances_id,
     }
 
 
 def _convert(studies: dict[str, list[SeriesRecord]], previous: dict[str, dict], cfg: IngestConfig,
-             run: Callable, progress: Progress) -> dict[str, dict[str, Any]]:
-    """Convert (or reuse) the best usable series of every study; returns scan_id -> volume facts."""
+             run: Callable, progress: Progress, tables: Path) -> tuple[dict[str, dict[str, Any]], set[str]]:
+    """Convert (or reuse) the best usable series of every study, or every valid one with `keep: all`.
+    Returns scan_id -> volume facts, and the scan_ids whose facts were reused."""
     accepted: dict[str, dict[str, Any]] = {}
-    tasks = []
+    reused: set[str] = set()
+    tasks, largest = [], 0
     for records in studies.values():
         candidates = [r for r in records if r.reason is None]
-        if candidates and candidates[0].scan_id in previous:
-            accepted[candidates[0].scan_id] = previous[candidates[0].scan_id]
-        elif candidates:
-            tasks.append(([(r.scan_id, r.series, r.geometry) for r in candidates], cfg.preprocess, cfg.dest))
+        groups = [candidates] if cfg.keep == "best" else [[r] for r in candidates]
+        for group in groups:
+            if not group:
+                continue
+            if group[0].scan_id in previous:  # the preferred series is already in the store: no task at all
+                accepted[group[0].scan_id] = previous[group[0].scan_id]
+                reused.add(group[0].scan_id)
+                continue
+            largest = max([largest] + [parallel.series_bytes(r.series, cfg.preprocess) for r in group])
+            tasks.append(([(r.scan_id, r.series, r.geometry, previous.get(r.scan_id)) for r in group],
+                          cfg.preprocess, cfg.dest))
+    in_flight = 1
+    if tasks:
+        in_flight, why = parallel.choose_workers(cfg.workers, largest)
+        progress.console.print(f"converting with {why}")
     by_scan = {r.scan_id: r for records in studies.values() for r in records}
     bar = progress.add_task("converting", total=len(tasks))
-    with store.Journal(cfg.dest) as journal:
-        for _, attempts in run(convert_study, tasks):
+    with store.Journal(tables) as journal:
+        for _, attempts in run(convert_study, tasks, in_flight):
             for attempt in attempts:
                 record = by_scan[attempt.scan_id]
                 if attempt.reason is None:
                     accepted[record.scan_id] = attempt.volume
-                    journal.append(_manifest_row(record, attempt.volume, cfg))
+                    if attempt.message == "reused":
+                        reused.add(record.scan_id)
+                    else:
+                        journal.append(_manifest_row(record, attempt.volume, cfg))
                 else:
                     record.reason, record.message = attempt.reason, attempt.message
                     progress.console.print(f"[yellow]series not used ({attempt.reason}): {attempt.terminal}")
             progress.advance(bar)
-    return accepted
+    return accepted, reused
+
+
+def _deduplicate(studies: dict[str, list[SeriesRecord]], accepted: dict[str, dict[str, Any]], cfg: IngestConfig
+                 ) -> int:
+    """Reject accepted series that duplicate another (headct.data.dedup); their volumes are removed."""
+    by_scan = {r.scan_id: r for records in studies.values() for r in records}
+    rows = [{"scan_id": s, "content_sha256": f["content_sha256"], "instances_id": by_scan[s].instances_id}
+            for s, f in accepted.items()]
+    duplicates = dedup.find_duplicates(rows)
+    for scan_id, (kept, what) in duplicates.items():
+        record = by_scan[scan_id]
+        record.reason, record.message = "duplicate", dedup.message(kept, what)
+        del accepted[scan_id]
+        store.remove_volume(cfg.dest, scan_id)
+    return len(duplicates)
 
 
 def _tables(studies: dict[str, list[SeriesRecord]], accepted: dict[str, dict], cfg: IngestConfig
@@ -230,19 +278,20 @@ def _tables(studies: dict[str, list[SeriesRecord]], accepted: dict[str, dict], c
     for records in studies.values():
         winner = next((r for r in records if r.scan_id in accepted), None)
         for record in records:
-            if record is winner:
+            if record.scan_id in accepted:
                 manifest.append(_manifest_row(record, accepted[record.scan_id], cfg))
             else:
-                if record.reason is None:
+                if record.reason is None:  # valid, but another series of the study was preferred
                     record.reason = "not_selected"
-                    record.message = "valid; " + why_not_selected(
-                        (record.series, record.geometry), (winner.series, winner.geometry))
+                    record.message = "valid; " + (why_not_selected(
+                        (record.series, record.geometry), (winner.series, winner.geometry), cfg.qc)
+                        if winner is not None else "no series of this study could be converted")
                 rejects.append({"series_id": record.scan_id, "study_id": record.study_id,
                                 "reason": record.reason, "message": record.message})
             linkage.append({
                 "scan_id": record.scan_id, "study_id": record.study_id, "patient_id": record.patient_id,
-                "status": "accepted" if record is winner else record.reason,
-                "patient_key": record.patient_key or "", "patient_key_source": cfg.patient_key,
+                "status": "accepted" if record.scan_id in accepted else record.reason,
+                "patient_key": record.patient_key or "", "patient_key_source": record.key_source,
                 "study_uid": record.series.study_uid, "series_uid": record.series.series_uid,
                 "source_folder": str(record.series.first.path.parent), "n_files": len(record.series.slices),
             })
@@ -283,51 +332,81 @@ def ingest(cfg: IngestConfig, root: Path, console: Console) -> IngestResult:
     files = list_files(cfg.src)
     if not files:
         raise InputError(f"ingest source {cfg.src} is empty")
+    shard = shards.parse(cfg.shard)
     linkage = linkage_path(cfg, root)
+    if shard is not None:
+        linkage = shards.linkage_file(linkage, shard)
+    tables = shards.folder(cfg.dest, shard) if shard is not None else cfg.dest
     reads = None
     if cfg.labels_format == "cq500":  # read first: a wrong labels path should fail before any work
         if cfg.labels is None:
             raise InputError("ingest.labels_format=cq500 needs ingest.labels (the reads.csv path)")
         reads = read_cq500(cfg.labels)
+    if cfg.qc.criteria_csv is not None:
+        read_criteria(cfg.qc.criteria_csv)  # likewise: a bad criteria file fails now, naming itself
     key, _ = load_key(cfg.demo_key, warn=lambda message: console.print(f"[yellow]{message}"))
     pseudo = Pseudonymizer(key)
-    previous = store.converted_rows(cfg.dest, cfg.preprocess.version) if cfg.dest.is_dir() else {}
+    previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables) if tables.is_dir() else {}
+    readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
 
-    with _progress(console) as progress, _workers(cfg.workers) as run:
-        found = _discover(files, run, progress, cfg.workers)
+    with _progress(console) as progress, parallel.pool(readers) as run:
+        found = _discover(files, run, progress, readers)
         for path, why in found.bad_files:
             progress.console.print(f"[yellow]skipped {path}: {why}")
-        if not found.headers:
-            raise InputError(f"no readable DICOM file under {cfg.src} ({len(files)} files looked at)")
-        studies = _plan(group_series(found.headers), cfg, pseudo)
-        accepted = _convert(studies, previous, cfg, run, progress)
+        headers, repeated = drop_repeated_instances(found.headers)
+        for path, kept in repeated:
+            progress.console.print(f"[yellow]skipped {path}: the same SOP instance as {kept}")
+        if not headers and not found.niftis:
+            raise InputError(f"no readable DICOM or NIfTI file under {cfg.src} ({len(files)} files looked at)")
+        series_list = group_series(headers) + [nifti_input.as_series(n, cfg.src) for n in found.niftis]
+        studies = _plan(series_list, cfg, pseudo, shard)
+        accepted, reused = _convert(studies, previous, cfg, run, progress, tables)
 
+    duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
     manifest, rejects, linkage_rows = _tables(studies, accepted, cfg)
     labels, unlabelled = _labels(manifest, studies, reads)
-    store.write_manifest(cfg.dest, manifest)
-    store.write_rejects(cfg.dest, rejects)
-    store.write_labels(cfg.dest, labels)
+    store.write_manifest(tables, manifest)
+    store.write_rejects(tables, rejects)
+    store.write_labels(tables, labels)
     store.write_preprocess(cfg.dest, cfg.preprocess)
-    store.Journal(cfg.dest).remove()  # the manifest now holds every finished row
-    orphans = store.remove_orphan_volumes(cfg.dest, {row["scan_id"] for row in manifest})
+    store.Journal(tables).remove()  # the manifest now holds every finished row
+    exported = store.export_nifti(cfg.dest, manifest) if cfg.export_nifti else 0
+    # a shard shares volumes/ with the others, so only a whole run may clear what its manifest does not name
+    orphans = store.remove_orphan_volumes(cfg.dest, {row["scan_id"] for row in manifest}) if shard is None else 0
     with atomic_path(linkage) as tmp:
         pd.DataFrame(linkage_rows).to_csv(tmp, index=False)
 
-    reused = sum(row["scan_id"] in previous for row in manifest)
     summary = {
         "studies_seen": len(studies),
         "series_seen": sum(len(records) for records in studies.values()),
-        "files_dicom": len(found.headers),
+        "files_dicom": len({h.path for h in found.headers}),
+        "files_nifti": len(found.niftis),
+        "files_dicomdir": found.index_files,
+        "files_repeated": len(repeated),
         "files_unreadable": len(found.bad_files),
         "files_other": found.other_files,
         "accepted": len(manifest),
         "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "studies_without_volume": len(studies) - len(manifest),
-        "converted": len(manifest) - reused,
-        "reused": reused,
+        "duplicates": duplicates,
+        "studies_without_volume": len(studies) - len({row["study_id"] for row in manifest}),
+        "converted": len(manifest) - len(reused & {row["scan_id"] for row in manifest}),
+        "reused": len(reused & {row["scan_id"] for row in manifest}),
+        "nifti_exported": exported,
         "orphan_volumes_removed": orphans,
         "unlabelled_scans": unlabelled,
         "preprocess_version": cfg.preprocess.version,
+        "shard": cfg.shard or "",
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if shard is not None:
+        shards.write_info(cfg.dest, shard, {**cfg.preprocess.model_dump(mode="json"),
+                                            "version": cfg.preprocess.version}, summary)
     return IngestResult(summary, manifest)
+
+
+def merge(cfg: IngestConfig, stores: list[Path], root: Path) -> dict[str, Any]:
+    """`headct ingest merge DEST [STORE...]`: join the shards under the stores into `stores[0]`."""
+    if not stores:
+        raise InputError("ingest merge needs at least the store folder DEST")
+    cfg = cfg.model_copy(update={"dest": stores[0]})
+    return shards.merge(stores, linkage_path(cfg, root))

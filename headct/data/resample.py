@@ -15,12 +15,13 @@ import numpy as np
 from scipy import ndimage
 
 from headct.config import PreprocessSpec
-from headct.data.dicom_series import StackGeometry
+from headct.data.dicom_series import LPS_TO_RAS, StackGeometry
 from headct.errors import InputError
 
 HEAD_THRESHOLD_HU = -500.0  # skin, brain and bone lie above; air and most foam head rests below
 _LOCALISE_MM = 2.0  # in-plane sampling used to find the head (speed; the box needs no finer detail)
 _INT16 = np.iinfo(np.int16)
+CHUNK_VOXELS = 1 << 19  # output points resampled at once: ~150 bytes of float64 scratch each, ~80 MB
 
 
 class NoHeadError(InputError):
@@ -69,24 +70,34 @@ def canonical_affine(spec: PreprocessSpec, lo: np.ndarray, hi: np.ndarray) -> np
 
 
 def resample(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray, shape: tuple[int, int, int],
-             pad_hu: float) -> np.ndarray:
+             pad_hu: float, chunk_voxels: int = CHUNK_VOXELS) -> np.ndarray:
     """Trilinear samples (float32, shape (X, Y, Z)) of the source stack `hu` (N, rows, cols) at the centres of
     the canonical voxels whose index -> RAS map is `affine`.
 
-    Points outside the source stack get `pad_hu`; the "constant" mode does not blend the scanned border with
-    the pad value. An evenly spaced stack is one affine map (ndimage.affine_transform, no coordinate arrays);
-    an unevenly spaced one gets explicit coordinates with k re-read from the true slice positions.
+    Every output point is placed in the source by the true slice positions (`StackGeometry.source_coords`), so
+    gantry tilt, uneven spacing and oblique slices are resampled in patient space, not assumed away. The output is
+    filled in slabs of whole z planes holding at most `chunk_voxels` points, so the coordinate arrays stay small
+    (about 150 bytes per point, ~80 MB per slab) whatever the grid. scipy samples the float32 stack in place
+    (order 1 needs no spline prefilter, hence no float64 copy). Points outside the source stack get `pad_hu`; the
+    "constant" mode does not blend the scanned border with the pad value.
     """
-    to_source = np.linalg.inv(geometry.affine_ras()) @ affine  # canonical (x, y, z) -> source (col, row, k)
-    to_array = to_source.copy()
-    to_array[:3] = to_source[[2, 1, 0]]  # the axis order of `hu` is (k, row, col)
-    options = dict(order=1, mode="constant", cval=pad_hu, output=np.float32, prefilter=False)
-    if geometry.evenly_spaced:
-        return ndimage.affine_transform(hu, to_array, output_shape=shape, **options)
-    axes = np.ix_(*(np.arange(s, dtype=float) for s in shape))
-    coords = [sum(to_array[d, a] * axes[a] for a in range(3)) + to_array[d, 3] for d in range(3)]
-    coords[0] = geometry.true_k(coords[0])
-    return ndimage.map_coordinates(hu, np.stack(np.broadcast_arrays(*coords)), **options)
+    nx, ny, nz = shape
+    out = np.empty(shape, np.float32)
+    ii, jj = (a.ravel().astype(np.float64) for a in np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij"))
+    per_plane = nx * ny
+    step = max(1, chunk_voxels // per_plane)
+    flip = LPS_TO_RAS.diagonal()[:3]
+    for z0 in range(0, nz, step):
+        z1 = min(nz, z0 + step)
+        kk = np.repeat(np.arange(z0, z1, dtype=np.float64), per_plane)
+        index = np.stack([np.tile(ii, z1 - z0), np.tile(jj, z1 - z0), kk], axis=1)  # (M, 3) voxel (x, y, z)
+        lps = (index @ affine[:3, :3].T + affine[:3, 3]) * flip  # RAS -> LPS
+        coords = geometry.source_coords(lps)
+        values = ndimage.map_coordinates(hu, coords, order=1, mode="constant", cval=pad_hu, output=np.float32,
+                                         prefilter=False)
+        # points are laid out plane by plane, and within a plane x-major (y fastest)
+        out[:, :, z0:z1] = values.reshape(z1 - z0, nx, ny).transpose(1, 2, 0)
+    return out
 
 
 def to_canonical(hu: np.ndarray, geometry: StackGeometry, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:

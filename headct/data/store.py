@@ -5,6 +5,9 @@
     <store>/rejects.csv             series_id, study_id, reason, message (no paths, no UIDs)
     <store>/labels.csv              scan_id, patient_id, one column per canonical label (1/0, empty = unknown)
     <store>/preprocess.json         the PreprocessSpec dump plus its "version"
+    <store>/nifti/<scan_id>.nii.gz  optional (ingest.export_nifti): the canonical volume with its RAS affine
+    <store>/shards/<K>of<N>/        a shard's tables (manifest.parquet, rejects.csv, labels.csv, shard.json) while
+                                    `--shard` runs write into one store; `headct ingest merge` joins them
 
 While an ingest runs, finished manifest rows are also appended to `<store>/.ingest-journal.jsonl` (pseudonyms
 only), so an interrupted run can resume without re-converting; the journal is removed once the manifest is
@@ -32,13 +35,23 @@ REJECTS = "rejects.csv"
 LABELS = "labels.csv"
 PREPROCESS = "preprocess.json"
 JOURNAL = ".ingest-journal.jsonl"
+NIFTI = "nifti"
 
 MANIFEST_COLUMNS = (
     "scan_id", "study_id", "patient_id", "patient_key_source", "volume", "affine", "spacing_mm", "src_shape",
     "src_spacing_mm", "slice_thickness_mm", "tilt_deg", "kvp", "kernel", "manufacturer", "body_part",
-    "series_description", "n_slices", "preprocess_version", "volume_sha256",
+    "series_description", "n_slices", "preprocess_version", "volume_sha256", "source_format", "content_sha256",
+    "instances_id",
 )
 REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def volume_relpath(scan_id: str) -> str:
@@ -53,6 +66,35 @@ def write_volume(store: Path, scan_id: str, volume: np.ndarray) -> str:
     with atomic_path(store / volume_relpath(scan_id)) as tmp:
         tmp.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
+
+
+def nifti_relpath(scan_id: str) -> str:
+    return f"{NIFTI}/{scan_id}.nii.gz"
+
+
+def write_nifti(store: Path, scan_id: str, volume: np.ndarray, affine: np.ndarray) -> Path:
+    """The canonical int16 volume as NIfTI-1 with its RAS affine (sform and qform, code 'scanner'), atomically."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(volume, np.int16), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    path = store / nifti_relpath(scan_id)
+    with atomic_path(path, suffix=".nii.gz") as tmp:  # nibabel picks the format from the name
+        nib.save(image, tmp)
+    return path
+
+
+def export_nifti(store: Path, rows: list[dict[str, Any]]) -> int:
+    """Write the NIfTI export of every manifest row that lacks one (a resumed run skips the others); returns
+    how many were written."""
+    written = 0
+    for row in rows:
+        if not (store / nifti_relpath(row["scan_id"])).is_file():
+            write_nifti(store, row["scan_id"], read_volume(store, row["volume"]), affine_of(row))
+            written += 1
+    return written
 
 
 def read_volume(store: Path, relpath: str) -> np.ndarray:
@@ -73,6 +115,8 @@ def write_manifest(store: Path, rows: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     frame["spacing_mm"] = frame["spacing_mm"].astype("float64")
     frame["n_slices"] = frame["n_slices"].astype("int64")
+    for column in ("source_format", "content_sha256", "instances_id"):
+        frame[column] = frame[column].fillna("").astype(str)
     with atomic_path(store / MANIFEST) as tmp:
         frame.to_parquet(tmp, index=False)
 
@@ -119,14 +163,19 @@ def read_preprocess_version(store: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------- resume
-def converted_rows(store: Path, version: str) -> dict[str, dict[str, Any]]:
-    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256) of volumes already converted with
-    preprocess `version` whose .npy still exists, from the manifest and the journal of an interrupted run."""
+def converted_rows(store: Path, version: str, tables: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256, content_sha256) of volumes already converted
+    with preprocess `version` whose .npy still exists, from the manifest and the journal of an interrupted run.
+    `tables` is where the manifest and journal live (a shard's folder), `store` where the volumes are."""
+    tables = tables or store
     rows: dict[str, dict[str, Any]] = {}
-    if (store / MANIFEST).is_file():
-        for row in read_manifest(store).to_dict("records"):
-            rows[row["scan_id"]] = row
-    journal = store / JOURNAL
+    if (tables / MANIFEST).is_file():
+        try:  # a manifest of an older layout is not an error here: its volumes are simply made again
+            for row in read_manifest(tables).to_dict("records"):
+                rows[row["scan_id"]] = row
+        except InputError:
+            pass
+    journal = tables / JOURNAL
     if journal.is_file():
         for line in journal.read_text().splitlines():
             try:
@@ -136,16 +185,17 @@ def converted_rows(store: Path, version: str) -> dict[str, dict[str, Any]]:
             rows[row["scan_id"]] = row
     facts = {}
     for scan_id, row in rows.items():
-        path = store / row["volume"]
+        path = store / str(row.get("volume", ""))
         # the hash check catches a file rewritten by a later, interrupted run with another recipe
-        if row.get("preprocess_version") != version or not path.is_file():
+        if row.get("preprocess_version") != version or not row.get("content_sha256") or not path.is_file():
             continue
-        if hashlib.sha256(path.read_bytes()).hexdigest() == row["volume_sha256"]:
+        if file_sha256(path) == row["volume_sha256"]:
             spacing = row["spacing_mm"]
             facts[scan_id] = {
                 "affine": [float(v) for v in json.loads(row["affine"])],
                 "spacing_mm": None if spacing is None or spacing != spacing else float(spacing),  # NaN: stretch
                 "volume_sha256": row["volume_sha256"],
+                "content_sha256": row["content_sha256"],
             }
     return facts
 
@@ -157,8 +207,8 @@ class Journal:
     `remove()` once the manifest holds the rows.
     """
 
-    def __init__(self, store: Path) -> None:
-        self.path = store / JOURNAL
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / JOURNAL
 
     def __enter__(self) -> Journal:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,13 +227,18 @@ class Journal:
 
 
 def remove_orphan_volumes(store: Path, keep: set[str]) -> int:
-    """Delete `volumes/ser_*.npy` not named in `keep` (left by an earlier run of other data or another key),
-    and temp files of killed writers."""
+    """Delete `volumes/ser_*.npy` and `nifti/ser_*.nii.gz` not named in `keep` (left by an earlier run of other
+    data or another key, or a duplicate), and temp files of killed writers."""
     removed = 0
-    folder = store / VOLUMES
-    for path in sorted([*folder.glob("ser_*.npy"), *folder.glob(".ser_*.tmp.npy")]):
-        if path.name.startswith(".") or path.stem not in keep:
-            path.unlink()
-            removed += 1
+    for folder, suffix in ((store / VOLUMES, ".npy"), (store / NIFTI, ".nii.gz")):
+        for path in sorted([*folder.glob(f"ser_*{suffix}"), *folder.glob(f".ser_*.tmp{suffix}")]):
+            if path.name.startswith(".") or path.name[: -len(suffix)] not in keep:
+                path.unlink()
+                removed += 1
     return removed
 
+
+def remove_volume(store: Path, scan_id: str) -> None:
+    """Delete one scan's volume and NIfTI export (a duplicate found after conversion)."""
+    (store / volume_relpath(scan_id)).unlink(missing_ok=True)
+    (store / nifti_relpath(scan_id)).unlink(missing_ok=True)
