@@ -45,7 +45,8 @@ def head_box_ras(hu: np.ndarray, geometry: StackGeometry, mode: str) -> tuple[np
     if mode == "none":
         return _box_of_voxels(geometry, np.array([0, 0, 0]), np.array([cols - 1, rows - 1, n - 1]))
     step = max(1, int(round(_LOCALISE_MM / min(geometry.pixel_spacing))))
-    mask = hu[:, ::step, ::step] > HEAD_THRESHOLD_HU
+    row0, col0 = _phase(geometry, geometry.col_dir, 0, step), _phase(geometry, geometry.row_dir, 1, step)
+    mask = hu[:, row0::step, col0::step] > HEAD_THRESHOLD_HU
     mask = ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool))
     labels, count = ndimage.label(mask)
     if count == 0:
@@ -53,9 +54,26 @@ def head_box_ras(hu: np.ndarray, geometry: StackGeometry, mode: str) -> tuple[np
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     ks, rs, cs = ndimage.find_objects(labels)[int(sizes.argmax()) - 1]
-    lo = np.array([cs.start * step, rs.start * step, ks.start])
-    hi = np.array([(cs.stop - 1) * step, (rs.stop - 1) * step, ks.stop - 1])
+    lo = np.array([col0 + cs.start * step, row0 + rs.start * step, ks.start])
+    hi = np.array([col0 + (cs.stop - 1) * step, row0 + (rs.stop - 1) * step, ks.stop - 1])
     return _box_of_voxels(geometry, lo, hi)
+
+
+def _phase(geometry: StackGeometry, direction: np.ndarray, spacing_index: int, step: int) -> int:
+    """First index of the in-plane subsample along `direction`, anchored in patient space: the pixels kept are
+    those whose coordinate along the sign-normalised axis (largest component positive) is a multiple of `step`
+    pixels from the world origin. So the same scan stored in any axis order or direction (a DICOM series, its NIfTI
+    conversion reoriented to RAS) subsamples the same physical pixels, finds the same head box and lands on the same
+    grid. A pixel exactly half-way between two world positions (a centred field of view) is rounded up (toward the
+    positive axis) from either end."""
+    if step == 1:
+        return 0
+    sign = 1 if direction[int(np.argmax(np.abs(direction)))] > 0 else -1
+    start = float(geometry.positions[0] @ (sign * direction)) / geometry.pixel_spacing[spacing_index]
+    # world index of pixel 0 (index i is anchor + sign * i); the 1e-3 pixel margin absorbs the rounding of
+    # PixelSpacing/ImagePositionPatient in DICOM's decimal strings (measured: 3e-6 pixel on a 256-pixel row)
+    anchor = int(np.floor(start + 0.5 + 1e-3))
+    return int((-sign * anchor) % step)
 
 
 def canonical_affine(spec: PreprocessSpec, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
