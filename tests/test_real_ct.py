@@ -8,7 +8,7 @@ ingested with the command line at the default grid (96^3 at 2 mm). Checks, measu
 - brain HU: the mode of soft-tissue HU inside the head is 15-45 HU (grey/white matter);
 - the NIfTI route gives the DICOM route's volume: the same grid up to one head-localisation step (<= 2 mm), and each
   route's volume is the source sampled on its own grid (trilinear, done outside headct): mean |difference| inside
-  the head under 1 HU; and (strict xfail, a known defect) both routes give one grid and, voxel by voxel, one volume;
+  the head under 1 HU; and both routes give one grid and, voxel by voxel, one volume;
 - SimpleITK's series reader and linear resampler, onto exactly the grid headct recorded, agree with headct's volume
   inside the head: mean |difference| under 2 HU.
 Left/right cannot be checked on this symmetric anatomy (the synthetic marker tests in test_ingest.py do that).
@@ -180,10 +180,6 @@ def test_nifti_route_gives_the_dicom_route_volume(
         assert diff.mean() < 1.0, f"{name} route: mean |volume - source on its grid| = {diff.mean():.3f} HU"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the head box is found on a ~2 mm subsample taken from the array's first voxel, so its phase depends on the "
-    "storage order: the NIfTI (reoriented to RAS) and DICOM (columns right->left) grids of one scan sit 0.96 mm "
-    "apart in x and differ by ~58 HU mean voxel by voxel; remove this mark when the grid no longer depends on it"))
 def test_dicom_and_nifti_routes_give_one_grid_and_one_volume(dicom_route: Ingested, nifti_route: Ingested) -> None:
     nifti = nifti_route
     np.testing.assert_allclose(nifti.affine, dicom_route.affine, atol=1e-3)
