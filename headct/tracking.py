@@ -124,7 +124,13 @@ def _ensure_experiment(name: str, artifact_root: Path | None) -> str:
     if existing is not None:
         return existing.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # noqa: BLE001  another process (a tune worker) created it between our lookup and create
+        existing = client.get_experiment_by_name(name)
+        if existing is None:
+            raise
+        return existing.experiment_id
 
 
 @contextlib.contextmanager
