@@ -519,7 +519,10 @@ class TuneConfig(Section):
     """
 
     storage: str | None = None
-    study_name: str = "headct-finetune"
+    # None: "headct-finetune-<key>", the key hashing the search space, the finetune settings, the model's weights and
+    # the split files, so a changed input (e.g. under `dvc repro`) starts a fresh study while workers on the same
+    # inputs share one. A fixed name always means that study.
+    study_name: str | None = None
     load_if_exists: bool = True
     n_trials: int = Field(10, ge=1)  # trials this process runs (several processes add up)
     epochs: int = Field(2, ge=1)  # per trial

@@ -39,6 +39,27 @@ def _storage(url: str) -> Any:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
+def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
+    """"headct-finetune-<12 hex>": a hash of what the trials depend on (search space, trial epochs, sampler and
+    pruner settings, the finetune section less the tuned values and output paths, the model's weights and the
+    split files). Same inputs -> same study, so parallel workers join one; changed inputs -> a new study."""
+    import hashlib
+    import json
+
+    from headct.config import dump_params
+
+    search = {k: v for k, v in dump_params(cfg).items()
+              if k not in ("storage", "study_name", "load_if_exists", "n_trials", "best_params", "report_dir")}
+    skip = (*TUNED, "tuned_params", "out_dir", "report_dir", "checkpoint_dir", "device", "threads")
+    finetune = {k: v for k, v in dump_params(base).items() if k not in skip}
+    h = hashlib.sha256(json.dumps({"tune": search, "finetune": finetune}, sort_keys=True, default=str).encode())
+    for path in sorted([base.model_dir / "model.safetensors", *Path(base.splits).glob("*.csv")]):
+        if path.is_file():
+            h.update(path.name.encode())
+            h.update(hashlib.sha256(path.read_bytes()).digest())
+    return f"headct-finetune-{h.hexdigest()[:12]}"
+
+
 def create_study(cfg: TuneConfig, root: Path, seed_offset: int = 0) -> Any:
     """Create (or, with load_if_exists, load) the study: maximise mean val AUROC, TPE + MedianPruner."""
     import optuna
@@ -92,6 +113,8 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     from pipelines.finetune import load_data, train_classifier
 
     base = finetune or FinetuneConfig()
+    if cfg.study_name is None:
+        cfg = cfg.model_copy(update={"study_name": auto_study_name(cfg, base)})
     if base.threads:
         torch.set_num_threads(base.threads)
     device = resolve_device(base.device)

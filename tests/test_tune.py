@@ -86,3 +86,18 @@ def test_two_worker_processes_share_one_sqlite_study(project: Path, job_ctx: Job
     runs = runs_of(JobContext(root=project, tracking=job_ctx.tracking))
     assert sum(r.data.tags.get("headct.job") == "tune" for r in runs) == 2  # one tune run per worker
     assert sum("mlflow.parentRunId" in r.data.tags for r in runs) == 4  # one child run per trial
+
+
+def test_automatic_study_name_follows_the_inputs_not_the_tuned_values(project: Path) -> None:
+    from pipelines.tune import auto_study_name
+
+    cfg, base = tune_cfg(project, study_name=None), finetune_cfg(project)
+    name = auto_study_name(cfg, base)
+    assert name.startswith("headct-finetune-") and name == auto_study_name(cfg, base)
+    assert auto_study_name(cfg, base.model_copy(update={"head_lr": 0.5})) == name  # a tuned value: same study
+    assert auto_study_name(cfg, base.model_copy(update={"epochs": 9})) != name
+    assert auto_study_name(cfg.model_copy(update={"head_lr": (1e-4, 1e-3)}), base) != name
+    train = project / "data/splits/t/train.csv"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[:-1]) + "\n")  # one scan fewer: other data, another study
+    assert auto_study_name(cfg, base) != name
