@@ -15,7 +15,8 @@ Fair by construction: the same inputs, one thread each side, a warm-up pass per 
 then the methods alternate run by run and the minimum of the timed runs is reported (background load hurts all
 alike). Beside them: the reading limit (input bytes over the disk's sequential read bandwidth, measured on a fresh
 file evicted from the page cache) and the decoding limit (pydicom read + pixel decode + rescale of every file,
-one thread, warm cache), both as series/s.
+one thread, warm cache), both as series/s; and, for headct's worker counts k > 1, what k processes of pure CPU work get
+over one on this machine at the time (cores shared with other jobs show here), the ceiling for headct's scaling.
 
 Inputs (cached under --data, reused when present): --source synth (default) generates --series studies with the
 project's synthetic generator (`headct synth`: one axial series each, --matrix^2 pixels over a 230 mm field,
@@ -180,6 +181,30 @@ def decode_seconds(files: list[Path]) -> float:
         ds = pydicom.dcmread(path)
         ds.pixel_array.astype(np.float32) * np.float32(ds.RescaleSlope) + np.float32(ds.RescaleIntercept)
     return time.perf_counter() - start
+
+
+def _burn(n: int) -> int:
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+
+
+def cpu_scaling_ceiling(k: int, n: int = 10_000_000, repeats: int = 3) -> float:
+    """What k processes of pure CPU work get over one on this machine now (shared cores show here): k * t1 / tk."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(k) as pool:
+        pool.map(_burn, [10] * k)
+        best = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            pool.map(_burn, [n])
+            one = time.perf_counter() - start
+            start = time.perf_counter()
+            pool.map(_burn, [n] * k)
+            best = max(best, k * one / (time.perf_counter() - start))
+    return best
 
 
 # ----------------------------------------------------------------------------------------------- the methods
@@ -393,6 +418,8 @@ def main() -> None:
               "decode_seconds": decode, "decode_series_per_s": n / decode}
 
     methods = [f"headct-w{int(w)}" for w in args.workers.split(",") if w.strip()]
+    limits["cpu_scaling_ceiling"] = {m.removeprefix("headct-w"): cpu_scaling_ceiling(int(m.removeprefix("headct-w")))
+                                     for m in methods if m != "headct-w1"}
     methods += [m.strip() for m in args.peers.split(",") if m.strip()]
     unknown = [m for m in methods if not m.startswith("headct-w") and m not in LABELS]
     if unknown:
@@ -485,8 +512,9 @@ def _print_table(report: dict, out: Path) -> None:
                       f"{'met' if floor['met'] else 'NOT met'}")
     for k, speedup in report["headct_speedup_by_workers"].items():
         if k != "1":
-            console.print(f"headct scaling: {k} workers give {speedup:.2f}x the series/s of 1 worker "
-                          f"({os.cpu_count()} CPUs here)")
+            ceiling = lim["cpu_scaling_ceiling"].get(k)
+            console.print(f"headct scaling: {k} workers give {speedup:.2f}x the series/s of 1 worker; {k} processes "
+                          f"of pure CPU work get {ceiling:.2f}x here now ({os.cpu_count()} CPUs, shared)")
     console.print(f"command: {report['command']}\nJSON: {out}")
 
 

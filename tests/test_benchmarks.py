@@ -102,4 +102,5 @@ def test_ingest_benchmark_runs_every_method_on_tiny_series(tmp_path: Path) -> No
     limits = report["limits"]
     for key in ("disk_series_per_s", "input_cold_read_series_per_s", "decode_series_per_s"):
         assert limits[key] > 0, key
+    assert limits["cpu_scaling_ceiling"]["2"] > 0
     assert "headct ingest" in out.stdout and "reading limit" in out.stdout

@@ -10,7 +10,8 @@ ingested with the command line at the default grid (96^3 at 2 mm). Checks, measu
   route's volume is the source sampled on its own grid (trilinear, done outside headct): mean |difference| inside
   the head under 1 HU; and both routes give one grid and, voxel by voxel, one volume;
 - SimpleITK's series reader and linear resampler, onto exactly the grid headct recorded, agree with headct's volume
-  inside the head: mean |difference| under 2 HU.
+  inside the head: mean |difference| under 2 HU;
+- no patient tag, UID or source folder name reaches any output but the local linkage file.
 Left/right cannot be checked on this symmetric anatomy (the synthetic marker tests in test_ingest.py do that).
 The whole module skips, with the reason, when the package cannot be fetched (no apt, no network).
 """
@@ -37,6 +38,7 @@ class Ingested:
     volume: np.ndarray  # int16 (x, y, z) RAS+
     affine: np.ndarray  # 4x4 voxel -> RAS mm, as the manifest records it
     output: str
+    project: Path  # where `headct ingest` ran: DEST is project/store, the linkage file under project/private
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +85,7 @@ def only_volume(dest: Path, output: str) -> Ingested:
     manifest = store.read_manifest(dest)
     assert len(manifest) == 1, f"expected one accepted series, got {len(manifest)}:\n{output[-3000:]}"
     row = manifest.iloc[0]
-    return Ingested(store.read_volume(dest, row["volume"]), store.affine_of(row), output)
+    return Ingested(store.read_volume(dest, row["volume"]), store.affine_of(row), output, dest.parent)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +225,24 @@ def test_simpleitk_reader_and_resampler_agree_inside_the_head(
     assert inside.sum() > 100_000, "head mask unexpectedly small"
     diff = np.abs(np.clip(itk, -1024, 3071) - ours)[inside]
     assert diff.mean() < 2.0, f"mean |SimpleITK - headct| inside the head = {diff.mean():.3f} HU"
+
+
+def test_no_identifying_value_leaves_the_linkage_file(sources: dict[str, Path], dicom_route: Ingested) -> None:
+    """Patient tags, UIDs and the source folder name appear in no output (store, reports, MLflow artifacts) but
+    the local linkage file."""
+    import pandas as pd
+    import pydicom
+
+    first = pydicom.dcmread(next(sources["series"].iterdir()), stop_before_pixels=True)
+    secrets = [v for v in real_ct.FAKE_PATIENT.values() if len(v) >= 8]  # not the one-letter sex code
+    secrets += [first.StudyInstanceUID, first.SeriesInstanceUID, first.SOPInstanceUID, "export 0001"]
+    checked = 0
+    for path in dicom_route.project.rglob("*"):
+        if not path.is_file() or "private" in path.relative_to(dicom_route.project).parts:
+            continue
+        text = (pd.read_parquet(path).to_csv() if path.suffix == ".parquet"
+                else path.read_bytes().decode("latin-1"))
+        leaked = [value for value in secrets if value in text]
+        assert not leaked, f"{path.relative_to(dicom_route.project)} holds {leaked}"
+        checked += 1
+    assert checked >= 6, "expected the store (volume, manifest, rejects, labels, preprocess), reports, MLflow files"
