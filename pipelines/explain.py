@@ -20,6 +20,8 @@ def _choose_scans(cfg: ExplainConfig, frame: Any, scorer: Any) -> dict[str, Any]
     from headct.data.splits import label_columns
 
     labels = list(cfg.labels) if cfg.labels is not None else label_columns(frame)
+    if scorer is not None and cfg.labels is None:  # by default, the labels the classifier was trained for
+        labels = [label for label in labels if label in scorer.labels]
     missing = [label for label in labels if label not in frame.columns]
     if missing:
         raise InputError(f"{cfg.splits / f'{cfg.split}.csv'}: no column for label(s) {missing}")

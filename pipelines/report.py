@@ -113,7 +113,7 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: di
                     for lab in labels]
             lines += _table(["label", "chance", *(display(m, method) for m in rmodels)], rows)
     if finetune and finetune.get("labels"):
-        lines += ["", f"## Fine-tuning ({finetune.get('init', 'pretrained')} init, test split)", ""]
+        lines += ["", f"## Fine-tuning ({finetune.get('model', 'pretrained')}, best epoch on val; test split)", ""]
         rows = [[lab, str(m.get("n_pos", "-")), _auroc_cell(m)] for lab, m in
                 ((lab, finetune["labels"][lab]) for lab in _canonical(finetune["labels"]))]
         lines += _table(["label", "test positives", "AUROC [95% CI]"], rows)
