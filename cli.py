@@ -205,6 +205,20 @@ def retrieval(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 
 @app.command()
+def predict(
+    study: Annotated[Path, typer.Argument(help="A DICOM folder (any layout) or a .nii/.nii.gz file.")],
+    classifier: Annotated[Path | None, typer.Option(help="Fine-tuned classifier directory.")] = None,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Per-finding probabilities and decisions for one study, with the series chosen and its QC flags."""
+    positional: dict[str, Any] = {"study": study.resolve()}
+    if classifier is not None:
+        positional["classifier_dir"] = classifier.resolve()
+    _run_job("predict", params_file, overrides, positional)
+
+
+@app.command()
 def explain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """Attention maps (CLS attention, rollout) and occlusion sensitivity as axial montages per label."""
     _run_job("explain", params_file, overrides)

@@ -551,6 +551,16 @@ class TuneConfig(Section):
         return v
 
 
+class PredictConfig(Section):
+    """`headct predict STUDY`: one study through ingest QC and a fine-tuned classifier, to the terminal."""
+
+    study: Path | None = None  # a DICOM folder or a NIfTI file (the positional argument)
+    classifier_dir: Path = Path("models/classifier")
+    keep: Literal["best", "all"] = "best"  # score the preferred series, or every series passing QC
+    out: Path | None = None  # also write the result as JSON here (one-off ids only)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ReportConfig(Section):
     """The closing report: results table, radar of AUROC per label and model, few-shot curve, retrieval bars,
     calibration (Markdown + PNG + terminal). Optional inputs (None, or a file not written yet) are left out."""
@@ -579,6 +589,7 @@ class Params(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
     @model_validator(mode="after")

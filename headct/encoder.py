@@ -2,8 +2,9 @@
 
 An `Encoder` is the network plus what it was trained with: the store's preprocessing spec (grid, spacing,
 orientation) and the HU windows that make its input channels. `embed()` takes canonical int16 HU volumes
-(the store's `.npy` files, one (X, Y, Z) array or a (B, X, Y, Z) batch) and applies the windows itself, so a
-caller never re-implements the input pipeline.
+(the store's `.npy` files, one (X, Y, Z) array or a (B, X, Y, Z) batch), or a DICOM folder / NIfTI file that it
+ingests with the model's preprocessing, and applies the windows itself, so a caller never re-implements the
+input pipeline.
 """
 
 from __future__ import annotations
@@ -39,14 +40,21 @@ class Encoder:
 
     @torch.inference_mode()
     def embed(
-        self, volumes: np.ndarray | torch.Tensor, pool: Literal["mean", "cls"] = "mean", batch_size: int = 8
+        self, volumes: np.ndarray | torch.Tensor | str | Path, pool: Literal["mean", "cls"] = "mean",
+        batch_size: int = 8,
     ) -> np.ndarray:
         """Canonical HU volume(s) (X, Y, Z) or (B, X, Y, Z), int16 or float HU -> (B, D) float32 embeddings.
+        A path (a DICOM folder or a NIfTI file) is ingested first with this model's preprocessing, through the
+        same code as `headct ingest` (`headct.study.load_study`); B is then the number of series kept (one).
 
         pool: mean of the patch tokens (default, as the probes use) or the CLS token.
         """
         from headct.data.windows import hu_to_windows
 
+        if isinstance(volumes, str | Path):
+            from headct.study import load_study
+
+            volumes = np.stack(load_study(volumes, self.preprocess).volumes)
         hu = torch.as_tensor(np.asarray(volumes) if not isinstance(volumes, torch.Tensor) else volumes)
         if hu.dim() == 3:
             hu = hu[None]

@@ -320,8 +320,11 @@ def linkage_path(cfg: IngestConfig, root: Path) -> Path:
     return path
 
 
-def ingest(cfg: IngestConfig, root: Path, console: Console) -> IngestResult:
+def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = None) -> IngestResult:
     """Run the whole ingestion (module docstring); paths in `cfg` are absolute. Bad input -> InputError.
+
+    `key`: a pseudonym key to use instead of the configured one (a throw-away key for one-off inference, whose
+    pseudonyms are never stored).
 
     With workers > 1 the pool spawns processes, so a script calling this needs the usual
     `if __name__ == "__main__":` guard (the `headct` command and `python -c` need nothing).
@@ -344,7 +347,8 @@ def ingest(cfg: IngestConfig, root: Path, console: Console) -> IngestResult:
         reads = read_cq500(cfg.labels)
     if cfg.qc.criteria_csv is not None:
         read_criteria(cfg.qc.criteria_csv)  # likewise: a bad criteria file fails now, naming itself
-    key, _ = load_key(cfg.demo_key, warn=lambda message: console.print(f"[yellow]{message}"))
+    if key is None:
+        key, _ = load_key(cfg.demo_key, warn=lambda message: console.print(f"[yellow]{message}"))
     pseudo = Pseudonymizer(key)
     previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables) if tables.is_dir() else {}
     readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
