@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
-	bench-ingest bench-gpu-pretrain
+	bench-ingest bench-gpu-pretrain demo-slow
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -36,6 +36,12 @@ demo: setup ## Run the whole chain on the synthetic default with `dvc repro`, th
 
 demo-quick: setup ## The same chain on tiny parameters (params-quick.yaml) in a throw-away workspace, in a few minutes
 	$(PY) scripts/workspace.py --params params-quick.yaml --dest build/demo-quick --fresh
+
+demo-slow: setup ## The slow profile (params-slow.yaml) in build/demo-slow/, then the 3D ResNet baseline (hours on CPU)
+	$(PY) scripts/workspace.py --params params-slow.yaml --dest build/demo-slow
+	cd build/demo-slow && $(abspath $(VENV))/bin/headct finetune --set finetune.arch=resnet18 \
+	  --set finetune.init=random --set finetune.out_dir=models/resnet18 \
+	  --set finetune.report_dir=reports/finetune-resnet18 --set finetune.tuned_params=null
 
 test: setup ## Run the test suite (fast set; `slow` excluded)
 	$(PY) -m pytest
