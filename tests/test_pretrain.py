@@ -207,6 +207,21 @@ class Interrupted(Exception):
     pass
 
 
+def die_after_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    """Make the job's checkpoint writer raise Interrupted right after writing the checkpoint of `step`
+    (a kill at the worst moment: the state is on disk, the process is gone)."""
+    import headct.train.checkpoint as checkpoint
+
+    save = checkpoint.save_checkpoint
+
+    def save_then_die(path, model, optimizer, done, config, extra=None):
+        save(path, model, optimizer, done, config, extra)
+        if done == step:
+            raise Interrupted
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+
+
 def test_resumed_run_repeats_the_uninterrupted_one(
     trained: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -216,14 +231,7 @@ def test_resumed_run_repeats_the_uninterrupted_one(
     root, _ = trained
     cfg = make_cfg(root, checkpoint_every=3, checkpoint_dir=root / "ckpt_b", model_dir=root / "models/b",
                    report_dir=root / "reports/b")  # checkpoint_every and paths do not change the trajectory
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(path, model, optimizer, step, config, extra=None):
-        save(path, model, optimizer, step, config, extra)
-        if step == 3:
-            raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    die_after_checkpoint(monkeypatch, step=3)
     with pytest.raises(Interrupted):
         run(cfg, ctx_for(root))
     monkeypatch.undo()
@@ -286,14 +294,7 @@ def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
     assert (root / "reports/a/dino_views.png").stat().st_size > 1000
     encoder, config = load_model_dir(root / "models/a")
     assert config["method"] == "dino"
-    save = checkpoint.save_checkpoint
-
-    def save_then_die(path, model, optimizer, step, config, extra=None):
-        save(path, model, optimizer, step, config, extra)
-        if step == 3:
-            raise Interrupted
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    die_after_checkpoint(monkeypatch, step=3)
     with pytest.raises(Interrupted):
         run(cfg("b", checkpoint_every=3), ctx_for(root))
     monkeypatch.undo()

@@ -9,19 +9,18 @@ or weights whose SHA-256 differs from the config's, is an `InputError` naming th
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from headct.errors import InputError
 from headct.io import atomic_path, write_json
 from headct.models.heads import Classifier
+from headct.models.model_dir import load_weights_strict, read_config
 from headct.models.resnet import build_backbone
 
 CONFIG = "config.json"
@@ -61,17 +60,7 @@ def save_classifier(path: Path, classifier: Classifier, config: dict[str, Any]) 
 
 def read_classifier_config(path: Path) -> dict[str, Any]:
     """The config.json of a classifier directory, with its required keys checked."""
-    file = Path(path) / CONFIG
-    try:
-        config = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{file}: not found; is {path} a classifier directory (from `headct finetune`)?") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{file}: not readable JSON ({exc})") from None
-    missing = [k for k in REQUIRED if k not in config]
-    if missing:
-        raise InputError(f"{file}: missing keys {missing}")
-    return config
+    return read_config(path, REQUIRED, "a classifier directory (from `headct finetune`)")
 
 
 def load_classifier(path: Path | str, device: str | torch.device = "cpu") -> tuple[Classifier, dict[str, Any]]:
@@ -90,17 +79,7 @@ def load_classifier(path: Path | str, device: str | torch.device = "cpu") -> tup
         raise InputError(f"{path / CONFIG}: unusable arch/pool ({exc})") from None
     if classifier.head_type != config["head"]:
         raise InputError(f"{path / CONFIG}: head {config['head']!r} does not fit pool {config['pool']!r}")
-    try:
-        state = load_file(str(weights))
-    except (OSError, SafetensorError) as exc:
-        raise InputError(f"{weights}: not a readable safetensors file ({exc})") from None
-    expected = classifier.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    wrong = [k for k in set(expected) & set(state) if state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong:
-        raise InputError(f"{weights} does not fit {path / CONFIG}: missing keys {missing}, unexpected keys "
-                         f"{unexpected}, wrong shapes {sorted(wrong)}")
-    classifier.load_state_dict(state, strict=True)
+    load_weights_strict(classifier, weights, path / CONFIG)
     classifier.labels = list(config["labels"])
     classifier.windows = list(config["windows"])
     return classifier.to(device).eval(), config

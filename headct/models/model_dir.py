@@ -43,19 +43,39 @@ def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
     return path
 
 
-def read_config(path: Path) -> dict[str, Any]:
-    """The validated config.json of a model directory; InputError naming the file and the problem."""
+def read_config(path: Path, required: tuple[str, ...] = REQUIRED, what: str = "a model directory") -> dict[str, Any]:
+    """The config.json of a model (or classifier) directory with its `required` keys checked; InputError naming
+    the file and the problem."""
     file = Path(path) / CONFIG
     try:
         config = json.loads(file.read_text())
     except FileNotFoundError:
-        raise InputError(f"{file}: not found; is {path} a model directory?") from None
+        raise InputError(f"{file}: not found; is {path} {what}?") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(f"{file}: not readable JSON ({exc})") from None
-    missing = [k for k in REQUIRED if k not in config]
+    missing = [k for k in required if k not in config]
     if missing:
         raise InputError(f"{file}: missing keys {missing}")
     return config
+
+
+def load_weights_strict(module: torch.nn.Module, weights: Path, described_by: Path) -> None:
+    """Load `weights` (safetensors) into `module`: every key present, none extra, every shape equal, or an
+    InputError naming the file and the keys (never a partial load)."""
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise InputError(f"{weights}: not found") from None
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"{weights}: not a readable safetensors file ({exc})") from None
+    expected = module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = sorted(f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
+                   if k in state and state[k].shape != v.shape)
+    if missing or unexpected or wrong:
+        raise InputError(f"{weights} does not fit {described_by}: missing keys {missing}, unexpected keys "
+                         f"{unexpected}, wrong shapes {wrong}")
+    module.load_state_dict(state, strict=True)
 
 
 def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[ViT3D, dict[str, Any]]:
@@ -66,22 +86,5 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[ViT3
         encoder = build_encoder(config["arch"])
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path / CONFIG}: unusable arch ({exc})") from None
-    try:
-        state = load_file(str(path / WEIGHTS))
-    except FileNotFoundError:
-        raise InputError(f"{path / WEIGHTS}: not found") from None
-    except (OSError, SafetensorError) as exc:
-        raise InputError(f"{path / WEIGHTS}: not a readable safetensors file ({exc})") from None
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise InputError(
-            f"{path / WEIGHTS} does not match arch {config['arch'].get('name')}: "
-            f"missing keys {missing}, unexpected keys {unexpected}"
-        )
-    wrong = [f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
-    if wrong:
-        raise InputError(f"{path / WEIGHTS}: weights of the wrong shape: {wrong}")
-    encoder.load_state_dict(state, strict=True)
+    load_weights_strict(encoder, path / WEIGHTS, path / CONFIG)
     return encoder.to(device).eval(), config
