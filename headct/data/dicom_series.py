@@ -156,16 +156,6 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def _floats(ds: pydicom.Dataset, keyword: str, n: int) -> tuple[float, ...] | None:
-    value = ds.get(keyword)
-    if value is None or len(value) != n:
-        return None
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-
-
 def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
     value = ds.get(keyword)
     try:
@@ -227,9 +217,9 @@ def _slice_header(path: Path, ds: pydicom.Dataset) -> SliceHeader | str:
         sop_class_uid=_text(ds, "SOPClassUID"),
         rows=int(rows) if rows is not None else None,
         cols=int(cols) if cols is not None else None,
-        pixel_spacing=_floats(ds, "PixelSpacing", 2),
-        orientation=_floats(ds, "ImageOrientationPatient", 6),
-        position=_floats(ds, "ImagePositionPatient", 3),
+        pixel_spacing=multiframe.floats(ds, "PixelSpacing", 2),
+        orientation=multiframe.floats(ds, "ImageOrientationPatient", 6),
+        position=multiframe.floats(ds, "ImagePositionPatient", 3),
         frames=int(ds.get("NumberOfFrames") or 1),
         slice_thickness=_float(ds, "SliceThickness"),
         kernel=_text(ds, "ConvolutionKernel") or multiframe.nested_text(shared, "CTReconstructionSequence",

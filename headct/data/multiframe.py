@@ -42,7 +42,9 @@ def _macro(items: list[pydicom.Dataset | None], sequence: str) -> pydicom.Datase
     return None
 
 
-def _floats(item: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
+def floats(item: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
+    """`n` floats from a multi-valued DICOM attribute of `item` (a dataset or a functional-group item), or None
+    when the item, the attribute or a number in it is missing or malformed."""
     value = item.get(keyword) if item is not None else None
     if value is None or len(value) != n:
         return None
@@ -95,9 +97,9 @@ def frame_facts(ds: pydicom.Dataset) -> list[FrameFacts] | str:
         thickness = measures.get("SliceThickness") if measures is not None else None
         kinds = frame_type.get("FrameType") if frame_type is not None else None
         facts.append(FrameFacts(
-            position=_floats(position, "ImagePositionPatient", 3),
-            orientation=_floats(orientation, "ImageOrientationPatient", 6),
-            pixel_spacing=_floats(measures, "PixelSpacing", 2),
+            position=floats(position, "ImagePositionPatient", 3),
+            orientation=floats(orientation, "ImageOrientationPatient", 6),
+            pixel_spacing=floats(measures, "PixelSpacing", 2),
             slice_thickness=float(thickness) if thickness not in (None, "") else None,
             rescale=rescale,
             frame_type=tuple(str(t).upper() for t in kinds) if kinds else None,
