@@ -274,6 +274,7 @@ def _finish(
     grid = list(data.preprocess["shape"])
     start_loss = run_so_far["heldout_loss_start"]
     end_loss = task.heldout_loss(heldout_hu)
+    spread = task.feature_spread(heldout_hu)
     mlrun.log_metrics({"heldout_loss": end_loss}, step=total)
     provenance = {"git_commit": tracking.git_commit(ctx.root), "data": data.provenance,
                   "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
@@ -289,6 +290,7 @@ def _finish(
         "data_wait_fraction": round(run_so_far["data_seconds"] / seconds, 4) if seconds else 0.0,
         "resumed_from_step": start, "train_scans": len(data.train_paths), "heldout_scans": len(data.heldout_paths),
         "weights_sha256": digest,
+        **({"heldout_feature_spread": round(spread, 6)} if spread is not None else {}),
     }
     write_json(cfg.report_dir / "metrics.json", metrics)
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
@@ -304,8 +306,10 @@ def _finish(
     registered = None
     if cfg.register_as:
         from headct import registry
+        from headct.train.pretext import COLLAPSE_SPREAD
 
-        improved = end_loss < start_loss
+        # Champion: finished (a diverged run raised earlier), held-out loss improved, and (DINO) not collapsed.
+        improved = end_loss < start_loss and (spread is None or spread > COLLAPSE_SPREAD)
         registered = registry.register_encoder(
             cfg.model_dir, cfg.register_as, grid, task.encoder.embed_dim, promote=improved,
             tags={"method": cfg.method, "heldout_loss_start": f"{start_loss:.6g}",

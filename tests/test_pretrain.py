@@ -311,3 +311,20 @@ def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
     assert all(torch.equal(encoder.state_dict()[k], teacher[k]) for k in teacher)
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
     assert weights_digest(encoder)
+    assert whole["heldout_feature_spread"] > 1e-3  # above the collapse line (pretext.COLLAPSE_SPREAD)
+
+
+def test_a_collapsed_dino_encoder_is_detected(tmp_path: Path) -> None:
+    from headct.models.vit import build_encoder
+    from headct.train.pretext import COLLAPSE_SPREAD, DinoTask
+
+    root = make_project(tmp_path / "proj", n_scans=4)
+    torch.manual_seed(0)
+    encoder = build_encoder({"name": "tiny", "img_size": SIZE, "patch_size": 16, "in_chans": 3, "depth": 1})
+    task = DinoTask(make_cfg(root, method="dino", dino=DINO_SMALL), encoder, torch.device("cpu"), 0, 10, 5)
+    hu = torch.from_numpy(np.stack([np.load(p) for p in sorted((root / "data/store/t/volumes").glob("*.npy"))]))
+    assert task.feature_spread(hu) > COLLAPSE_SPREAD
+    with torch.no_grad():  # every input -> one point: the final norm outputs its bias only
+        task.encoder.norm.weight.zero_()
+        task.encoder.norm.bias.fill_(0.3)
+    assert task.feature_spread(hu) < COLLAPSE_SPREAD

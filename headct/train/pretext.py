@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from headct.data.augment import augment_hu
@@ -20,6 +21,9 @@ from headct.models.vit import ViT3D
 from headct.train.engine import step_generator
 
 EVAL_STREAM = 1_000_003  # generator stream of held-out masks/crops (training uses small stream numbers)
+# Below this feature spread (see DinoTask.feature_spread) a DINO encoder counts as collapsed. Random unit vectors
+# in D dimensions spread by ~1/sqrt(D) per dimension (0.07 at D = 192), so 1e-3 is far below any useful encoder.
+COLLAPSE_SPREAD = 1e-3
 
 
 def stream(rank: int, micro: int, accum_steps: int, kind: int) -> int:
@@ -39,6 +43,7 @@ class PretextTask(Protocol):
     def after_update(self, step: int) -> None: ...
     def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path | None: ...
     def metric_name(self) -> str: ...
+    def feature_spread(self, hu: torch.Tensor) -> float | None: ...
 
 
 class MaeTask:
@@ -91,6 +96,9 @@ class MaeTask:
 
     def after_update(self, step: int) -> None:
         return None
+
+    def feature_spread(self, hu: torch.Tensor) -> float | None:
+        return None  # MAE cannot collapse: a constant encoder cannot reconstruct the masked voxels
 
     @torch.no_grad()
     def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path:
@@ -184,6 +192,18 @@ class DinoTask:
             total += out["dino"].item() * len(chunk)
         self.model.train(was_training)
         return total / len(hu)
+
+    @torch.no_grad()
+    def feature_spread(self, hu: torch.Tensor) -> float:
+        """Mean over dimensions of the std across held-out volumes of the teacher encoder's L2-normalised CLS
+        features. A collapsed DINO (every input mapped to one point) scores ~0 while its loss can still fall, so
+        the registry's `champion` rule checks this too (COLLAPSE_SPREAD)."""
+        was_training = self.model.training
+        self.model.eval()
+        feats = [F.normalize(self.encoder.forward_features(hu_to_windows(chunk.to(self.device), self.cfg.windows))
+                             [:, 0].float(), dim=-1) for chunk in hu.split(self.cfg.batch_size)]
+        self.model.train(was_training)
+        return float(torch.cat(feats).std(dim=0).mean()) if len(hu) > 1 else float("nan")
 
     @torch.no_grad()
     def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path:
