@@ -6,8 +6,9 @@ model.safetensors) and whose loader is `headct.load_encoder`; the headct package
 safetensors and numpy. Input: canonical int16 HU volumes (B, X, Y, Z) on the model's grid; output: (B, D) float32
 embeddings (mean of the patch tokens).
 
-Promotion rule: a version becomes `champion` when its run finished (a diverged run raises before it gets here)
-and its held-out loss at the end is below the one at the start. Newer qualifying runs take the alias over.
+Promotion rule: a version becomes `champion` when its run finished (a diverged run raises before it gets here),
+its held-out loss at the end is below the one at the start and (DINO) it has not collapsed; the pre-training job
+decides and passes `promote`. Newer qualifying runs take the alias over.
 Imported only by the pre-training job, after tracking has pointed MLflow at the store.
 """
 
