@@ -202,7 +202,7 @@ def evaluate(
 
 
 def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, history: list[Any]) -> list[Path]:
-    from headct.eval.plots import plot_roc_grid
+    from headct.eval.plots import plot_pr_grid, plot_reliability_grid, plot_roc_grid
     from headct.io import atomic_path, write_json
 
     write_json(cfg.report_dir / "metrics.json", metrics)
@@ -213,7 +213,11 @@ def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, his
     panels = {label: {model: (g["target"].to_numpy(), g["score"].to_numpy()) for model, g in rows.groupby("model")}
               for label, rows in test.groupby("label", sort=False) if label in metrics["labels"]}
     plot_roc_grid(panels, cfg.report_dir / "roc.png", f"fine-tuned {metrics['model']} ROC (test)")
-    return [cfg.report_dir / n for n in ("metrics.json", "history.json", "predictions.csv", "roc.png")]
+    plot_pr_grid(panels, cfg.report_dir / "pr.png", f"fine-tuned {metrics['model']} precision-recall (test)")
+    plot_reliability_grid(panels, cfg.report_dir / "reliability.png",
+                          f"fine-tuned {metrics['model']} reliability (test)")
+    return [cfg.report_dir / n for n in ("metrics.json", "history.json", "predictions.csv", "roc.png", "pr.png",
+                                         "reliability.png")]
 
 
 def _print_table(metrics: dict[str, Any]) -> None:

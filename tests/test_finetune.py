@@ -155,7 +155,7 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
     assert set(table["split"]) == {"val", "test"} and set(table["label"]) == {"ICH", "SDH"}
     metrics = json.loads((cfg.report_dir / "metrics.json").read_text())
     history = json.loads((cfg.report_dir / "history.json").read_text())
-    assert (cfg.report_dir / "roc.png").is_file() and len(history) == 3
+    assert all((cfg.report_dir / n).is_file() for n in ("roc.png", "pr.png", "reliability.png")) and len(history) == 3
     for label, m in metrics["labels"].items():
         for key in ("auroc", "ap", "sensitivity", "specificity", "auroc_low", "auroc_high", "threshold"):
             assert key in m
