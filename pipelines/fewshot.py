@@ -175,7 +175,7 @@ def run(cfg: FewshotConfig, ctx: JobContext) -> dict[str, Any]:
 
     frames = read_splits(cfg.splits)
     labels = _labels(cfg, frames)  # type: ignore[arg-type]  # needs only .labels and .splits
-    features = split_features(read_cache(cfg.features, cfg.models), frames, cfg.features)
+    features = split_features(read_cache(cfg.features, cfg.models, ctx.root), frames, cfg.features)
     results, skipped, skipped_shots, predictions = _evaluate(cfg, frames, features, labels)
     metrics = {
         "models": list(features),

@@ -227,7 +227,7 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
     if cfg.features is not None:  # features extracted once by `headct extract`
         from headct.eval.feature_cache import read_cache, split_features
 
-        features, seconds = split_features(read_cache(cfg.features), frames, cfg.features), {}
+        features, seconds = split_features(read_cache(cfg.features, root=ctx.root), frames, cfg.features), {}
     else:
         pretrained, config = load_model_dir(cfg.model_dir)
         _check_preprocessing(cfg, ctx, config)

@@ -30,7 +30,7 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
     frames = read_splits(cfg.splits)
     labels = _labels(cfg, frames)  # type: ignore[arg-type]  # needs only .labels and .splits
     frame = frames[cfg.split]
-    cache = read_cache(cfg.features, cfg.models)
+    cache = read_cache(cfg.features, cfg.models, ctx.root)
     features = {m: fs.for_frame(frame, cfg.features / f"{m}.npz") for m, fs in cache.items()}
     results: dict[str, dict[str, Any]] = {m: {} for m in features}
     chance: dict[str, float] = {}

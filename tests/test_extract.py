@@ -186,6 +186,14 @@ def test_extract_then_probe_fewshot_and_retrieval_read_the_cache(
     assert {"extract", "probe", "fewshot", "retrieval", "pretrained/K=2", "hu_histogram/K=1"} <= set(names)
     assert sum(n.endswith(("K=1", "K=2")) for n in names) == 4  # one child per (model, K)
 
+    # New weights in the model directory make the cache stale: readers refuse it rather than report old numbers.
+    weights = tmp_path / "model" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    for job, job_cfg in ((probe, probe_cfg), (fewshot, few_cfg), (retrieval, ret_cfg)):
+        with pytest.raises(InputError, match=r"pretrained\.json: .*re-run `headct extract`"):
+            job.run(job_cfg, job_ctx)
+
 
 def test_extract_names_a_volume_off_the_external_grid(tmp_path: Path, job_ctx, external_module: str) -> None:
     from pipelines import extract

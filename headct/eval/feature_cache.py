@@ -117,14 +117,36 @@ def read_feature_set(folder: Path, model: str) -> FeatureSet:
     return FeatureSet(model, data["scan_id"], data["patient_id"], data["split"], data["embedding"], meta)
 
 
-def read_cache(folder: Path, models: list[str] | None = None) -> dict[str, FeatureSet]:
-    """Every (or the named) cached model's features, in index order; an unknown name is an InputError."""
+def read_cache(folder: Path, models: list[str] | None = None, root: Path | None = None) -> dict[str, FeatureSet]:
+    """Every (or the named) cached model's features, in index order; an unknown name is an InputError.
+
+    With `root` (the project root that relative `source` paths refer to), an encoder's features are checked
+    against its model directory: weights changed since extraction is an InputError asking for `headct extract`,
+    so a probe never reports numbers of a model that no longer exists.
+    """
     listed = cached_models(folder)
     wanted = listed if models is None else list(models)
     unknown = [m for m in wanted if m not in listed]
     if unknown:
         raise InputError(f"{Path(folder) / INDEX}: model(s) {unknown} not cached; cached: {listed}")
-    return {m: read_feature_set(folder, m) for m in wanted}
+    cache = {m: read_feature_set(folder, m) for m in wanted}
+    if root is not None:
+        for model, features in cache.items():
+            check_fresh(folder, features, Path(root))
+    return cache
+
+
+def check_fresh(folder: Path, features: FeatureSet, root: Path) -> None:
+    """InputError when an encoder's weights file no longer has the SHA-256 recorded at extraction."""
+    meta = features.meta
+    if meta.get("kind") != "encoder" or not meta.get("source") or not meta.get("weights_sha256"):
+        return
+    weights = (root / meta["source"]) / "model.safetensors"
+    if weights.is_file() and file_sha256(weights) != meta["weights_sha256"]:
+        raise InputError(
+            f"{Path(folder) / (features.model + '.json')}: features of {meta['source']} were extracted from weights "
+            f"{meta['weights_sha256'][:12]}, but {weights} now has {file_sha256(weights)[:12]}; re-run `headct extract`"
+        )
 
 
 def split_features(
