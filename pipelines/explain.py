@@ -107,10 +107,11 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
         if "occlusion" in methods:
             maps["occlusion"] = occlusion_sensitivity(lambda v, lab=label: scorer.scores(v, lab), hu,
                                                       encoder.model.patch_size, cfg.baseline_hu)
+        head = hu.numpy() > -300  # HU: skin and everything denser
         for method, heat in maps.items():
-            rows[method].append(MontageRow(label, row["scan_id"], display, heat))
+            rows[method].append(MontageRow(label, row["scan_id"], display, heat, head))
         shown[label] = {"scan_id": row["scan_id"], "patient_id": row["patient_id"],
-                        "slices": {m: slices_for(h, cfg.slices) for m, h in maps.items()}}
+                        "slices": {m: slices_for(h, cfg.slices, head) for m, h in maps.items()}}
 
     titles = {"cls": "last-block CLS attention (mean over heads)", "rollout": "attention rollout",
               "occlusion": f"occlusion sensitivity (cubes set to {cfg.baseline_hu:g} HU)"}

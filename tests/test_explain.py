@@ -55,6 +55,12 @@ def test_occlusion_finds_the_cube_the_score_depends_on() -> None:
     assert 16 <= peak[0] < 24 and 8 <= peak[1] < 16 and peak[2] < 8
     flat = occlusion_sensitivity(lambda v: torch.zeros(len(v)), hu, patch=8)
     assert np.allclose(flat, flat.mean(), rtol=1e-3)  # no drop anywhere -> uniform, documented
+    # Air is never occluded (filling it with tissue would paint a new object): a scorer that reacts to any
+    # tissue in the air half leaves that half empty on the map.
+    half = hu.clone()
+    half[:, :, 16:] = -1000.0
+    air_sensitive = occlusion_sensitivity(lambda v: (v[:, :, :, 16:] > 0).float().mean(dim=(1, 2, 3)) - 1, half, 8)
+    assert air_sensitive[:, :, 20:].sum() < 1e-6 and np.isclose(air_sensitive.sum(), 1.0, atol=1e-4)
 
 
 def test_explain_job_writes_montages_and_names_scans_by_pseudonym(job_ctx) -> None:

@@ -8,8 +8,10 @@ are on one scale. Figures min-max them for display only.
   al. 2021 show it for DINO); registers and CLS are dropped and the patch weights renormalised.
 - Attention rollout (Abnar & Zuidema 2020): per block, the head-mean attention plus the identity (the residual
   path), rows renormalised, multiplied from the first block to the last; the CLS row over the patches.
-- Occlusion sensitivity (Zeiler & Fergus 2014): model-agnostic; each patch-sized cube in turn is replaced by a
-  baseline HU, and the drop in the score is the patch's importance (increases are clipped to 0).
+- Occlusion sensitivity (Zeiler & Fergus 2014): model-agnostic; each patch-sized cube that lies in the head (at
+  least 10% of its voxels above -300 HU) is in turn replaced by a baseline HU, and the drop in the score is the
+  patch's importance (increases are clipped to 0). Cubes of air are not occluded: filling air with tissue would
+  paint a new object, not remove evidence.
 Token maps (gx, gy, gz) are upsampled trilinearly to the voxel grid (each token covers patch^3 voxels).
 """
 
@@ -65,19 +67,22 @@ def attention_rollout(encoder: Any, x: torch.Tensor, residual: float = 0.5) -> n
 @torch.no_grad()
 def occlusion_sensitivity(
     score: Callable[[torch.Tensor], torch.Tensor], hu: torch.Tensor, patch: int, baseline_hu: float = 30.0,
-    batch_size: int = 16,
+    batch_size: int = 16, head_hu: float = -300.0, min_head_fraction: float = 0.1,
 ) -> np.ndarray:
     """HU volume (X, Y, Z) and a scorer (B, X, Y, Z) HU -> (B,) -> occlusion map (X, Y, Z), summing to 1.
 
-    Each non-overlapping patch^3 cube is set to `baseline_hu` (default 30 HU, brain parenchyma, so a bleed or a
-    mass "disappears" into normal tissue) and the score drop is recorded; a map with no drop anywhere is uniform.
-    Costs one scorer call per cube (64 at 64^3 / 16, 512 at 96^3 / 12), batched.
+    Each non-overlapping patch^3 cube in the head is set to `baseline_hu` (default 30 HU, brain parenchyma, so a
+    bleed or a mass "disappears" into normal tissue) and the score drop is recorded; a map with no drop anywhere
+    is uniform over the head's cubes. Costs one scorer call per head cube (at most 64 at 64^3 / 16, 512 at
+    96^3 / 12), batched.
     """
     if hu.dim() != 3 or any(s % patch for s in hu.shape):
         raise ValueError(f"expected one (X, Y, Z) volume divisible by patch {patch}, got {list(hu.shape)}")
     grid = tuple(s // patch for s in hu.shape)
     reference = score(hu[None].float())[0]
-    cubes = [(i, j, k) for i in range(grid[0]) for j in range(grid[1]) for k in range(grid[2])]
+    head = (hu > head_hu).float().reshape(grid[0], patch, grid[1], patch, grid[2], patch).mean(dim=(1, 3, 5))
+    cubes = [(i, j, k) for i in range(grid[0]) for j in range(grid[1]) for k in range(grid[2])
+             if head[i, j, k] >= min_head_fraction]
     drops = torch.zeros(len(cubes))
     for start in range(0, len(cubes), batch_size):
         chunk = cubes[start : start + batch_size]
@@ -87,5 +92,8 @@ def occlusion_sensitivity(
         drops[start : start + len(chunk)] = (reference - score(batch)).float().cpu()
     drops = drops.clamp_min(0)
     if float(drops.sum()) == 0.0:
-        drops = torch.ones_like(drops)
-    return _to_volume(drops.reshape(1, *grid), hu.shape)[0]
+        drops = torch.ones_like(drops)  # no drop anywhere: uniform over the head's cubes
+    token_map = torch.zeros(grid)
+    for (i, j, k), drop in zip(cubes, drops, strict=True):
+        token_map[i, j, k] = drop
+    return _to_volume(token_map[None], hu.shape)[0]

@@ -1,8 +1,9 @@
 """Attention / occlusion montages: axial slices in the brain window with the map overlaid (PNG, Agg canvas).
 
 One row per (label, scan), one column per axial slice; slices are spread evenly over the axial extent where the
-map carries most of its mass (the 10th to 90th percentile of its z profile), so the figure shows where the model
-looks rather than empty vertex or skull-base slices. Rows are labelled with the scan's pseudonym only.
+map carries most of its mass inside the head (the 10th to 90th percentile of its z profile), so the figure shows
+where the model looks rather than empty vertex or skull-base slices. The overlay is drawn inside the head only
+(the maps themselves are untouched). Rows are labelled with the scan's pseudonym only.
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ class MontageRow:
     scan_id: str
     volume: np.ndarray
     heat: np.ndarray
+    head: np.ndarray | None = None  # (X, Y, Z) bool: the overlay is drawn inside it only
 
 
-def slices_for(heat: np.ndarray, n: int) -> list[int]:
-    """n axial (z) indices spread over the central 80% of the map's mass along z."""
-    profile = heat.sum(axis=(0, 1))
+def slices_for(heat: np.ndarray, n: int, head: np.ndarray | None = None) -> list[int]:
+    """n axial (z) indices spread over the central 80% of the map's mass along z (inside `head` when given)."""
+    profile = (heat if head is None else heat * head).sum(axis=(0, 1))
+    if profile.sum() <= 0:
+        profile = heat.sum(axis=(0, 1))
     cdf = np.cumsum(profile) / max(float(profile.sum()), 1e-12)
     lo, hi = int(np.searchsorted(cdf, 0.1)), int(np.searchsorted(cdf, 0.9))
     hi = max(hi, lo)
@@ -47,12 +51,14 @@ def plot_montage(rows: Sequence[MontageRow], n_slices: int, dest: Path, title: s
     if not rows:
         fig.text(0.5, 0.5, "no scan to explain (no label had a positive scan in this split)", ha="center")
     for r, row in enumerate(rows):
-        heat = row.heat / max(float(row.heat.max()), 1e-12)
-        for c, z in enumerate(slices_for(row.heat, n_slices)):
+        shown = row.heat if row.head is None else row.heat * row.head  # maps are not drawn over air
+        heat = shown / max(float(shown.max()), 1e-12)
+        for c, z in enumerate(slices_for(row.heat, n_slices, row.head)):
             ax = fig.add_subplot(max(1, len(rows)), n_slices, r * n_slices + c + 1)
             # Array axis 0 runs left -> right (RAS+); radiological display puts the patient's left on the right.
             ax.imshow(row.volume[::-1, :, z].T, cmap="gray", vmin=0, vmax=1, origin="lower")
-            ax.imshow(np.ma.masked_less(heat[::-1, :, z].T, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1,
+            # Only the upper 80% of the map's range is coloured, so the hot spots stand out on the anatomy.
+            ax.imshow(np.ma.masked_less(heat[::-1, :, z].T, 0.2), cmap="jet", alpha=0.45, vmin=0, vmax=1,
                       origin="lower")
             ax.set_xticks([])
             ax.set_yticks([])
@@ -60,7 +66,7 @@ def plot_montage(rows: Sequence[MontageRow], n_slices: int, dest: Path, title: s
                 ax.set_title(f"z={z}", fontsize=7)
             if c == 0:
                 ax.set_ylabel(f"{row.label}\n{row.scan_id[:12]}", fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # leave the title its own line
     with atomic_path(Path(dest), suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     return Path(dest)

@@ -131,7 +131,7 @@ def read_cache(folder: Path, models: list[str] | None = None, root: Path | None 
         raise InputError(f"{Path(folder) / INDEX}: model(s) {unknown} not cached; cached: {listed}")
     cache = {m: read_feature_set(folder, m) for m in wanted}
     if root is not None:
-        for model, features in cache.items():
+        for features in cache.values():
             check_fresh(folder, features, Path(root))
     return cache
 
