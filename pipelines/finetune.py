@@ -132,7 +132,7 @@ def amp_dtype(cfg: FinetuneConfig, device: Any) -> Any:
 
 def train_classifier(
     cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, device: Any, *, epochs: int | None = None,
-    on_epoch: Any = None, on_log: Any = None, save_state: Any = None,
+    on_epoch: Any = None, on_log: Any = None, save_state: Any = None, resume: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Any], dict[str, Any], Any]:
     """Build and fine-tune a classifier on train, selecting on val -> (classifier at its best epoch, windows,
     preprocess, FitResult). Used by this job and by each `headct tune` trial."""
@@ -146,7 +146,7 @@ def train_classifier(
                                        **({"epochs": epochs} if epochs is not None else {}))
     result = fit(classifier, train_set, [ctx.root / p for p in data.val["img_path"]],
                  targets_of(data.val, data.labels), data.labels, windows, settings, device,
-                 on_epoch=on_epoch, on_log=on_log, save_state=save_state)
+                 on_epoch=on_epoch, on_log=on_log, save_state=save_state, resume=resume)
     classifier.load_state_dict(result.best_state, strict=True)
     return classifier, windows, preprocess, result
 
@@ -239,6 +239,39 @@ def _print_table(metrics: dict[str, Any]) -> None:
         console.print(f"skipped {label}: {reason}")
 
 
+def run_identity(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
+    """What fixes a fine-tuning trajectory: the settings (less output-only ones) and the bytes of the inputs
+    (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
+    from headct.eval.feature_cache import file_sha256
+
+    identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
+    inputs = sorted(Path(cfg.splits).glob("*.csv"))
+    if cfg.arch == "vit" and cfg.init == "pretrained":
+        inputs.append(Path(cfg.model_dir) / "model.safetensors")
+    identity["inputs_sha256"] = {p.name: file_sha256(p) for p in inputs if p.is_file()}
+    return identity
+
+
+def _resume_state(checkpoint: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """The checkpoint to continue from, if this run was interrupted; InputError if it belongs to another run."""
+    from headct.train.checkpoint import config_differences, load_checkpoint
+
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    state = load_checkpoint(checkpoint)
+    diffs = config_differences(state["config"], identity)
+    if diffs:
+        raise InputError(f"{checkpoint}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
+                         "finetune.checkpoint_dir elsewhere to start afresh")
+    return state
+
+
+def console_note(message: str) -> None:
+    from rich.console import Console
+
+    Console().print(message)
+
+
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     import torch
 
@@ -252,12 +285,14 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_data(cfg, ctx)
-    identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
+    identity = run_identity(cfg, ctx)
     run_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    checkpoint = cfg.checkpoint_dir / run_key / "last.pt" if cfg.checkpoint_dir is not None else None
+    resume = _resume_state(checkpoint, identity)
 
     def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
-        if cfg.checkpoint_dir is not None:
-            save_checkpoint(cfg.checkpoint_dir / run_key / "last.pt", model, optimizer, step, identity, extra)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, model, optimizer, step, identity, extra)
 
     tags = {"headct.model": data.model_name, "headct.labels": ",".join(data.labels)}
     with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags) as mlrun:
@@ -265,8 +300,10 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
             mlrun.log_metrics({"val_auroc_mean": record["val_auroc_mean"], "train_loss": record["train_loss"],
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
 
+        if resume is not None:
+            console_note(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
         classifier, windows, preprocess, fitted = train_classifier(
-            cfg, ctx, data, device, on_epoch=on_epoch, save_state=save_state,
+            cfg, ctx, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
             on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
         shape = preprocess.get("shape") or data.preprocess.get("shape")
         metrics, table, thresholds = evaluate(cfg, ctx, data, classifier, windows, shape, device)
@@ -291,7 +328,11 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         for path in outputs:
             mlrun.log_artifact(path, "finetune")
         mlrun.log_artifacts(cfg.out_dir, "classifier")
+    # Finished: kept for inspection, never resumed (a re-run after a code change trains again).
+    if checkpoint is not None and checkpoint.is_file():
+        checkpoint.replace(checkpoint.with_name("complete.pt"))
     _print_table(metrics)
-    return {"model": data.model_name, "labels": data.labels, "best_epoch": fitted.best_epoch,
+    return {"resumed_after_epoch": None if resume is None else int(resume["extra"]["epoch"]) + 1,
+            "model": data.model_name, "labels": data.labels, "best_epoch": fitted.best_epoch,
             "best_val_auroc_mean": fitted.best_val_auroc, "mean_test_auroc": metrics["mean_test_auroc"],
             "classifier_dir": str(cfg.out_dir)}

@@ -242,3 +242,44 @@ def test_resnet_baseline_runs_and_its_classifier_dir_reloads(project: Path, job_
     assert job.run(cfg, JobContext(root=project, tracking=job_ctx.tracking))["model"] == "resnet10"
     classifier, config = load_classifier(cfg.out_dir)
     assert config["arch"] == {"name": "resnet10", "in_chans": 3} and classifier.labels == ["ICH"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_killed_finetune_resumes_after_its_last_epoch_and_ends_where_an_uninterrupted_one_does(
+    project: Path, job_ctx: JobContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import headct.train.checkpoint as checkpoint
+    from pipelines import finetune as job
+
+    ctx = JobContext(root=project, tracking=job_ctx.tracking)
+
+    def cfg(tag: str):
+        return finetune_cfg(project, epochs=3, checkpoint_dir=project / f"ckpt-{tag}",
+                            out_dir=project / f"models/{tag}", report_dir=project / f"reports/{tag}")
+
+    whole = job.run(cfg("whole"), ctx)
+    assert whole["resumed_after_epoch"] is None
+    save, calls = checkpoint.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):  # the process dies right after the first epoch's checkpoint
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 1:
+            raise Killed
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        job.run(cfg("killed"), ctx)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save)
+    resumed = job.run(cfg("killed"), ctx)
+    assert resumed["resumed_after_epoch"] == 1
+    history = [json.loads((project / f"reports/{t}/history.json").read_text()) for t in ("whole", "killed")]
+    assert [e["val_auroc_mean"] for e in history[0]] == pytest.approx([e["val_auroc_mean"] for e in history[1]],
+                                                                       rel=1e-6)
+    scores = [pd.read_csv(project / f"reports/{t}/predictions.csv")["score"].to_numpy() for t in ("whole", "killed")]
+    assert np.allclose(scores[0], scores[1], rtol=1e-5, atol=1e-7)
+    assert list((project / "ckpt-killed").glob("*/complete.pt"))  # finished: never resumed again
+    assert not list((project / "ckpt-killed").glob("*/last.pt"))

@@ -201,6 +201,7 @@ def fit(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
     save_state: Callable[[int, nn.Module, torch.optim.Optimizer, dict[str, Any]], None] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> FitResult:
     """Train `classifier` for `settings.epochs` epochs, scoring val after each; keep the best epoch's weights.
 
@@ -208,7 +209,11 @@ def fit(
         on_epoch: (epoch, {"val_auroc_mean", "val_auroc": {label: auroc}, "train_loss", "step"}) after each
             epoch's val scoring; may raise (e.g. optuna.TrialPruned) to stop the run.
         on_log: the engine's periodic training log (loss, lr of the head, volumes/s), by global step.
-        save_state: (completed steps, model, optimizer, extra) after each epoch, e.g. an atomic checkpoint.
+        save_state: (completed steps, model, optimizer, extra) after each epoch, e.g. an atomic checkpoint;
+            extra holds the epoch, the history and the best epoch's weights, so a run can resume from it.
+        resume: a checkpoint written through `save_state` (headct.train.checkpoint.load_checkpoint): model,
+            optimizer, RNG, history and best epoch are restored and training continues with the next epoch.
+            Sampling and augmentation are functions of the global step, so the result equals an uninterrupted run.
     """
     import time
 
@@ -246,8 +251,18 @@ def fit(
         return masked_bce(logits, targets.to(device), pos_weight)
 
     result = FitResult(best_epoch=-1, best_val_auroc=-math.inf, best_state={})
+    first_epoch = 0
+    if resume is not None:
+        from headct.train.checkpoint import restore
+
+        restore(resume, classifier, optimizer)
+        extra = resume["extra"]
+        first_epoch = int(extra["epoch"]) + 1
+        result.history = list(extra["history"])
+        result.best_epoch, result.best_val_auroc = int(extra["best_epoch"]), float(extra["best_val_auroc"])
+        result.best_state = dict(extra["best_state"])
     start_time = time.perf_counter()
-    for epoch in range(s.epochs):
+    for epoch in range(first_epoch, s.epochs):
         first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
         frozen = epoch < s.freeze_backbone_epochs
         for name, param in classifier.named_parameters():
@@ -273,7 +288,9 @@ def fit(
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in classifier.state_dict().items()}
         result.steps, result.seconds = last, time.perf_counter() - start_time
         if save_state is not None:
-            save_state(last, classifier, optimizer, {"epoch": epoch, "history": copy.deepcopy(result.history)})
+            save_state(last, classifier, optimizer, {
+                "epoch": epoch, "history": copy.deepcopy(result.history), "best_epoch": result.best_epoch,
+                "best_val_auroc": result.best_val_auroc, "best_state": result.best_state})
         if on_epoch is not None:
             on_epoch(epoch, record)
     return result
