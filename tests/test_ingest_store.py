@@ -71,6 +71,19 @@ def test_the_same_sop_instances_with_other_pixels_are_a_duplicate(tmp_path: Path
     assert "SOP instances" in rejects_of(cfg.dest)["message"].iloc[0]
 
 
+def test_the_chosen_series_exported_twice_within_its_study_is_a_duplicate_not_a_competitor(tmp_path: Path) -> None:
+    """The same instances under a second series UID in the same study: reported as a copy of the kept series."""
+    cfg = make_cfg(tmp_path)
+    sops, study = [generate_uid() for _ in range(32)], generate_uid()
+    write_series(cfg.src / "a", SeriesSpec(sop_uids=sops), study_uid=study, patient_id="PID-TWICE-001")
+    write_series(cfg.src / "b", SeriesSpec(sop_uids=sops), study_uid=study, patient_id="PID-TWICE-001")
+    summary = run_ingest(cfg)
+    assert summary["accepted"] == 1 and summary["rejected"] == {"duplicate": 1}
+    kept = store.read_manifest(cfg.dest)["scan_id"].iloc[0]
+    reject = rejects_of(cfg.dest).iloc[0]
+    assert "SOP instances" in reject["message"] and kept in reject["message"]
+
+
 # -------------------------------------------------------------------------------------------- shards + merge
 def write_source(src: Path) -> None:
     """Six studies: four plain, one with two series, and one re-export of the first (a duplicate across studies)."""

@@ -281,6 +281,10 @@ def _tables(studies: dict[str, list[SeriesRecord]], accepted: dict[str, dict], c
             if record.scan_id in accepted:
                 manifest.append(_manifest_row(record, accepted[record.scan_id], cfg))
             else:
+                if (record.reason is None and winner is not None and record.instances_id
+                        and record.instances_id == winner.instances_id):
+                    # the kept series exported twice within the study: a copy, not a competing series
+                    record.reason, record.message = "duplicate", dedup.message(winner.scan_id, "SOP instances")
                 if record.reason is None:  # valid, but another series of the study was preferred
                     record.reason = "not_selected"
                     record.message = "valid; " + (why_not_selected(
