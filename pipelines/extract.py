@@ -37,8 +37,8 @@ def _encoder_models(
     import torch
 
     from headct.device import resolve_device
-    from headct.eval.feature_cache import file_sha256
     from headct.eval.features import extract_features
+    from headct.io import file_sha256
     from headct.models.model_dir import WEIGHTS, load_model_dir
     from headct.models.vit import build_encoder
     from pipelines.probe import _check_preprocessing

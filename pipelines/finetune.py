@@ -242,7 +242,7 @@ def _print_table(metrics: dict[str, Any]) -> None:
 def run_identity(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     """What fixes a fine-tuning trajectory: the settings (less output-only ones) and the bytes of the inputs
     (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
-    from headct.eval.feature_cache import file_sha256
+    from headct.io import file_sha256
 
     identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
     inputs = sorted(Path(cfg.splits).glob("*.csv"))
@@ -264,12 +264,6 @@ def _resume_state(checkpoint: Path | None, identity: dict[str, Any]) -> dict[str
         raise InputError(f"{checkpoint}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
                          "finetune.checkpoint_dir elsewhere to start afresh")
     return state
-
-
-def console_note(message: str) -> None:
-    from rich.console import Console
-
-    Console().print(message)
 
 
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
@@ -301,7 +295,9 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
 
         if resume is not None:
-            console_note(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
+            from rich.console import Console
+
+            Console().print(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
         classifier, windows, preprocess, fitted = train_classifier(
             cfg, ctx, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
             on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))

@@ -47,6 +47,7 @@ def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
     import json
 
     from headct.config import dump_params
+    from headct.io import file_sha256
 
     search = {k: v for k, v in dump_params(cfg).items()
               if k not in ("storage", "study_name", "load_if_exists", "n_trials", "best_params", "report_dir")}
@@ -56,7 +57,7 @@ def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
     for path in sorted([base.model_dir / "model.safetensors", *Path(base.splits).glob("*.csv")]):
         if path.is_file():
             h.update(path.name.encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+            h.update(file_sha256(path).encode())
     return f"headct-finetune-{h.hexdigest()[:12]}"
 
 

@@ -189,7 +189,8 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
 def test_classifier_dir_with_a_missing_key_is_refused(tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from headct.models.classifier_dir import _sha256, load_classifier, save_classifier
+    from headct.io import file_sha256
+    from headct.models.classifier_dir import load_classifier, save_classifier
 
     model = Classifier(build_encoder(TINY_ARCH), "attentive", 1)
     save_classifier(tmp_path / "c", model, {"labels": ["ICH"], "thresholds": {"ICH": 0.5}, "windows": WINDOWS,
@@ -198,7 +199,7 @@ def test_classifier_dir_with_a_missing_key_is_refused(tmp_path: Path) -> None:
     state.pop("head.query")
     save_file(state, str(tmp_path / "c/model.safetensors"))
     config = json.loads((tmp_path / "c/config.json").read_text())
-    config["weights_sha256"] = _sha256(tmp_path / "c/model.safetensors")  # a consistent but incomplete dir
+    config["weights_sha256"] = file_sha256(tmp_path / "c/model.safetensors")  # a consistent but incomplete dir
     (tmp_path / "c/config.json").write_text(json.dumps(config))
     with pytest.raises(InputError, match=r"missing keys \['head.query'\]"):
         load_classifier(tmp_path / "c")

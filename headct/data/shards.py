@@ -22,7 +22,7 @@ import pandas as pd
 
 from headct.data import dedup, store
 from headct.errors import InputError
-from headct.io import atomic_path, write_json
+from headct.io import atomic_path, file_sha256, write_json
 
 SHARDS = "shards"
 SHARD_INFO = "shard.json"
@@ -95,13 +95,13 @@ def _check_complete(found: list[tuple[Path, Path, dict[str, Any]]]) -> dict[str,
 def _copy_in(out: Path, source: Path, relpath: str, sha256: str | None) -> None:
     """Copy one file of another store into `out` (atomically), unless the same bytes are already there."""
     target = out / relpath
-    if target.is_file() and (sha256 is None or store.file_sha256(target) == sha256):
+    if target.is_file() and (sha256 is None or file_sha256(target) == sha256):
         return
     if not (source / relpath).is_file():
         raise InputError(f"{source / relpath}: listed in a shard manifest but missing")
     with atomic_path(target, suffix=".nii.gz" if relpath.endswith(".nii.gz") else None) as tmp:
         shutil.copyfile(source / relpath, tmp)
-    if sha256 is not None and store.file_sha256(target) != sha256:
+    if sha256 is not None and file_sha256(target) != sha256:
         target.unlink()
         raise InputError(f"{source / relpath}: content differs from its manifest row (volume_sha256)")
 

@@ -27,7 +27,7 @@ import pandas as pd
 
 from headct.config import PreprocessSpec
 from headct.errors import InputError
-from headct.io import atomic_path, write_json
+from headct.io import atomic_path, file_sha256, write_json
 
 VOLUMES = "volumes"
 MANIFEST = "manifest.parquet"
@@ -44,14 +44,6 @@ MANIFEST_COLUMNS = (
     "instances_id",
 )
 REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def volume_relpath(scan_id: str) -> str:

@@ -10,7 +10,6 @@ model listed whose arrays are half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from headct.errors import InputError
-from headct.io import atomic_path, write_json
+from headct.io import atomic_path, file_sha256, write_json
 
 INDEX = "index.json"
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # becomes a file name
@@ -49,15 +48,6 @@ class FeatureSet:
                 f"({int(missing.sum())} missing); re-run `headct extract`"
             )
         return self.embedding[row[wanted].to_numpy()]
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes (the identity of a model's weights)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_model_name(name: str) -> str:

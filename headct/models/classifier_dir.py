@@ -8,32 +8,22 @@ or weights whose SHA-256 differs from the config's, is an `InputError` naming th
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from headct.errors import InputError
-from headct.io import atomic_path, write_json
+from headct.io import file_sha256, write_json
 from headct.models.heads import Classifier
-from headct.models.model_dir import load_weights_strict, read_config
+from headct.models.model_dir import load_weights_strict, read_config, save_weights
 from headct.models.resnet import build_backbone
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 REQUIRED = ("labels", "thresholds", "windows", "preprocess", "arch", "pool", "head", "weights_sha256")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_classifier(path: Path, classifier: Classifier, config: dict[str, Any]) -> Path:
@@ -46,11 +36,7 @@ def save_classifier(path: Path, classifier: Classifier, config: dict[str, Any]) 
     if missing:
         raise ValueError(f"classifier config lacks {missing}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in classifier.state_dict().items()}
-    with atomic_path(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
-        sha = _sha256(tmp)
+    sha = save_weights(classifier, path / WEIGHTS)
     write_json(path / CONFIG, {
         **config, "arch": dict(classifier.backbone.arch), "pool": classifier.pool, "head": classifier.head_type,
         "n_outputs": len(config["labels"]), "weights_sha256": sha,
@@ -70,7 +56,7 @@ def load_classifier(path: Path | str, device: str | torch.device = "cpu") -> tup
     weights = path / WEIGHTS
     if not weights.is_file():
         raise InputError(f"{weights}: not found")
-    if _sha256(weights) != config["weights_sha256"]:
+    if file_sha256(weights) != config["weights_sha256"]:
         raise InputError(f"{weights}: SHA-256 differs from {path / CONFIG} (weights changed after saving)")
     try:
         backbone = build_backbone(config["arch"])

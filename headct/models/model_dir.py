@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from headct.errors import InputError
-from headct.io import atomic_path, write_json
+from headct.io import atomic_path, file_sha256, write_json
 from headct.models.vit import ViT3D, build_encoder
 
 CONFIG = "config.json"
@@ -35,12 +35,18 @@ def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
     if "arch" in config and config["arch"] != encoder.arch:
         raise ValueError(f"config arch {config['arch']} differs from the encoder's {encoder.arch}")
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
-    with atomic_path(path / WEIGHTS) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    save_weights(encoder, path / WEIGHTS)
     write_json(path / CONFIG, {**config, "arch": encoder.arch})
     return path
+
+
+def save_weights(module: torch.nn.Module, weights: Path) -> str:
+    """Write `module`'s state (CPU, contiguous) as safetensors, atomically; returns the file's SHA-256."""
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+        return file_sha256(tmp)
 
 
 def read_config(path: Path, required: tuple[str, ...] = REQUIRED, what: str = "a model directory") -> dict[str, Any]:
