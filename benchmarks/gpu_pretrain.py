@@ -3,8 +3,13 @@
 
 The step is the real one of `headct pretrain`: int16 HU volumes in pinned host memory -> device (non-blocking)
 -> augmentation / multi-crop and HU windows on the GPU -> forward + backward under bf16 autocast -> fused AdamW
-(-> DINO: last-layer freeze and teacher EMA). Only the storage reads are left out (the volumes are already in
-memory), so the figure is the compute ceiling that the data path has to feed.
+(-> DINO: last-layer freeze and teacher EMA). With `--data memory` (default) the volumes are already in memory,
+so the figure is the compute ceiling that the data path has to feed; with `--data disk` they are int16 `.npy`
+files read by the pre-training job's own Dataset and step sampler through a DataLoader (`--workers` processes,
+pinned memory), and `data_wait_share` is the share of the timed steps spent waiting for the next batch (the
+seed's DINO run spent 94% of its wall time there).
+
+MAE's decoder is the MAE paper's (He et al. 2022, Table 1a/1b: 8 blocks, 512 wide, 16 heads) unless overridden.
 
 MFU = model FLOPs per second / the card's measured bf16 matmul peak (a large square matmul timed on the same
 card, so the ratio does not depend on a datasheet). Model FLOPs are counted analytically for the matmuls and
@@ -16,6 +21,7 @@ Runs where the device tool places it: Python 3.12 with its own torch, no network
 it imports torch, numpy and headct's import-light modules only (checked at the end).
 
 Run (GPU):  python benchmarks/gpu_pretrain.py --json $OUT/gpu_pretrain.json
+            python benchmarks/gpu_pretrain.py --data disk --workers 8 --json $OUT/gpu_pretrain_disk.json
 Smoke (CPU): python benchmarks/gpu_pretrain.py --device cpu --size tiny --img 32 --patch 16 --steps 1 --warmup 0 \
              --mae-batch 2 --dino-batch 2 --local-crops 2 --local-size 16 --no-compile
 """
@@ -26,15 +32,18 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a bare checkout, no install
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from headct.data.augment import augment_hu  # noqa: E402
 from headct.data.crops import multi_crop  # noqa: E402
+from headct.data.volumes import StepBatchSampler, VolumeDataset  # noqa: E402
 from headct.data.windows import hu_to_windows  # noqa: E402
 from headct.models.dino import DINO  # noqa: E402
 from headct.models.mae import MAE  # noqa: E402
@@ -143,15 +152,53 @@ class Batches:
         return buf.to(self.device, non_blocking=True)
 
 
+class DiskBatches:
+    """Batches read from int16 `.npy` files by the pre-training job's Dataset and step sampler in DataLoader
+    workers (pinned memory), copied without blocking; `wait_s` accumulates the time the step waited for data."""
+
+    def __init__(self, folder: Path, batch: int, device: torch.device, workers: int, steps: int) -> None:
+        from torch.utils.data import DataLoader
+
+        paths = sorted(folder.glob("*.npy"))
+        dataset = VolumeDataset(paths, [p.stem for p in paths])
+        sampler = StepBatchSampler(len(paths), batch, seed=0, start_step=0, total_steps=steps)
+        self.loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                      pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                      prefetch_factor=4 if workers > 0 else None))
+        self.device, self.wait_s = device, 0.0
+
+    def next(self, step: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        hu, _ = next(self.loader)
+        self.wait_s += time.perf_counter() - t0
+        return hu.to(self.device, non_blocking=True)
+
+
+def write_pool(pool: torch.Tensor, folder: Path) -> Path:
+    """The in-memory pool as one int16 `.npy` per volume, the canonical store's file format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, vol in enumerate(pool):
+        np.save(folder / f"scan{i:05d}.npy", vol.numpy())
+    return folder
+
+
+def make_batches(args: argparse.Namespace, pool: torch.Tensor, batch: int, device: torch.device):
+    if args.data == "memory":
+        return Batches(pool, batch, device)
+    total = args.warmup + args.steps + max(1, min(5, args.steps))  # every step measure() will ask for
+    return DiskBatches(args.disk_folder, batch, device, args.workers, total)
+
+
 # ------------------------------------------------------------------------------------------------ steps
 def mae_runner(args: argparse.Namespace, device: torch.device, pool: torch.Tensor):
     torch.manual_seed(0)
     enc = build_encoder({"name": args.size, "img_size": args.img, "patch_size": args.patch, "in_chans": 3,
                          "qkv_bias": False})
-    mae = MAE(enc, 0.75).to(device)
+    mae = MAE(enc, 0.75, decoder_dim=args.decoder_dim, decoder_depth=args.decoder_depth,
+              decoder_heads=args.decoder_heads).to(device)
     opt = adamw(mae, 1.5e-4, 0.05)
     model = torch.compile(mae) if args.compile else mae
-    batches = Batches(pool, args.mae_batch, device)
+    batches = make_batches(args, pool, args.mae_batch, device)
 
     def data(step: int) -> torch.Tensor:
         hu = augment_hu(batches.next(step), step_generator(0, step, 0), True, 5.0, 0.02)
@@ -164,7 +211,7 @@ def mae_runner(args: argparse.Namespace, device: torch.device, pool: torch.Tenso
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return mae, data, forward, update, mae_flops(enc, mae, args.mae_batch), args.mae_batch
+    return mae, data, forward, update, mae_flops(enc, mae, args.mae_batch), args.mae_batch, batches
 
 
 def dino_runner(args: argparse.Namespace, device: torch.device, pool: torch.Tensor):
@@ -174,7 +221,7 @@ def dino_runner(args: argparse.Namespace, device: torch.device, pool: torch.Tens
     dino = DINO(enc, out_dim=args.dino_out_dim).to(device)
     opt = adamw(dino, 5e-4, 0.04)
     model = torch.compile(dino) if args.compile else dino
-    batches = Batches(pool, args.dino_batch, device)
+    batches = make_batches(args, pool, args.dino_batch, device)
     total = 10_000  # only fixes where the momentum schedule sits; irrelevant to speed
 
     def data(step: int) -> tuple[list, list]:
@@ -193,13 +240,13 @@ def dino_runner(args: argparse.Namespace, device: torch.device, pool: torch.Tens
         dino.update_teacher(teacher_momentum(step, total))
 
     flops = dino_flops(enc, dino, args.dino_batch, 2, args.img, args.local_crops, args.local_size)
-    return dino, data, forward, update, flops, args.dino_batch
+    return dino, data, forward, update, flops, args.dino_batch, batches
 
 
 def measure(name: str, runner, args: argparse.Namespace, device: torch.device, pool: torch.Tensor,
             peak: float) -> dict:
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-    module, data, forward, update, flops, batch = runner(args, device, pool)
+    module, data, forward, update, flops, batch, batches = runner(args, device, pool)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -216,11 +263,14 @@ def measure(name: str, runner, args: argparse.Namespace, device: torch.device, p
     sync(device)
     warmup_s = time.perf_counter() - t0
 
+    waited_before = getattr(batches, "wait_s", 0.0)
     t0 = time.perf_counter()
     for s in range(args.warmup, args.warmup + args.steps):
         step(s)
     sync(device)
     seconds = time.perf_counter() - t0
+    # Only a disk-fed run waits for data; in memory the gather is part of the step's "data" phase below.
+    data_wait = getattr(batches, "wait_s", 0.0) - waited_before
 
     # Step-time split on a few extra steps, synchronising between phases (this pass is not in the throughput).
     parts = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
@@ -246,7 +296,8 @@ def measure(name: str, runner, args: argparse.Namespace, device: torch.device, p
     total_split = sum(parts.values())
     step_s = seconds / args.steps
     result = {
-        "method": name, "batch": batch, "steps": args.steps, "warmup_steps": args.warmup,
+        "method": name, "batch": batch, "data": args.data,
+        "data_wait_share": round(data_wait / seconds, 3) if args.data == "disk" else None, "steps": args.steps, "warmup_steps": args.warmup,
         "warmup_s": round(warmup_s, 2), "step_ms": round(1000 * step_s, 2),
         "volumes_per_s": round(batch / step_s, 1),
         "split_ms": {k: round(1000 * v, 2) for k, v in parts.items()},
@@ -276,6 +327,12 @@ def main() -> None:
     parser.add_argument("--local-crops", type=int, default=6)
     parser.add_argument("--local-size", type=int, default=48)
     parser.add_argument("--dino-out-dim", type=int, default=4096)
+    parser.add_argument("--decoder-dim", type=int, default=512, help="MAE decoder width (MAE paper: 512)")
+    parser.add_argument("--decoder-depth", type=int, default=8, help="MAE decoder blocks (MAE paper: 8)")
+    parser.add_argument("--decoder-heads", type=int, default=16, help="MAE decoder heads (MAE paper: 16)")
+    parser.add_argument("--data", choices=["memory", "disk"], default="memory",
+                        help="batches from an in-memory pool, or from .npy files through a DataLoader")
+    parser.add_argument("--workers", type=int, default=8, help="DataLoader workers with --data disk")
     parser.add_argument("--pool", type=int, default=512, help="in-memory volumes to draw batches from")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=8)
@@ -295,17 +352,20 @@ def main() -> None:
     started = time.perf_counter()
     peak = matmul_peak(device, torch.bfloat16 if args.amp else torch.float32)
     pool = head_pool(args.pool, args.img)
+    scratch = tempfile.TemporaryDirectory(prefix="headct-gpu-bench-")
+    args.disk_folder = write_pool(pool, Path(scratch.name)) if args.data == "disk" else None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device {name}; torch {torch.__version__}; {args.size} at {args.img}^3 patch {args.patch}; "
-          f"bf16 {args.amp}; compile {args.compile}; matmul peak {peak / 1e12:.1f} TFLOP/s "
+          f"data {args.data}; bf16 {args.amp}; compile {args.compile}; matmul peak {peak / 1e12:.1f} TFLOP/s "
           f"({'bf16' if args.amp else 'fp32'})", flush=True)
     runners = {"mae": mae_runner, "dino": dino_runner}
     results = []
     for method in args.methods.split(","):
         results.append(measure(method, runners[method], args, device, pool, peak))
         r = results[-1]
+        wait = f", waiting for data {100 * r['data_wait_share']:.1f}%" if r["data_wait_share"] is not None else ""
         print(f"{method}: {r['volumes_per_s']} volumes/s (batch {r['batch']}, {r['step_ms']} ms/step), "
-              f"MFU {100 * r['mfu']:.1f}%, warm-up {r['warmup_s']} s", flush=True)
+              f"MFU {100 * r['mfu']:.1f}%, warm-up {r['warmup_s']} s{wait}", flush=True)
 
     print()
     header = f"{'method':6} {'batch':>5} {'vol/s':>9} {'ms/step':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}  split"
@@ -322,9 +382,11 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"device": name, "torch": torch.__version__, "size": args.size,
+                                         "data": args.data, "decoder": [args.decoder_depth, args.decoder_dim],
                                          "img": args.img, "patch": args.patch, "bf16": args.amp,
                                          "compile": args.compile, "matmul_peak_tflops": round(peak / 1e12, 1),
                                          "results": results}, indent=2))
+    scratch.cleanup()
 
 
 if __name__ == "__main__":

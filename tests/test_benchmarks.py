@@ -44,8 +44,27 @@ def test_gpu_pretrain_benchmark_smoke_runs_mae_and_dino_on_cpu_with_torch_alone(
     for r in results.values():
         assert r["volumes_per_s"] > 0 and r["loss_finite"] and 0 < r["mfu"] < 1
         assert set(r["split_ms"]) == {"data", "forward", "backward", "optimizer"}
-    # DINO's step counts more work than MAE's at the same size (teacher + several views vs 25% of the patches).
-    assert results["dino"]["model_tflops_per_step"] > results["mae"]["model_tflops_per_step"]
+    assert json.loads(report.read_text())["decoder"] == [8, 512]  # the MAE paper's decoder is the default
+    assert all(r["data"] == "memory" and r["data_wait_share"] is None for r in results.values())
+
+
+def test_gpu_pretrain_benchmark_feeds_from_npy_files_through_loader_workers_and_reports_data_wait(
+    tmp_path: Path,
+) -> None:
+    import json
+
+    report = tmp_path / "gpu_pretrain_disk.json"
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/gpu_pretrain.py"), "--device", "cpu", "--size", "tiny", "--img", "32",
+         "--patch", "16", "--steps", "2", "--warmup", "1", "--mae-batch", "2", "--methods", "mae", "--pool", "4",
+         "--no-compile", "--decoder-dim", "32", "--decoder-depth", "1", "--decoder-heads", "2",
+         "--data", "disk", "--workers", "1", "--json", str(report)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (result,) = json.loads(report.read_text())["results"]
+    assert result["data"] == "disk" and 0.0 <= result["data_wait_share"] <= 1.0
+    assert "waiting for data" in out.stdout and result["loss_finite"]
 
 
 def test_analytic_flops_of_the_gpu_benchmark_agree_with_torch_flop_counter() -> None:
@@ -62,7 +81,7 @@ def test_analytic_flops_of_the_gpu_benchmark_agree_with_torch_flop_counter() -> 
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     enc = build_encoder({"name": "tiny", "img_size": 32, "patch_size": 8, "in_chans": 3, "qkv_bias": False})
-    mae = MAE(enc, 0.75)
+    mae = MAE(enc, 0.75, decoder_dim=64, decoder_depth=2, decoder_heads=4)  # a decoder narrower than the encoder
     x = torch.rand(2, 3, 32, 32, 32)
     # The math SDPA backend runs attention as matmuls the counter sees (it does not count the fused CPU kernel).
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
