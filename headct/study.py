@@ -38,7 +38,8 @@ def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best",
     """
     from rich.console import Console
 
-    from headct.config import IngestConfig, PreprocessSpec
+    from headct.config.base import PreprocessSpec
+    from headct.config.data import IngestConfig
     from headct.data.ingest import ingest
     from headct.data.nifti_input import is_nifti_name
     from headct.data.store import read_manifest

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from headct.config import TrackingConfig
+from headct.config.base import TrackingConfig
 
 # Telemetry off before mlflow is ever imported (REFERENCE.md section 6).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")

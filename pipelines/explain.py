@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from headct.config import ExplainConfig, JobContext
+from headct.config.base import JobContext
+from headct.config.evaluate import ExplainConfig
 from headct.errors import InputError
 
 

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from headct.config import ExtractConfig, JobContext
+from headct.config.base import JobContext
+from headct.config.evaluate import ExtractConfig
 
 
 def _scan_table(cfg: ExtractConfig) -> Any:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from headct.config import FewshotConfig, JobContext
+from headct.config.base import JobContext
+from headct.config.evaluate import FewshotConfig
 
 MEAN_PANEL = "mean over labels"
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from headct.config import FinetuneConfig, JobContext, dump_params
+from headct.config.base import JobContext, dump_params
+from headct.config.finetune import FinetuneConfig
 from headct.data.splits import read_split
 from headct.errors import InputError
 
@@ -97,7 +98,7 @@ def build_classifier(cfg: FinetuneConfig, data: FinetuneData) -> tuple[Any, list
     """A fresh classifier (seeded) -> (classifier, HU windows, preprocess spec for its directory)."""
     import torch
 
-    from headct.config import DEFAULT_WINDOWS
+    from headct.config.base import DEFAULT_WINDOWS
     from headct.models.heads import Classifier
     from headct.models.model_dir import load_model_dir, read_config
     from headct.models.resnet import ResNetBackbone

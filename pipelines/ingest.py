@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from headct.config import IngestConfig, JobContext
+from headct.config.base import JobContext
+from headct.config.data import IngestConfig
 
 QC_WINDOW = (40.0, 80.0)  # brain window, level/width HU
 CONTACT_SHEET = "contact_sheet.png"

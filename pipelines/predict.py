@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from headct.config import JobContext, PredictConfig
+from headct.config.base import JobContext
+from headct.config.finetune import PredictConfig
 from headct.errors import InputError
 
 SERIES_FACTS = ("scan_id", "source_format", "kernel", "kvp", "slice_thickness_mm", "n_slices", "tilt_deg", "manufacturer")

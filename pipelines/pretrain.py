@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from headct.config import JobContext, PretrainConfig, dump_params
+from headct.config.base import JobContext, dump_params
+from headct.config.pretrain import PretrainConfig
 from headct.errors import InputError
 
 HELDOUT_STREAM = 7  # numpy stream that orders val patients for the held-out set

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headct.config import JobContext, ProbeConfig
+from headct.config.base import JobContext
+from headct.config.evaluate import ProbeConfig
 from headct.errors import InputError
 
 MODELS: tuple[str, ...] = ("pretrained", "random_init")

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from headct.config import LABELS, JobContext, ReportConfig
+from headct.config.base import LABELS, JobContext
+from headct.config.evaluate import ReportConfig
 from headct.errors import InputError
 
 # Display names; any other model key (an external encoder) is shown as it is.

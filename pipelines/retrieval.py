@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from headct.config import JobContext, RetrievalConfig
+from headct.config.base import JobContext
+from headct.config.evaluate import RetrievalConfig
 
 
 def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:

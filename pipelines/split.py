@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from headct.config import JobContext, SplitConfig
+from headct.config.base import JobContext
+from headct.config.data import SplitConfig
 
 
 def _print_table(summary: dict[str, Any]) -> None:

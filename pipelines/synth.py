@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from headct.config import LABELS, JobContext, SynthConfig
+from headct.config.base import LABELS, JobContext
+from headct.config.data import SynthConfig
 
 
 def _print_table(summary: dict[str, Any]) -> None:

@@ -20,7 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from headct.config import FinetuneConfig, JobContext, TuneConfig
+from headct.config.base import JobContext
+from headct.config.finetune import FinetuneConfig, TuneConfig
 from headct.errors import InputError
 
 TUNED = ("backbone_lr", "head_lr", "weight_decay")
@@ -46,7 +47,7 @@ def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
     import hashlib
     import json
 
-    from headct.config import dump_params
+    from headct.config.base import dump_params
     from headct.io import file_sha256
 
     search = {k: v for k, v in dump_params(cfg).items()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+import pkgutil
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+import headct.config
 from headct.config import (
+    LABELS,
     ConfigError,
+    Label,
     Params,
     PreprocessSpec,
     find_project_root,
@@ -94,3 +101,31 @@ def test_committed_params_yaml_is_valid(repo_root: Path) -> None:
     assert params.ingest.preprocess.spacing_mm == 3.0
     quick, _ = load_params(params_file=repo_root / "params-quick.yaml", root=repo_root)
     assert quick.synth.n_patients < params.synth.n_patients
+
+
+def test_labels_are_the_label_type_in_order() -> None:
+    # One hand-written list (the Literal); LABELS is derived from it, so the two cannot drift apart.
+    assert get_args(Label) == LABELS
+    assert LABELS[0] == "ICH" and LABELS[-1] == "Tumor" and len(set(LABELS)) == len(LABELS) == 15
+
+
+def test_package_reexports_every_public_name_of_its_modules() -> None:
+    # Importers use `from headct.config import X`; a name added to a submodule only would break them.
+    missing = []
+    for info in pkgutil.iter_modules(headct.config.__path__):
+        module = importlib.import_module(f"headct.config.{info.name}")
+        tree = ast.parse(Path(module.__file__).read_text())
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                names = [t.id for t in targets if isinstance(t, ast.Name)]
+            else:
+                continue
+            for name in names:
+                value = getattr(module, name)
+                exported = name in headct.config.__all__ and getattr(headct.config, name) is value
+                if not name.startswith("_") and not exported:
+                    missing.append(f"headct.config.{info.name}.{name}")
+    assert not missing, f"add to headct/config/__init__.py (import and __all__): {missing}"

@@ -38,7 +38,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from headct.config import IngestConfig, PreprocessSpec
+from headct.config.base import PreprocessSpec
+from headct.config.data import IngestConfig
 from headct.data import dedup, nifti_input, parallel, shards, store
 from headct.data.criteria import read_criteria
 from headct.data.dicom_series import (

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from headct.config import LABELS
+from headct.config.base import LABELS
 from headct.errors import InputError
 
 READERS = ("R1", "R2", "R3")

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
-from headct.config import PreprocessSpec
+from headct.config.base import PreprocessSpec
 from headct.data.dicom_series import Series
 
 PROCESS_BYTES = 250 * 2**20

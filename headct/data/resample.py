@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-from headct.config import PreprocessSpec
+from headct.config.base import PreprocessSpec
 from headct.data.dicom_series import LPS_TO_RAS, StackGeometry
 from headct.errors import InputError
 

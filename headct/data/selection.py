@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headct.config import QcRules
+from headct.config.data import QcRules
 from headct.data import nifti_input
 from headct.data.criteria import Criteria
 from headct.data.dicom_series import Series, StackGeometry, stack_geometry

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headct.config import LABELS
+from headct.config.base import LABELS
 from headct.errors import InputError
 from headct.io import atomic_path, write_json
 

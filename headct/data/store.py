@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headct.config import PreprocessSpec
+from headct.config.base import PreprocessSpec
 from headct.errors import InputError
 from headct.io import atomic_path, file_sha256, write_json
 

@@ -19,7 +19,7 @@ def window_bounds(windows: Sequence[Any] | None = None) -> list[tuple[float, flo
     None means headct.config.DEFAULT_WINDOWS (brain 40/80, subdural 80/200, bone 600/2800).
     """
     if windows is None:
-        from headct.config import DEFAULT_WINDOWS
+        from headct.config.base import DEFAULT_WINDOWS
 
         windows = DEFAULT_WINDOWS
     pairs = []

@@ -20,7 +20,8 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from headct.config import LABELS, SynthConfig
+from headct.config.base import LABELS
+from headct.config.data import SynthConfig
 from headct.data.synth import dicom_writer
 from headct.data.synth.plan import StudyPlan, plan_studies
 from headct.data.synth.study import StudyResult, write_study

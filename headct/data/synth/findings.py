@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from headct.config import LABELS
+from headct.config.base import LABELS
 from headct.data.synth.anatomy import Subject
 from headct.data.synth.phantom import MIDLINE_POINTS, displacement_at
 from headct.data.synth.template import Template, lookup, surface_point

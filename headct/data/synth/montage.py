@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from headct.config import DEFAULT_WINDOWS, LABELS
+from headct.config.base import DEFAULT_WINDOWS, LABELS
 from headct.data.synth.plan import StudyPlan
 from headct.data.synth.study import StudyResult
 from headct.io import atomic_path

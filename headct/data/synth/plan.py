@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from headct.config import LABELS, SynthConfig
+from headct.config.base import LABELS
+from headct.config.data import SynthConfig
 from headct.data.synth.anatomy import Subject, sample_subject
 from headct.data.synth.dicom_writer import SeriesHeader, StudyHeader, make_uid
 from headct.data.synth.findings import FINDINGS, SPACE_OCCUPYING, Finding, derive_labels, sample_finding

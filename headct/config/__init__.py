@@ -1,0 +1,88 @@
+"""Pydantic models for every ``params.yaml`` section, and the loader that resolves them.
+
+Precedence, lowest first: code defaults < params.yaml < tuned-parameters file (fine-tuning only)
+< ``--set section.key=value``. Every model forbids unknown keys, so a typo is an error that names the key
+before any work starts. This package imports only pydantic/yaml so ``headct --help`` stays instant.
+
+One module per stage group, so a DVC stage depends only on the config code its job reads
+(scripts/dvc_deps.py derives those deps from the imports):
+
+- ``base``: the ``Section`` base, ``Label``/``LABELS``, windows, ``PreprocessSpec``, the ``tracking`` section,
+  ``JobContext`` and the path helpers (``resolve_path``, ``dump_params``, ``with_absolute_paths``)
+- ``data``: synth, ingest (+ QC rules), split; ``pretrain``: pretrain (+ dino)
+- ``evaluate``: extract, probe, fewshot, retrieval, explain, report; ``finetune``: finetune, tune, predict
+- ``params``: ``Params``, the whole file; ``loader``: ``load_params`` and what it needs
+
+Importing this package imports them all: jobs and library modules import the submodule they need
+(``from headct.config.evaluate import ProbeConfig``); the CLI, tests and scripts may use the names below.
+"""
+
+from headct.config.base import (
+    DEFAULT_WINDOWS,
+    LABELS,
+    JobContext,
+    Label,
+    PreprocessSpec,
+    Section,
+    TrackingConfig,
+    Window,
+    dump_params,
+    resolve_path,
+    with_absolute_paths,
+)
+from headct.config.data import IngestConfig, QcRules, SplitConfig, SynthConfig
+from headct.config.evaluate import (
+    ExplainConfig,
+    ExtractConfig,
+    FewshotConfig,
+    ModelName,
+    ProbeConfig,
+    ReportConfig,
+    RetrievalConfig,
+)
+from headct.config.finetune import FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.loader import (
+    ConfigError,
+    find_project_root,
+    format_validation_error,
+    load_params,
+    read_tuned_params,
+)
+from headct.config.params import Params
+from headct.config.pretrain import DinoConfig, PretrainConfig
+
+__all__ = [
+    "DEFAULT_WINDOWS",
+    "LABELS",
+    "ConfigError",
+    "DinoConfig",
+    "ExplainConfig",
+    "ExtractConfig",
+    "FewshotConfig",
+    "FinetuneConfig",
+    "IngestConfig",
+    "JobContext",
+    "Label",
+    "ModelName",
+    "Params",
+    "PredictConfig",
+    "PreprocessSpec",
+    "PretrainConfig",
+    "ProbeConfig",
+    "QcRules",
+    "ReportConfig",
+    "RetrievalConfig",
+    "Section",
+    "SplitConfig",
+    "SynthConfig",
+    "TrackingConfig",
+    "TuneConfig",
+    "Window",
+    "dump_params",
+    "find_project_root",
+    "format_validation_error",
+    "load_params",
+    "read_tuned_params",
+    "resolve_path",
+    "with_absolute_paths",
+]

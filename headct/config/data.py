@@ -1,0 +1,176 @@
+"""Sections of the data stages: ``synth``, ``ingest`` (with its QC rules) and ``split``."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from headct.config.base import LABELS, PreprocessSpec, Section
+
+
+class SynthConfig(Section):
+    """The synthetic head-CT generator (the embedded default data set)."""
+
+    out: Path = Path("data/raw/synth")
+    n_patients: int = Field(400, ge=2, le=100_000)
+    seed: int = Field(0, ge=0)
+    matrix: int = Field(256, ge=32, le=512)  # in-plane pixels of the written DICOM series
+    pixel_mm: float = Field(0.9, gt=0.2, le=5.0)  # in-plane pixel spacing of the written series
+    slice_thickness_mm: float = Field(5.0, gt=0.4, le=10.0)  # the main (thick axial) series
+    # Fraction of studies carrying each finding; the demo set is enriched so every label can be evaluated.
+    prevalence: dict[str, float] = Field(
+        default_factory=lambda: {
+            "IPH": 0.2, "IVH": 0.2, "SDH": 0.2, "EDH": 0.2, "SAH": 0.2,
+            "ChronicBleed": 0.2, "CalvarialFracture": 0.2, "OtherFracture": 0.2, "Tumor": 0.2,
+        }
+    )
+    extra_series_fraction: float = Field(0.15, ge=0.0, le=1.0)  # studies with thin/bone/localizer series too
+    reader_disagreement: float = Field(0.05, ge=0.0, le=0.5)  # chance that one reader flips a label
+    workers: int = Field(2, ge=1, le=256)
+    montage: Path = Path("reports/synth/montage.png")
+
+    @field_validator("prevalence")
+    @classmethod
+    def _known_findings(cls, v: dict[str, float]) -> dict[str, float]:
+        for key, p in v.items():
+            if key not in LABELS:
+                hint = difflib.get_close_matches(key, LABELS, n=1)
+                raise ValueError(
+                    f"unknown finding {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                    + f"; allowed: {', '.join(LABELS)}"
+                )
+            if key in ("ICH", "BleedLocation-Left", "BleedLocation-Right", "Fracture", "MassEffect", "MidlineShift"):
+                raise ValueError(
+                    f"{key} is derived from the findings, so it has no prevalence of its own; set the findings' "
+                    "(IPH, IVH, SDH, EDH, SAH, ChronicBleed, CalvarialFracture, OtherFracture, Tumor)"
+                )
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"prevalence of {key} must be in [0, 1], got {p}")
+        return v
+
+
+class QcRules(Section):
+    """Series quality control and acceptance rules (`ingest.qc`), head-CT defaults.
+
+    Every rule that rejects a series has its own reason code in rejects.csv (docs/contracts.md). Patterns are
+    Python regular expressions matched case-insensitively anywhere in the text.
+    """
+
+    min_slices: int = Field(10, ge=2)
+    # Extent along the slice normal, first to last slice centre. A brain is ~120 mm, a whole head 150-200 mm;
+    # a posterior-fossa-only or single-slab series is shorter and would centre the grid on a fragment.
+    min_coverage_mm: float = Field(80.0, ge=0.0)
+    # A step wider than this many times the median slice step is a gap (missing images) -> `missing_slices`.
+    max_gap_factor: float = Field(2.0, gt=1.0)
+    # Slice normal within this angle of the patient's head-foot axis: axial or oblique (resampled);
+    # beyond it: sagittal/coronal -> `non_axial`.
+    max_oblique_deg: float = Field(45.0, ge=0.0, le=90.0)
+    # Gantry tilt (slice positions advance at an angle to the slice normal): corrected by resampling at the true
+    # slice positions, or rejected. A tilt beyond `max_tilt_deg` is always rejected (`gantry_tilt`).
+    gantry_tilt: Literal["correct", "reject"] = "correct"
+    max_tilt_deg: float = Field(35.0, ge=0.0, lt=90.0)
+    # Contrast-enhanced series (ContrastBolusAgent set, or "post contrast"/"C+" in the description): the default
+    # data set is non-contrast head CT, so they are rejected (`contrast`); "allow" only ranks them lower.
+    contrast: Literal["reject", "allow"] = "reject"
+    # ConvolutionKernel rules (`kernel`): a kernel matching any deny pattern is rejected; with an allow list, a kernel
+    # matching none of it is rejected. Bone kernels are not rejected by default, only ranked below soft-tissue ones.
+    kernel_allow: list[str] = Field(default_factory=list)
+    kernel_deny: list[str] = Field(default_factory=list)
+    # KVP outside [lo, hi] (`kvp`); a series without KVP passes. Head CT runs at 70-150 kV.
+    kvp_range: tuple[float, float] | None = (70.0, 150.0)
+    # Study or series descriptions of other protocols (`description`): angiography, perfusion, venography.
+    description_deny: list[str] = Field(
+        default_factory=lambda: [r"ANGIO", r"\bCTA\b", r"PERFUSION", r"\bCTP\b", r"VENOGR"]
+    )
+    # The seed's filter-criteria CSV (columns `Study Description, KVP, Convolution Kernel`): an allow-list; a series
+    # matching no row is rejected (`criteria`). Relative to the project root like every params path.
+    criteria_csv: Path | None = None
+    # Selection preference (not a rejection): slice thickness within this range ranks higher.
+    thickness_range_mm: tuple[float, float] = (0.5, 5.0)
+
+    @field_validator("kernel_allow", "kernel_deny", "description_deny")
+    @classmethod
+    def _valid_patterns(cls, v: list[str]) -> list[str]:
+        import re
+
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{pattern!r} is not a valid regular expression ({exc})") from None
+        return v
+
+    @field_validator("kvp_range", "thickness_range_mm")
+    @classmethod
+    def _increasing(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 <= v[0] <= v[1]:
+            raise ValueError(f"expected [low, high] with 0 <= low <= high, got {list(v)}")
+        return v
+
+
+class IngestConfig(Section):
+    """DICOM/NIfTI -> canonical store (manifest, rejects, labels) + local linkage file."""
+
+    src: Path = Path("data/raw/synth")
+    dest: Path = Path("data/store/synth")
+    # Labels: a CQ500-style reads.csv (majority of R1-R3), or none (pre-training only data).
+    labels: Path | None = Path("data/raw/synth/reads.csv")
+    labels_format: Literal["cq500", "none"] = "cq500"
+    # Patient key: DICOM PatientID, or the CQ500-layout folder name (`CQ500CT0 CQ500CT0/...` <-> `CQ500-CT-0`).
+    patient_key: Literal["dicom", "cq500_folder"] = "cq500_folder"
+    preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
+    # The pseudonym key comes from HEADCT_PSEUDONYM_KEY or HEADCT_PSEUDONYM_KEY_FILE, never from here;
+    # `demo_key: true` allows the fixed, demo-only key when neither is set (synthetic data only).
+    demo_key: bool = False
+    # Pseudonym <-> source path/UIDs. Kept out of Git, DVC outputs, MLflow and reports. None means
+    # `<project root>/private/linkage/<dest folder name>.csv`.
+    linkage: Path | None = None
+    qc: QcRules = Field(default_factory=QcRules)
+    # "best": one series per study, by the documented preference; "all": every series that passes QC.
+    keep: Literal["best", "all"] = "best"
+    # Worker processes; "auto" = CPU count. Either way capped by memory: available RAM / the largest series'
+    # estimated peak (the cap is printed).
+    workers: int | Literal["auto"] = "auto"
+    # Job arrays: "K/N" converts only the studies whose pseudonym falls in shard K of N (1-based) and writes
+    # DEST/shards/<K>of<N>/; `headct ingest merge DEST` joins the shards. None: the whole source.
+    shard: str | None = None
+    export_nifti: bool = False  # also write DEST/nifti/<scan_id>.nii.gz (the canonical volume with its affine)
+    contact_sheet_volumes: int = Field(8, ge=0, le=64)  # volumes shown in <report_dir>/contact_sheet.png
+    report_dir: Path = Path("reports/ingest")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_range(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError(f"workers must be 1-256 or 'auto', got {v}")
+        return v
+
+    @field_validator("shard")
+    @classmethod
+    def _shard_format(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = v.split("/")
+        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts) or not 1 <= int(parts[0]) <= int(parts[1]):
+            raise ValueError(f"shard must be K/N with 1 <= K <= N (e.g. 3/8), got {v!r}")
+        return f"{int(parts[0])}/{int(parts[1])}"
+
+
+class SplitConfig(Section):
+    """Patient-disjoint, stratified, seeded train/val/test split in the seed's CSV layout."""
+
+    store: Path = Path("data/store/synth")
+    out: Path = Path("data/splits/synth")
+    fractions: tuple[float, float, float] = (0.55, 0.15, 0.30)  # train, val, test
+    seed: int = Field(0, ge=0)
+    report_dir: Path = Path("reports/split")
+
+    @field_validator("fractions")
+    @classmethod
+    def _sum_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError(f"train/val/test fractions must be positive and sum to 1, got {list(v)}")
+        return v

@@ -1,0 +1,119 @@
+"""Sections of fine-tuning and its users: ``finetune``, ``tune`` (Optuna over it) and ``predict``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from headct.config.base import Label, Section
+
+
+class FinetuneConfig(Section):
+    """End-to-end fine-tuning of an encoder + head on the split's labels; best epoch chosen on val AUROC.
+
+    `init`: "pretrained" loads `model_dir`; "random" builds the same architecture from a seeded random init (the
+    baseline twin). `arch`: "vit" (the encoder of `model_dir`), or a MONAI 3D ResNet from scratch
+    ("resnet18"/"resnet10", a baseline; `init` is then ignored). Learning rates are peaks of a warm-up + cosine
+    schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
+    exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
+    """
+
+    splits: Path = Path("data/splits/synth")
+    model_dir: Path = Path("models/mae")
+    init: Literal["pretrained", "random"] = "pretrained"
+    arch: Literal["vit", "resnet18", "resnet10"] = "vit"
+    out_dir: Path = Path("models/classifier")  # the classifier directory `headct predict` loads
+    report_dir: Path = Path("reports/finetune")
+    checkpoint_dir: Path | None = Path("checkpoints/finetune")  # last epoch's state (atomic); None: none kept
+    tuned_params: Path | None = Path("params/tuned/finetune.yaml")
+    labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
+    min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
+    pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
+    attention_heads: int = Field(4, ge=1, le=64)
+    epochs: int = Field(5, ge=1)
+    batch_size: int = Field(8, ge=1)
+    accum_steps: int = Field(1, ge=1)
+    backbone_lr: float = Field(1e-4, ge=0, le=1.0)
+    head_lr: float = Field(1e-3, gt=0, le=1.0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_frac: float = Field(0.1, ge=0, lt=1)
+    freeze_backbone_epochs: int = Field(0, ge=0)  # first epochs train the head only
+    class_weighted_loss: bool = True  # BCE pos_weight = negatives / positives in train, per label
+    balanced_sampling: bool = False  # draw scans with weights that balance each label's classes
+    grad_clip: float | None = Field(3.0, gt=0)
+    flip_lr: bool = True
+    jitter_hu: float = Field(5.0, ge=0, le=100)
+    jitter_scale: float = Field(0.02, ge=0, le=0.5)
+    eval_batch_size: int = Field(16, ge=1)
+    bootstrap: int = Field(1000, ge=10)
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
+    amp: Literal["auto", "bf16", "off"] = "auto"
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _one_label(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _accum_divides_batch(self) -> FinetuneConfig:
+        if self.batch_size % self.accum_steps:
+            raise ValueError(f"accum_steps={self.accum_steps} must divide batch_size={self.batch_size}")
+        if self.batch_size // self.accum_steps < 2:
+            raise ValueError("micro-batches need >= 2 scans (batch_size / accum_steps): BatchNorm in the head "
+                             "and ResNet cannot normalise over one")
+        return self
+
+
+class TuneConfig(Section):
+    """Optuna TPE over the fine-tuning learning rates and weight decay; trials start from the `finetune` section.
+
+    Each trial fine-tunes for `epochs` epochs, reports mean val AUROC every epoch to a MedianPruner, and is an
+    MLflow child run. `storage` None means `sqlite:///<project root>/optuna.db`; any RDB URL lets many
+    processes share one study. The best values go to `best_params` (what finetune.tuned_params reads).
+    """
+
+    storage: str | None = None
+    # None: "headct-finetune-<key>", the key hashing the search space, the finetune settings, the model's weights and
+    # the split files, so a changed input (e.g. under `dvc repro`) starts a fresh study while workers on the same
+    # inputs share one. A fixed name always means that study.
+    study_name: str | None = None
+    load_if_exists: bool = True
+    n_trials: int = Field(10, ge=1)  # trials this process runs (several processes add up)
+    epochs: int = Field(2, ge=1)  # per trial
+    backbone_lr: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range
+    head_lr: tuple[float, float] = (1e-4, 1e-2)  # log-uniform range
+    weight_decay: tuple[float, float] = (0.0, 0.1)  # uniform range
+    seed: int | None = Field(0, ge=0)  # TPE sampler seed (None: random)
+    n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
+    pruner_startup_trials: int = Field(2, ge=0)  # MedianPruner: trials finished before pruning starts
+    pruner_warmup_epochs: int = Field(1, ge=0)  # MedianPruner: epochs of a trial before it may be pruned
+    best_params: Path = Path("params/tuned/finetune.yaml")
+    report_dir: Path = Path("reports/tune")
+
+    @field_validator("backbone_lr", "head_lr", "weight_decay")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] < 0 or v[0] > v[1]:
+            raise ValueError(f"expected a range [low, high] with 0 <= low <= high, got {list(v)}")
+        return v
+
+    @field_validator("backbone_lr", "head_lr")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0:
+            raise ValueError(f"a log-uniform range needs low > 0, got {list(v)}")
+        return v
+
+
+class PredictConfig(Section):
+    """`headct predict STUDY`: one study through ingest QC and a fine-tuned classifier, to the terminal."""
+
+    study: Path | None = None  # a DICOM folder or a NIfTI file (the positional argument)
+    classifier_dir: Path = Path("models/classifier")
+    keep: Literal["best", "all"] = "best"  # score the preferred series, or every series passing QC
+    out: Path | None = None  # also write the result as JSON here (one-off ids only)
+    device: Literal["auto", "cpu", "cuda"] = "auto"

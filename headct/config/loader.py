@@ -1,0 +1,155 @@
+"""Resolving the configuration: project root, params file, tuned-parameters file, ``--set`` overrides, and
+validation errors that name the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from headct.config.base import resolve_path
+from headct.config.finetune import FinetuneConfig
+from headct.config.params import Params
+
+_TUNED_DEFAULT = FinetuneConfig.model_fields["tuned_params"].default
+
+
+class ConfigError(ValueError):
+    """A params file or override that cannot be used; the message names the key, value and what is allowed."""
+
+
+def find_project_root(start: Path | None = None) -> Path:
+    """Nearest folder upward holding params.yaml or dvc.yaml, else the current folder."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "params.yaml").is_file() or (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r}: the key must name a section and a field, like pretrain.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return parts, value
+
+
+def _apply_override(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(parts)}: {part!r} holds a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """Field names of the model at `loc` (without its last element), for did-you-mean hints."""
+    model: Any = Params
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        model = field.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        key = ".".join(str(p) for p in loc) or "<root>"
+        value = err.get("input")
+        msg = err.get("msg", "")
+        if err.get("type") == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = "unknown key" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            msg += f"; allowed keys here: {', '.join(allowed)}" if allowed else ""
+            lines.append(f"  {key}: {msg}")
+        else:
+            lines.append(f"  {key} = {value!r}: {msg}")
+    return "\n".join(lines)
+
+
+def _tuned_params_file(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], root: Path) -> Path | None:
+    """The existing tuned-parameters file finetune.tuned_params names (an override of it counts), else None."""
+    section = tree.get("finetune")
+    value: Any = section.get("tuned_params", _TUNED_DEFAULT) if isinstance(section, dict) else _TUNED_DEFAULT
+    for item in overrides:
+        parts, raw = _parse_override(item)
+        if parts == ["finetune", "tuned_params"]:
+            value = raw
+    if value in (None, ""):
+        return None
+    path = resolve_path(root, Path(value))
+    return path if path.is_file() else None
+
+
+def read_tuned_params(path: Path) -> dict[str, Any]:
+    """The `finetune:` mapping of a tuned-parameters file (written by `headct tune`)."""
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a readable YAML tuned-parameters file ({exc})") from None
+    values = loaded.get("finetune") if isinstance(loaded, dict) else None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping under the key 'finetune'")
+    return values
+
+
+def load_params(
+    params_file: Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    root: Path | None = None,
+) -> tuple[Params, Path]:
+    """Resolve the configuration: defaults < params file < overrides. Returns (params, project root).
+
+    The tuned-parameters file (finetune.tuned_params, when it exists) sits between the params file and the
+    overrides: its `finetune:` values replace params.yaml's, and --set replaces both.
+    Raises ConfigError (the CLI turns it into exit code 2) naming the offending key and value.
+    """
+    root = root or find_project_root()
+    path = params_file or (root / "params.yaml")
+    tree: dict[str, Any] = {}
+    source = "built-in defaults"
+    if params_file is not None and not params_file.is_file():
+        raise ConfigError(f"params file not found: {params_file}")
+    if path.is_file():
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    tuned = _tuned_params_file(tree, overrides, root)
+    if tuned is not None:
+        section = tree.setdefault("finetune", {})
+        if isinstance(section, dict):
+            section.update(read_tuned_params(tuned))
+            source += f" + tuned {tuned}"
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _apply_override(tree, parts, value)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return Params.model_validate(tree), root
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
