@@ -82,6 +82,8 @@ def _run_job(
     module = importlib.import_module(f"pipelines.{job}")
     try:
         return getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
+    except ConfigError as exc:  # a setting only the job can check (e.g. a label source's name)
+        raise _fail(f"headct {job}: {exc}", 2) from None
     except InputError as exc:
         raise _fail(f"headct {job}: {exc}", 1) from None
 

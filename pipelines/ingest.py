@@ -69,8 +69,9 @@ def loggable_params(cfg: IngestConfig, root: Path) -> dict[str, Any]:
 
 
 _TABLE_ROWS = ("studies_seen", "series_seen", "accepted", "converted", "reused", "duplicates", "files_dicom",
-               "files_nifti", "files_dicomdir", "files_repeated", "files_unreadable", "unlabelled_scans", "shards",
-               "duplicates_across_shards")
+               "files_nifti", "files_dicomdir", "files_repeated", "files_unreadable", "unlabelled_scans",
+               "label_keys_unmatched", "label_rows_duplicated", "label_values_conflicting", "label_scans_partial",
+               "shards", "duplicates_across_shards")
 
 
 def _print_table(summary: dict[str, Any], title: str = "ingest") -> None:

@@ -74,7 +74,17 @@ def imported_files(root: Path, path: Path) -> set[Path]:
     own = _module_name(root, path)
     package = own if path.name == "__init__.py" else own.rpartition(".")[0]
     found: set[Path] = set()
+    # Imports under `if TYPE_CHECKING:` never run, so they are no dependency of the stage.
+    typing_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and (getattr(node.test, "id", None) == "TYPE_CHECKING"
+                                         or getattr(node.test, "attr", None) == "TYPE_CHECKING")
+        for stmt in node.body for inner in ast.walk(stmt)
+    }
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             for alias in node.names:
                 target = _module_file(root, alias.name)

@@ -116,9 +116,14 @@ class IngestConfig(Section):
 
     src: Path = Path("data/raw/synth")
     dest: Path = Path("data/store/synth")
-    # Labels: a CQ500-style reads.csv (majority of R1-R3), or none (pre-training only data).
+    # Labels (headct/data/label_sources): `cq500` a reads.csv (majority of R1-R3), `rsna2019` the RSNA 2019
+    # stage_2_train.csv (per slice; a series is 1 if any slice is), `table` a CSV with a key column and canonical
+    # label columns, or `none` (pre-training only data). Another source is added with label_sources.register.
     labels: Path | None = Path("data/raw/synth/reads.csv")
-    labels_format: Literal["cq500", "none"] = "cq500"
+    labels_format: str = "cq500"
+    # `table` only: what its key column holds, and that column's name (None: the column named like labels_key)
+    labels_key: Literal["patient", "study", "series", "path"] = "patient"
+    labels_key_column: str | None = None
     # Patient key: DICOM PatientID, or the CQ500-layout folder name (`CQ500CT0 CQ500CT0/...` <-> `CQ500-CT-0`).
     patient_key: Literal["dicom", "cq500_folder"] = "cq500_folder"
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
@@ -146,6 +151,16 @@ class IngestConfig(Section):
     def _workers_range(cls, v: int | str) -> int | str:
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError(f"workers must be 1-256 or 'auto', got {v}")
+        return v
+
+    @field_validator("labels_format")
+    @classmethod
+    def _label_source_name(cls, v: str) -> str:
+        # Which names exist is the registry's to say (headct/data/label_sources; a user may register one), so
+        # the name is checked there, when ingest starts and before any work; here only its form.
+        if not v.isidentifier():
+            raise ValueError(f"labels_format must be a label source's name (e.g. none, cq500, rsna2019, table), "
+                             f"got {v!r}")
         return v
 
     @field_validator("shard")

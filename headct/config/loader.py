@@ -13,12 +13,9 @@ from pydantic import ValidationError
 from headct.config.base import resolve_path
 from headct.config.finetune import FinetuneConfig
 from headct.config.params import Params
+from headct.errors import ConfigError  # noqa: F401  (re-exported: headct.config.ConfigError)
 
 _TUNED_DEFAULT = FinetuneConfig.model_fields["tuned_params"].default
-
-
-class ConfigError(ValueError):
-    """A params file or override that cannot be used; the message names the key, value and what is allowed."""
 
 
 def find_project_root(start: Path | None = None) -> Path:

@@ -11,9 +11,9 @@
    out unusable the next-ranked series is tried. A volume already converted with the same preprocess version
    (manifest or journal of an interrupted run) is reused, not re-converted.
 4. deduplicate: accepted series with the same pixel content or SOP instances keep one copy (`headct.data.dedup`).
-5. write: manifest, rejects, labels, preprocess.json (DEST, or DEST/shards/<K>of<N>/ for a shard), optional NIfTI
-   exports, and the local linkage file (outside DEST and the reports). The job (`pipelines/ingest.py`) writes
-   the reports from the returned summary.
+5. write: manifest, rejects, labels (joined by `headct.data.label_sources`), preprocess.json (DEST, or
+   DEST/shards/<K>of<N>/ for a shard), optional NIfTI exports, and the local linkage file (outside DEST and the
+   reports). The job (`pipelines/ingest.py`) writes the reports from the returned summary.
 Only pseudonyms leave this module, except in terminal messages about a bad file and the linkage file.
 """
 
@@ -40,7 +40,7 @@ from rich.progress import (
 
 from headct.config.base import PreprocessSpec
 from headct.config.data import IngestConfig
-from headct.data import dedup, nifti_input, parallel, shards, store
+from headct.data import dedup, label_sources, nifti_input, parallel, shards, store
 from headct.data.criteria import read_criteria
 from headct.data.dicom_series import (
     Discovery,
@@ -55,7 +55,7 @@ from headct.data.dicom_series import (
     read_headers,
 )
 from headct.data.identity import Pseudonymizer, load_key
-from headct.data.labels import join_labels, read_cq500
+from headct.data.label_sources.base import ScanKeys, scan_keys
 from headct.data.resample import NoHeadError, to_canonical
 from headct.data.selection import qc_series, rank_series, slice_thickness_mm, why_not_selected
 from headct.errors import InputError
@@ -305,15 +305,11 @@ def _tables(studies: dict[str, list[SeriesRecord]], accepted: dict[str, dict], c
     return manifest, rejects, linkage
 
 
-def _labels(manifest: list[dict], studies: dict[str, list[SeriesRecord]], reads: pd.DataFrame | None
-            ) -> tuple[pd.DataFrame, int]:
-    """labels.csv rows and the number of scans without any known label."""
-    scans = pd.DataFrame(manifest, columns=["scan_id", "patient_id"])
-    if reads is None:
-        return scans, len(scans)
-    keys = {r.scan_id: r.patient_key for records in studies.values() for r in records}
-    scans["patient_key"] = scans["scan_id"].map(keys)
-    return join_labels(scans, reads)
+def _scan_keys(manifest: list[dict], studies: dict[str, list[SeriesRecord]], src: Path) -> list[ScanKeys]:
+    """The source keys (patient, UIDs, SOP instances, paths) of every accepted scan, for the label join only."""
+    by_scan = {r.scan_id: r for records in studies.values() for r in records}
+    return [scan_keys(row["scan_id"], row["patient_id"], by_scan[row["scan_id"]].patient_key,
+                      by_scan[row["scan_id"]].series, src) for row in manifest]
 
 
 def linkage_path(cfg: IngestConfig, root: Path) -> Path:
@@ -345,11 +341,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     if shard is not None:
         linkage = shards.linkage_file(linkage, shard)
     tables = shards.folder(cfg.dest, shard) if shard is not None else cfg.dest
-    reads = None
-    if cfg.labels_format == "cq500":  # read first: a wrong labels path should fail before any work
-        if cfg.labels is None:
-            raise InputError("ingest.labels_format=cq500 needs ingest.labels (the reads.csv path)")
-        reads = read_cq500(cfg.labels)
+    label_rows = label_sources.load(cfg)  # read first: a wrong labels file should fail before any work
     if cfg.qc.criteria_csv is not None:
         read_criteria(cfg.qc.criteria_csv)  # likewise: a bad criteria file fails now, naming itself
     if key is None:
@@ -373,7 +365,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
     manifest, rejects, linkage_rows = _tables(studies, accepted, cfg)
-    labels, unlabelled = _labels(manifest, studies, reads)
+    labels, unlabelled, label_counts = label_sources.join(label_rows, _scan_keys(manifest, studies, cfg.src))
     store.write_manifest(tables, manifest)
     store.write_rejects(tables, rejects)
     store.write_labels(tables, labels)
@@ -403,6 +395,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
         "nifti_exported": exported,
         "orphan_volumes_removed": orphans,
         "unlabelled_scans": unlabelled,
+        **label_counts,
         "preprocess_version": cfg.preprocess.version,
         "shard": cfg.shard or "",
         "seconds": round(time.perf_counter() - started, 1),

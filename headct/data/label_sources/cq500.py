@@ -1,30 +1,26 @@
-"""Label adapters into the canonical vocabulary (`headct.config.LABELS`); unknown is empty (NA), never 0.
+"""CQ500 `reads.csv` (and the synthetic data set, which writes the same layout): labels per patient.
 
-CQ500 `reads.csv`: columns `name, Category, R1:<L>, ..., R2:<L>, ..., R3:<L>, ...` (0/1). The label of a study is
-the majority of the readers who read it: positive when more than half said 1, negative when more than half said
-0, unknown on a tie or when nobody read it. `name` (`CQ500-CT-0`) matches the folder `CQ500CT0` once dashes are
-removed (`patient_key_of_name`).
+Columns `name, Category, R1:<L>, ..., R2:<L>, ..., R3:<L>, ...` (0/1). The label of a patient is the majority of
+the readers who read it: positive when more than half said 1, negative when more than half said 0, unknown on a
+tie or when nobody read it. `name` (`CQ500-CT-0`) matches the folder `CQ500CT0` once dashes are removed
+(`patient_key_of_name`, applied to both sides of the join).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from headct.config.base import LABELS
+from headct.data.label_sources.base import LabelRows, labels_file, require_file
 from headct.errors import InputError
 
+if TYPE_CHECKING:
+    from headct.config.data import IngestConfig
+
 READERS = ("R1", "R2", "R3")
-# RSNA 2019 ICH subtypes -> canonical labels (the exam label is the max over its slices).
-RSNA_SUBTYPES: dict[str, str] = {
-    "epidural": "EDH",
-    "intraparenchymal": "IPH",
-    "intraventricular": "IVH",
-    "subarachnoid": "SAH",
-    "subdural": "SDH",
-    "any": "ICH",
-}
 
 
 def patient_key_of_name(name: str) -> str:
@@ -49,10 +45,7 @@ def read_cq500(path: Path) -> pd.DataFrame:
     Raises InputError naming the file for a missing file, a missing `name` column, a label without reader
     columns, values other than 0/1, or two rows with the same patient key.
     """
-    if not path.is_file():
-        raise InputError(f"labels file {path} not found (ingest.labels; set ingest.labels_format=none for "
-                         "unlabelled data)")
-    table = pd.read_csv(path, dtype=str, keep_default_na=True)
+    table = pd.read_csv(require_file(path), dtype=str, keep_default_na=True)
     if "name" not in table.columns:
         raise InputError(f"{path}: no `name` column (CQ500 reads.csv layout expected)")
     keys = table["name"].map(patient_key_of_name)
@@ -74,14 +67,12 @@ def read_cq500(path: Path) -> pd.DataFrame:
     return pd.DataFrame(labels, index=pd.Index(keys, name="patient_key")).astype("Int64")
 
 
-def join_labels(scans: pd.DataFrame, reads: pd.DataFrame) -> tuple[pd.DataFrame, int]:
-    """labels.csv rows: `scans` (scan_id, patient_id, patient_key) joined to `reads` by patient key.
+class Cq500Source:
+    name = "cq500"
 
-    Returns (scan_id, patient_id, one Int64 column per label; NA = unknown) and the number of scans whose
-    patient key is not in `reads` (all their labels unknown).
-    """
-    keys = scans["patient_key"].map(patient_key_of_name)
-    joined = reads.reindex(keys.to_numpy())
-    joined.index = scans.index
-    out = pd.concat([scans[["scan_id", "patient_id"]], joined], axis=1)
-    return out, int((~keys.isin(reads.index)).sum())
+    def read(self, cfg: IngestConfig) -> LabelRows:
+        path = labels_file(cfg, "reads.csv")
+        return LabelRows(path, "patient", read_cq500(path), normalise=patient_key_of_name)
+
+
+SOURCE = Cq500Source()
