@@ -1,4 +1,4 @@
-"""The ViT surface timm users expect: forward_intermediates, stochastic depth (tiny; CPU)."""
+"""The ViT surface timm users expect: forward_intermediates, stochastic depth, AdamW parameter groups (tiny; CPU)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from headct.models.blocks import DropPath, drop_path_rates
+from headct.models.dino import DINO
+from headct.models.heads import Classifier
+from headct.models.mae import MAE
 from headct.models.model_dir import load_model_dir, save_model_dir
 from headct.models.vit import ViT3D, build_encoder
+from headct.train.param_groups import no_weight_decay_names, param_groups, set_lrs
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -160,3 +164,97 @@ def test_drop_path_drops_whole_samples_and_keeps_the_expectation() -> None:
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="drop-path rate"):
             encoder(drop_path_rate=bad)
+
+
+# -------------------------------------------------------------------------------------- parameter groups
+def classifier(pool: str = "attentive") -> Classifier:
+    return Classifier(encoder(depth=4, registers=2), pool, n_outputs=3)
+
+
+def by_name(groups: list[dict], model: torch.nn.Module) -> dict[str, dict]:
+    ids = {id(p): n for n, p in model.named_parameters()}
+    return {ids[id(p)]: g for g in groups for p in g["params"]}
+
+
+def test_layer_decay_scales_of_a_four_block_model() -> None:
+    model = classifier()
+    groups = param_groups(model, 0.05, layer_decay=0.5, head_lr_mult=10.0)
+    of = by_name(groups, model)
+    scale = {n: g["lr_scale"] for n, g in of.items()}
+    assert scale["backbone.patch_embed.proj.weight"] == scale["backbone.cls_token"] == 0.5**5
+    assert scale["backbone.register_tokens"] == 0.5**5
+    for i in range(4):
+        assert scale[f"backbone.blocks.{i}.attn.qkv.weight"] == scale[f"backbone.blocks.{i}.norm1.bias"] == 0.5 ** (4 - i)
+    assert scale["backbone.norm.weight"] == 1.0
+    assert scale["head.linear.weight"] == scale["head.query"] == 10.0
+    assert of["backbone.blocks.3.mlp.fc1.weight"]["name"] == "backbone.blocks.3/decay"
+    assert of["head.linear.bias"]["part"] == "head" and of["backbone.norm.bias"]["part"] == "body"
+    names = [g["name"] for g in groups]
+    assert len(names) == len(set(names))
+    # without layer decay: one body scale, the head's multiplier still applies
+    flat = by_name(param_groups(model, 0.05, head_lr_mult=10.0), model)
+    assert {g["lr_scale"] for n, g in flat.items() if n.startswith("backbone.")} == {1.0}
+    assert flat["head.linear.weight"]["lr_scale"] == 10.0
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.75])
+def test_every_parameter_is_in_exactly_one_group(layer_decay) -> None:
+    model = classifier()
+    groups = param_groups(model, 0.05, layer_decay=layer_decay)
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) == len(list(model.parameters()))
+    assert set(grouped) == {id(p) for p in model.parameters()}
+
+
+def test_no_decay_on_biases_norms_and_token_tables_only() -> None:
+    model = classifier()
+    of = by_name(param_groups(model, 0.05, layer_decay=0.75), model)
+    undecayed = {n for n, g in of.items() if g["weight_decay"] == 0.0}
+    expected = {n for n, p in model.named_parameters() if p.ndim == 1}  # biases and LayerNorm weights
+    expected |= {"backbone.cls_token", "backbone.register_tokens", "head.query"}
+    assert undecayed == expected
+    assert {g["weight_decay"] for n, g in of.items() if n not in expected} == {0.05}
+    assert "backbone.pos_embed" in no_weight_decay_names(model)  # a fixed buffer, listed for timm parity
+
+
+def test_the_no_decay_rule_agrees_with_pretrainings_adamw() -> None:
+    from headct.models.resnet import ResNetBackbone
+    from headct.train.engine import adamw
+
+    torch.manual_seed(0)
+    models = [MAE(encoder(), decoder_dim=48),
+              DINO(encoder(), out_dim=32, hidden_dim=32, bottleneck_dim=16),
+              Classifier(ResNetBackbone("resnet10"), "mean", 2)]
+    for model in models:
+        reference = adamw(model, 1e-3, 0.05)
+        decayed = {id(p) for p in reference.param_groups[0]["params"]}
+        ours = param_groups(model, 0.05)
+        assert {id(p) for g in ours if g["weight_decay"] > 0 for p in g["params"]} == decayed
+        assert sum(len(g["params"]) for g in ours) == sum(len(g["params"]) for g in reference.param_groups)
+
+
+def test_groups_drive_adamw_and_the_schedule_applies_lr_scale() -> None:
+    model = classifier("cls")
+    groups = param_groups(model, 0.05, layer_decay=0.5, head_lr_mult=4.0, base_lr=1e-3)
+    assert {round(g["lr"] / g["lr_scale"], 12) for g in groups} == {1e-3}
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    set_lrs(optimizer, 2e-4)
+    for group in optimizer.param_groups:
+        assert group["lr"] == pytest.approx(2e-4 * group["lr_scale"])
+    before = model.backbone.blocks[0].attn.qkv.weight.detach().clone()
+    model(torch.rand(2, 3, 16, 16, 16)).sum().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.backbone.blocks[0].attn.qkv.weight)
+
+
+def test_misuse_is_refused_with_a_reason() -> None:
+    from headct.models.resnet import ResNetBackbone
+
+    resnet = Classifier(ResNetBackbone("resnet10"), "mean", 2)
+    with pytest.raises(ValueError, match="needs a ViT3D"):
+        param_groups(resnet, 0.05, layer_decay=0.75)
+    with pytest.raises(ValueError, match=r"head modules \['classifier'\]"):
+        param_groups(classifier(), 0.05, head_modules=("classifier",), head_lr_mult=10.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="layer_decay"):
+            param_groups(classifier(), 0.05, layer_decay=bad)
