@@ -79,7 +79,7 @@ def param_groups(
             schedule); a schedule must re-apply them each step (``set_lrs``).
     Returns:
         groups with keys params, weight_decay, lr_scale, name ("<layer>/decay" or "<layer>/no_decay"), part
-        ("head" or "body"), in the order their first parameter appears in ``named_parameters``.
+        ("head" or "body"); layers in the order of ``named_parameters``, the decayed group of each first.
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
@@ -97,6 +97,7 @@ def param_groups(
     skip = no_weight_decay_names(model)
     heads = tuple(h for h in head_modules if h in modules)
     groups: dict[str, dict[str, Any]] = {}
+    stems: dict[str, int] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -119,7 +120,10 @@ def param_groups(
             if base_lr is not None:
                 groups[key]["lr"] = base_lr * scale
         groups[key]["params"].append(param)
-    return list(groups.values())
+        stems.setdefault(stem, len(stems))
+    # Layers in order of appearance, the decayed group of each first: without layer decay or head modules this is
+    # exactly engine.adamw's [decay, no_decay], so an optimizer state saved by one loads into the other.
+    return sorted(groups.values(), key=lambda g: (stems[g["name"].rsplit("/", 1)[0]], g["weight_decay"] == 0.0))
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
