@@ -1,4 +1,6 @@
-"""The ViT surface timm users expect: forward_intermediates, stochastic depth, AdamW parameter groups (tiny; CPU)."""
+"""The ViT surface timm users expect: forward_intermediates, stochastic depth, AdamW parameter groups.
+
+Tiny encoders on CPU."""
 
 from __future__ import annotations
 
@@ -184,7 +186,8 @@ def test_layer_decay_scales_of_a_four_block_model() -> None:
     assert scale["backbone.patch_embed.proj.weight"] == scale["backbone.cls_token"] == 0.5**5
     assert scale["backbone.register_tokens"] == 0.5**5
     for i in range(4):
-        assert scale[f"backbone.blocks.{i}.attn.qkv.weight"] == scale[f"backbone.blocks.{i}.norm1.bias"] == 0.5 ** (4 - i)
+        block = f"backbone.blocks.{i}"
+        assert scale[f"{block}.attn.qkv.weight"] == scale[f"{block}.norm1.bias"] == 0.5 ** (4 - i)
     assert scale["backbone.norm.weight"] == 1.0
     assert scale["head.linear.weight"] == scale["head.query"] == 10.0
     assert of["backbone.blocks.3.mlp.fc1.weight"]["name"] == "backbone.blocks.3/decay"
@@ -232,6 +235,9 @@ def test_without_layer_decay_the_groups_are_pretrainings_adamw_groups() -> None:
         ours = param_groups(model, 0.05, head_modules=())
         assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in reference]
         assert [g["weight_decay"] for g in ours] == [g["weight_decay"] for g in reference] == [0.05, 0.0]
+        no_decay_at_all = param_groups(model, 0.0, head_modules=())  # same order even when nothing decays
+        assert [[id(p) for p in g["params"]] for g in no_decay_at_all] == [[id(p) for p in g["params"]]
+                                                                           for g in reference]
 
 
 def test_groups_drive_adamw_and_the_schedule_applies_lr_scale() -> None:

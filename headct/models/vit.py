@@ -207,8 +207,8 @@ class ViT3D(nn.Module):
         return self.drop_registers(self.encode(self.prepend_cls(self.tokenize(x))))
 
     def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
-        """timm's block selection: None = every block, an int n = the last n, a list = those blocks (negative from
-        the end); sorted, duplicates merged. Anything out of range is a ValueError naming the valid range."""
+        """timm's block selection: None = every block, an int n = the last n, a list = those blocks (negative
+        from the end); sorted, duplicates merged. Anything out of range is a ValueError naming the valid range."""
         depth = len(self.blocks)
         if indices is None:
             return list(range(depth))
@@ -220,8 +220,8 @@ class ViT3D(nn.Module):
             return list(range(depth - indices, depth))
         bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth]
         if bad or not indices:
-            raise ValueError(f"block indices must be a non-empty list of ints in [-{depth}, {depth - 1}] for this "
-                             f"{depth}-block encoder, got {list(indices)}")
+            raise ValueError(f"block indices must be a non-empty list of ints in [-{depth}, {depth - 1}] for "
+                             f"this {depth}-block encoder, got {list(indices)}")
         return sorted({i % depth for i in indices})
 
     def forward_intermediates(

@@ -1,5 +1,6 @@
-"""AdamW parameter groups: no weight decay on biases, norms and token/position tables; layer-wise learning-rate
-decay over a ViT3D's blocks (BEiT, Bao et al. 2022; MAE fine-tuning); a learning-rate multiplier for head modules.
+"""AdamW parameter groups: no weight decay on biases, norms and token/position tables; layer-wise
+learning-rate decay over a ViT3D's blocks (BEiT, Bao et al. 2022; MAE fine-tuning); a learning-rate multiplier
+for head modules.
 
 How a schedule applies the groups: every group carries ``lr_scale``, and at each step
 
@@ -24,7 +25,7 @@ from torch import nn
 from headct.models.vit import ViT3D
 
 _EMBED = ("patch_embed.", "cls_token", "register_tokens", "pos_embed")  # layer 0 of layer-wise decay
-_TABLE_LEAVES = ("cls_token", "register_tokens", "mask_token", "pos_embed")  # token/position tables, never decayed
+_TABLE_LEAVES = ("cls_token", "register_tokens", "mask_token", "pos_embed")  # token/position tables: no decay
 
 
 def no_weight_decay_names(model: nn.Module) -> set[str]:
@@ -64,7 +65,8 @@ def param_groups(
     head_lr_mult: float = 1.0,
     base_lr: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Parameter groups for ``torch.optim.AdamW`` (frozen parameters, ``requires_grad=False``, are left out).
+    """Parameter groups for ``torch.optim.AdamW``. Frozen parameters (``requires_grad=False``) are left out, as
+    in ``engine.adamw``: build the groups before freezing anything that is unfrozen later.
 
     Args:
         model: any module; layer-wise decay needs a ViT3D inside it (e.g. ``Classifier.backbone``).
@@ -89,7 +91,8 @@ def param_groups(
     missing = [h for h in head_modules if h not in modules]
     if missing and head_lr_mult != 1.0:  # the multiplier would silently apply to nothing
         top = sorted(n for n in modules if n and "." not in n)
-        raise ValueError(f"head modules {missing} are not in {type(model).__name__} (its top-level modules: {top})")
+        raise ValueError(f"head modules {missing} are not in {type(model).__name__} "
+                         f"(its top-level modules: {top})")
     encoders = _encoders(model)
     if layer_decay is not None and not encoders:
         raise ValueError(f"layer_decay needs a ViT3D encoder inside {type(model).__name__}; found none "
@@ -121,9 +124,13 @@ def param_groups(
                 groups[key]["lr"] = base_lr * scale
         groups[key]["params"].append(param)
         stems.setdefault(stem, len(stems))
-    # Layers in order of appearance, the decayed group of each first: without layer decay or head modules this is
-    # exactly engine.adamw's [decay, no_decay], so an optimizer state saved by one loads into the other.
-    return sorted(groups.values(), key=lambda g: (stems[g["name"].rsplit("/", 1)[0]], g["weight_decay"] == 0.0))
+    # Layers in order of appearance, the decayed group of each first: without layer decay or head modules this
+    # is exactly engine.adamw's [decay, no_decay], so an optimizer state saved by one loads into the other.
+    def order(group: dict[str, Any]) -> tuple[int, bool]:
+        stem, kind = group["name"].rsplit("/", 1)
+        return stems[stem], kind == "no_decay"
+
+    return sorted(groups.values(), key=order)
 
 
 def set_lrs(optimizer: torch.optim.Optimizer, lr: float) -> None:
