@@ -68,22 +68,6 @@ def test_registers_join_the_blocks_but_never_the_output() -> None:
     assert torch.isfinite(loss) and pred.shape == (2, 48, 3 * 4**3)
 
 
-def test_intermediates_match_forward_features_and_select_blocks() -> None:
-    torch.manual_seed(0)
-    enc = build_encoder(tiny_arch(depth=4, num_registers=2)).eval()
-    x = torch.rand(2, 3, 16, 16, 16)
-    with torch.no_grad():
-        last = enc.forward_intermediates(x, norm=True)
-        assert len(last) == 1 and torch.allclose(last[0], enc.forward_features(x), atol=1e-6)
-        two = enc.forward_intermediates(x, indices=2)
-        picked = enc.forward_intermediates(x, indices=[0, -1])
-    assert [t.shape for t in two] == [(2, 65, 192)] * 2
-    assert torch.allclose(picked[1], two[1], atol=1e-6)  # block -1 is the same whichever way it is asked for
-    assert not torch.allclose(picked[0], picked[1])
-    with pytest.raises(ValueError, match="block indices"):
-        enc.forward_intermediates(x, indices=[4])
-
-
 def test_attention_weights_are_the_ones_sdpa_applies() -> None:
     torch.manual_seed(0)
     enc = build_encoder(tiny_arch(depth=3, num_registers=1)).eval()

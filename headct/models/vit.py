@@ -1,6 +1,6 @@
 """A 3D Vision Transformer encoder for CT volumes (Dosovitskiy et al. 2021, in 3D as in FM-HCT).
 
-Reads top-down: attention, MLP, pre-norm block, patch embedding, the encoder, then the named sizes.
+Reads top-down: patch embedding, the encoder, then the named sizes (the blocks are in headct.models.blocks).
 Input is a windowed volume (B, C, X, Y, Z) float in [0, 1] (C = HU windows, see headct.data.windows);
 the cube is cut into non-overlapping patch**3 voxel patches, one token each, plus a CLS token and optional
 register tokens (Darcet et al. 2024, "Vision Transformers Need Registers": extra learned tokens that absorb the
@@ -17,75 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from headct.models.blocks import Attention, Block, DropPath, Mlp, drop_path_rates, init_weights
 from headct.models.pos_embed import interpolate_pos_embed, sincos_pos_embed_3d
 
-
-class Attention(nn.Module):
-    """Multi-head self-attention on (B, T, D) tokens via torch SDPA (flash/memory-efficient kernels on GPU)."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"width {dim} is not divisible by num_heads {num_heads}")
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
-        """(B, T, D) -> (B, T, D); with ``return_attention`` also the weights (B, H, T, T), rows summing to 1.
-
-        The weights are only materialised on request (explicit softmax, same maths as SDPA); training always
-        takes the fused SDPA kernel.
-        """
-        b, t, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        if return_attention:
-            weights = torch.softmax((q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
-            out = (weights.to(v.dtype) @ v).transpose(1, 2).reshape(b, t, d)
-            return self.proj(out), weights
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, H, T, D/H)
-        return self.proj(x.transpose(1, 2).reshape(b, t, d))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); (B, T, D) -> (B, T, D)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True) -> None:
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor, return_attention: bool = False) -> Any:
-        """With ``return_attention``: (tokens, attention weights (B, H, T, T))."""
-        if return_attention:
-            out, weights = self.attn(self.norm1(x), return_attention=True)
-            x = x + out
-            return x + self.mlp(self.norm2(x)), weights
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-def init_weights(module: nn.Module) -> None:
-    """MAE/timm initialisation: Xavier-uniform linears with zero bias, unit LayerNorms."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
+__all__ = ["Attention", "Block", "DropPath", "Mlp", "PatchEmbed3D", "ViT3D", "build_encoder", "init_weights",
+           "register_size", "sizes"]
 
 
 def _triple(v: int | tuple[int, int, int] | list[int]) -> tuple[int, int, int]:
@@ -138,6 +74,9 @@ class ViT3D(nn.Module):
         qkv_bias: learn a bias on the query/key/value projection.
         num_registers: extra learned tokens after CLS (0 = none); used inside the blocks, never returned.
         name: the registered size this was built from (kept in ``arch`` for the model directory).
+        drop_path_rate: stochastic depth of the last block; block i gets rate * i / (depth - 1), 0 = off. A
+            training-time setting, not architecture: it adds no weights and is not kept in ``arch``
+            (``set_drop_path_rate`` sets it on a loaded encoder).
 
     Example:
         >>> enc = build_encoder({"name": "tiny", "img_size": 64, "patch_size": 16, "in_chans": 3})
@@ -157,6 +96,7 @@ class ViT3D(nn.Module):
         qkv_bias: bool = True,
         num_registers: int = 0,
         name: str = "custom",
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         img = _triple(img_size)
@@ -183,12 +123,21 @@ class ViT3D(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid)[None], persistent=False)
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.set_drop_path_rate(drop_path_rate)
 
         nn.init.normal_(self.cls_token, std=0.02)
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=0.02)
         self.blocks.apply(init_weights)
         self.norm.apply(init_weights)
+
+    def set_drop_path_rate(self, rate: float) -> None:
+        """Stochastic depth for fine-tuning: block i drops its residual branches with probability
+        rate * i / (depth - 1) in training mode (DeiT/timm's linear rule); 0 switches it off. Use it on an
+        encoder loaded from a model directory, e.g. ``load_model_dir(path)[0].set_drop_path_rate(0.1)``."""
+        for block, p in zip(self.blocks, drop_path_rates(rate, len(self.blocks)), strict=True):
+            block.drop_path.p = p
+        self.drop_path_rate = float(rate)
 
     @property
     def num_patches(self) -> int:
@@ -257,38 +206,84 @@ class ViT3D(nn.Module):
         """(B, C, X, Y, Z) float -> (B, 1 + N, D) normed tokens, CLS first (registers dropped)."""
         return self.drop_registers(self.encode(self.prepend_cls(self.tokenize(x))))
 
-    def _block_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+    def _take_indices(self, indices: int | Sequence[int] | None) -> list[int]:
+        """timm's block selection: None = every block, an int n = the last n, a list = those blocks (negative
+        from the end); sorted, duplicates merged. Anything out of range is a ValueError naming the valid range."""
         depth = len(self.blocks)
         if indices is None:
-            return [depth - 1]
+            return list(range(depth))
+        if isinstance(indices, bool) or not isinstance(indices, int | Sequence) or isinstance(indices, str):
+            raise ValueError(f"indices must be an int, a list of block indices or None, got {indices!r}")
         if isinstance(indices, int):
             if not 1 <= indices <= depth:
-                raise ValueError(f"ask for the last 1..{depth} blocks, got {indices}")
+                raise ValueError(f"indices={indices} asks for the last n blocks; n must be in 1..{depth}")
             return list(range(depth - indices, depth))
-        bad = [i for i in indices if not -depth <= i < depth]
+        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or not -depth <= i < depth]
         if bad or not indices:
-            raise ValueError(f"block indices must be a non-empty list in [-{depth}, {depth - 1}], got {list(indices)}")
+            raise ValueError(f"block indices must be a non-empty list of ints in [-{depth}, {depth - 1}] for "
+                             f"this {depth}-block encoder, got {list(indices)}")
         return sorted({i % depth for i in indices})
 
     def forward_intermediates(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None, norm: bool = False
-    ) -> list[torch.Tensor]:
-        """The token outputs of chosen blocks, each (B, 1 + N, D), CLS first, registers dropped.
+        self,
+        x: torch.Tensor,
+        indices: int | Sequence[int] | None = None,
+        norm: bool = False,
+        output_fmt: Literal["NCDHW", "NLC"] = "NCDHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+        stop_early: bool = False,
+    ) -> Any:
+        """Block outputs as feature maps, with timm's ``VisionTransformer.forward_intermediates`` semantics.
 
         Args:
-            indices: an int n = the last n blocks; a list = those block indices (negative from the end);
-                None = the last block.
-            norm: pass each through the final LayerNorm (as ``forward_features`` does for the last block).
-        Blocks after the last requested one are not run.
+            x: (B, C, X, Y, Z) volumes; any grid divisible by the patch (positions are resampled).
+            indices: None = every block; an int n = the last n blocks; a list = those block indices (negative
+                count from the end). Out of range -> ValueError.
+            norm: pass each intermediate through the final LayerNorm (the last block's then equals
+                ``forward_features``' patch tokens).
+            output_fmt: "NCDHW" -> (B, D, gx, gy, gz) maps of the patch tokens (grid ``grid_of(x)``, in the
+                (x, y, z) order of the volume); "NLC" -> (B, N, D) patch tokens.
+            intermediates_only: return just the list (blocks after the last requested one are not run).
+            return_prefix_tokens: each intermediate becomes (map, prefix) with prefix (B, 1 + R, D): CLS and the
+                R registers of that block (normed too when ``norm``).
+            stop_early: stop after the last requested block even when the final features are returned (they are
+                then that block's tokens through the final norm, as in timm).
+        Returns:
+            ``intermediates`` (in block order) if ``intermediates_only``, else ``(final, intermediates)`` where
+            ``final`` is (B, 1 + N, D) as from ``forward_features`` (normed, CLS first, registers dropped).
         """
-        wanted = self._block_indices(indices)
+        if output_fmt not in ("NCDHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCDHW' or 'NLC', got {output_fmt!r}")
+        take = self._take_indices(indices)
+        grid = self.grid_of(x)
         tokens = self.prepend_cls(self.tokenize(x))
-        out = []
-        for i, block in enumerate(self.blocks[: wanted[-1] + 1]):
+        n_run = take[-1] + 1 if intermediates_only or stop_early else len(self.blocks)
+        n_prefix = self.num_prefix_tokens
+        out: list[Any] = []
+        for i, block in enumerate(self.blocks[:n_run]):
             tokens = block(tokens)
-            if i in wanted:
-                out.append(self.drop_registers(self.norm(tokens) if norm else tokens))
-        return out
+            if i not in take:
+                continue
+            y = self.norm(tokens) if norm else tokens
+            patches = y[:, n_prefix:]
+            if output_fmt == "NCDHW":  # (B, N, D) in (x, y, z) C-order -> (B, D, gx, gy, gz)
+                patches = patches.transpose(1, 2).reshape(y.shape[0], y.shape[2], *grid)
+            out.append((patches, y[:, :n_prefix]) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return out
+        return self.drop_registers(self.norm(tokens)), out
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] | None = 1) -> list[int]:
+        """Drop the blocks after the last of ``indices`` (timm's name); returns the kept block indices.
+
+        ``arch["depth"]`` follows, so a model directory saved afterwards describes the pruned encoder. The final
+        norm is kept (``norm=False`` in ``forward_intermediates`` ignores it).
+        """
+        take = self._take_indices(indices)
+        self.blocks = self.blocks[: take[-1] + 1]
+        self.arch["depth"] = len(self.blocks)
+        return take
 
     def attention_maps(self, x: torch.Tensor, blocks: Literal["last", "all"] = "last") -> list[torch.Tensor]:
         """Attention weights (B, H, T, T) of the last block or of every block (for attention rollout).
@@ -359,10 +354,11 @@ _ARCH_KEYS = {"name", "img_size", "patch_size", "in_chans", "embed_dim", "depth"
               "qkv_bias", "num_registers"}
 
 
-def build_encoder(arch: dict[str, Any]) -> ViT3D:
+def build_encoder(arch: dict[str, Any], drop_path_rate: float = 0.0) -> ViT3D:
     """Build the encoder a model directory's ``config.json["arch"]`` describes (``ViT3D.arch`` round-trips).
 
     ``name`` picks a registered size; the other keys override its defaults. Unknown keys are an error.
+    ``drop_path_rate`` is stochastic depth for training (not architecture, so not an ``arch`` key).
     """
     unknown = sorted(set(arch) - _ARCH_KEYS)
     if unknown:
@@ -370,4 +366,4 @@ def build_encoder(arch: dict[str, Any]) -> ViT3D:
     name = arch.get("name")
     if name not in _SIZES:
         raise ValueError(f"unknown encoder size {name!r}; registered: {sizes()}")
-    return _SIZES[name](**{k: v for k, v in arch.items() if k != "name"})
+    return _SIZES[name](**{k: v for k, v in arch.items() if k != "name"}, drop_path_rate=drop_path_rate)
