@@ -193,8 +193,9 @@ class DINO(nn.Module):
         norm_last_layer: fix the magnitude of the head's last layer to 1.
 
     ``forward`` returns a dict: ``loss`` (what to backpropagate), ``dino`` and ``koleo`` (detached, for logging).
-    Save ``encoder`` (the student's) in the model directory; ``teacher.encoder`` is the EMA encoder, which DINO
-    reports as the better one for evaluation.
+    ``teacher.encoder`` (the EMA encoder, which DINO reports as the better one for evaluation) is what
+    `headct pretrain` saves in the model directory (``headct.train.pretext.DinoTask.encoder``); ``encoder`` is the
+    student's, the one the optimizer trains.
     """
 
     def __init__(
@@ -219,7 +220,7 @@ class DINO(nn.Module):
 
     @property
     def encoder(self) -> ViT3D:
-        """The student's encoder: the network that gets saved."""
+        """The student's encoder: the network the optimizer trains (the teacher's EMA copy is the one saved)."""
         return self.student.encoder
 
     def train(self, mode: bool = True) -> DINO:
