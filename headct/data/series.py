@@ -158,7 +158,7 @@ class StackGeometry:
 
 
 def stack_geometry(series: Series) -> StackGeometry:
-    """Geometry of a series whose slices share orientation, spacing and size (checked by selection QC)."""
+    """Geometry of a series whose slices share orientation, spacing and size (checked first: qc.stack_checks)."""
     first = series.first
     iop = np.asarray(first.orientation, float)
     row_dir, col_dir = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
