@@ -31,7 +31,8 @@ class StudyVolumes:
 
 
 def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best", workers: int = 1) -> StudyVolumes:
-    """A DICOM folder (any layout, any file names) or a `.nii`/`.nii.gz` file -> StudyVolumes.
+    """A DICOM folder (any layout, any file names) or one file of a registered input format (a `.nii`/`.nii.gz`
+    file, an Enhanced CT object; headct.data.formats) -> StudyVolumes.
 
     preprocess: the model's preprocessing spec (its config.json `preprocess`), so the grid matches the model.
     InputError (naming the path) when nothing in it passes QC, with the reject reasons.
@@ -40,8 +41,8 @@ def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best",
 
     from headct.config.base import PreprocessSpec
     from headct.config.data import IngestConfig
+    from headct.data.discovery import recognise
     from headct.data.ingest import ingest
-    from headct.data.nifti_input import is_nifti_name
     from headct.data.store import read_manifest
 
     source = Path(path).expanduser().resolve()
@@ -52,8 +53,9 @@ def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best",
         work = Path(tmp)
         src = source
         if source.is_file():
-            if not is_nifti_name(source):
-                raise InputError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file")
+            if recognise(source) is None:  # a file some input format reads (a NIfTI, an Enhanced CT object ...)
+                raise InputError(f"{source}: expected a DICOM folder or a .nii/.nii.gz file (or another file an "
+                                 "input format reads)")
             src = work / "src"
             src.mkdir()
             shutil.copy2(source, src / source.name)

@@ -30,10 +30,10 @@ from ingest_helpers import (  # noqa: E402
 
 from headct.config import JobContext, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
-from headct.data.dicom_series import Series, SliceHeader, stack_geometry  # noqa: E402
 from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key  # noqa: E402
 from headct.data.label_sources.cq500 import read_cq500  # noqa: E402
 from headct.data.selection import is_bone_kernel, qc_series, rank_series  # noqa: E402
+from headct.data.series import Series, SliceHeader, stack_geometry  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
 

@@ -23,8 +23,10 @@ from dicom_factory import SeriesSpec, nifti_of, slice_positions, write_enhanced,
 from ingest_helpers import EXPECTED_MARKER_RAS, hu_at, make_cfg, marker_ras, only_volume, run_ingest  # noqa: E402
 
 from headct.data import store  # noqa: E402
-from headct.data.dicom_series import group_series, load_hu, read_headers, stack_geometry  # noqa: E402
+from headct.data.discovery import group_series, read_headers  # noqa: E402
+from headct.data.formats.dicom import load_hu  # noqa: E402
 from headct.data.identity import KEY_ENV, KEY_FILE_ENV  # noqa: E402
+from headct.data.series import stack_geometry  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -16,9 +16,9 @@ from ingest_helpers import RULES, make_cfg, run_ingest  # noqa: E402
 from headct.config import IngestConfig, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.criteria import read_criteria  # noqa: E402
-from headct.data.dicom_series import Series, SliceHeader  # noqa: E402
 from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
 from headct.data.selection import qc_series  # noqa: E402
+from headct.data.series import Series, SliceHeader  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
 CT = "1.2.840.10008.5.1.4.1.1.2"

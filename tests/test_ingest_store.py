@@ -174,7 +174,7 @@ def test_shards_partition_studies_deterministically() -> None:
 # ------------------------------------------------------------------------------------------- workers, resume
 def test_worker_count_is_capped_by_memory() -> None:
     from headct.config import PreprocessSpec
-    from headct.data.dicom_series import Series, SliceHeader
+    from headct.data.series import Series, SliceHeader
 
     header = SliceHeader(path=Path("/x"), study_uid="1", series_uid="2", patient_id="", modality="CT",
                          image_type=(), sop_class_uid="", rows=512, cols=512, pixel_spacing=(0.5, 0.5),

@@ -7,12 +7,32 @@ Two accepted series are duplicates when they share
     instances_id     the keyed hash of the set of SOPInstanceUIDs (the same instances, even re-encoded lossily).
 Rule: visit accepted rows by scan_id; the first of each group is kept, every later one is a duplicate of it.
 The rule only looks at the rows, so applying it to one whole run or to the union of shards gives the same store.
+`content_sha256` computes the first key from a format's HU stack (any format: it sees only the model's geometry).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+
+from headct.data.series import LPS_TO_RAS, StackGeometry
+
+
+def content_sha256(hu: np.ndarray, geometry: StackGeometry) -> str:
+    """sha256 of the HU stack laid out in the closest RAS orientation (so the same volume stored with flipped or
+    swapped axes, e.g. a DICOM series and its NIfTI conversion, hashes alike), with its shape."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    axes = np.stack([geometry.row_dir, geometry.col_dir, geometry.normal], axis=1) * LPS_TO_RAS.diagonal()[:3, None]
+    view = apply_orientation(hu.transpose(2, 1, 0), io_orientation(np.vstack([np.c_[axes, np.zeros(3)],
+                                                                               [0, 0, 0, 1]])))
+    digest = hashlib.sha256(str(view.shape).encode())
+    for k in range(view.shape[2]):  # one contiguous slice at a time: no copy of the whole stack
+        digest.update(np.ascontiguousarray(view[:, :, k]).data)
+    return digest.hexdigest()
 
 
 def find_duplicates(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:

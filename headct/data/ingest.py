@@ -1,9 +1,12 @@
 """Ingest a folder of DICOM series and NIfTI files into the canonical store: discover -> select -> convert -> write.
 
-1. discover: every file under SRC; DICOM recognised by content (headers only, stop_before_pixels; Enhanced CT
-   split into one slice per frame; DICOMDIR indexes counted and skipped), NIfTI by name; in parallel;
-   unreadable files are named on the terminal only. The same SOP instance found twice is read once.
-2. select: group by Study/Series UID, QC every series against `ingest.qc`, rank the valid ones of each study
+Every step asks the input format of a series (headct.data.formats: classic DICOM, Enhanced CT, NIfTI, and any
+format registered there) and never branches on one itself.
+1. discover (headct.data.discovery): every file under SRC, offered to the registered formats (DICOM recognised by
+   content, headers only; Enhanced CT split into one slice per frame; DICOMDIR indexes counted and skipped; NIfTI
+   by name); in parallel; unreadable files are named on the terminal only. The same SOP instance found twice is
+   read once.
+2. select: group by study/series key, QC every series against `ingest.qc`, rank the valid ones of each study
    (`headct.data.selection`, where the reason codes and the preference order are documented); with `--shard`
    only the studies of that shard go on.
 3. convert: per study the best series (or, with `keep: all`, every valid one): pixels -> HU -> canonical grid ->
@@ -40,24 +43,15 @@ from rich.progress import (
 
 from headct.config.base import PreprocessSpec
 from headct.config.data import IngestConfig
-from headct.data import dedup, label_sources, nifti_input, parallel, shards, store
+from headct.data import dedup, formats, label_sources, parallel, shards, store
 from headct.data.criteria import read_criteria
-from headct.data.dicom_series import (
-    Discovery,
-    PixelDataError,
-    Series,
-    StackGeometry,
-    content_sha256,
-    drop_repeated_instances,
-    group_series,
-    list_files,
-    load_hu,
-    read_headers,
-)
+from headct.data.discovery import Discovery, drop_repeated_instances, group_series, list_files, read_headers
+from headct.data.formats import SourceDataError
 from headct.data.identity import Pseudonymizer, load_key
 from headct.data.label_sources.base import ScanKeys, scan_keys
 from headct.data.resample import NoHeadError, to_canonical
 from headct.data.selection import qc_series, rank_series, slice_thickness_mm, why_not_selected
+from headct.data.series import Series, StackGeometry
 from headct.errors import InputError
 from headct.io import atomic_path
 
@@ -75,7 +69,7 @@ class SeriesRecord:
     message: str
     geometry: StackGeometry | None
     key_source: str = "dicom"  # patient_key_source of the manifest: "dicom" | "dataset" | "self"
-    instances_id: str = ""  # keyed hash of the SOP instances ("" for NIfTI)
+    instances_id: str = ""  # keyed hash of the SOP instances ("" for formats without them, e.g. NIfTI)
 
 
 @dataclass(frozen=True)
@@ -107,18 +101,12 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path)
             attempts.append(Attempt(scan_id, None, "reused", "", previous))
             break
         try:
-            if series.nifti is not None:
-                hu = nifti_input.load_hu(series, geometry)
-            else:
-                hu = load_hu(series, geometry, float(spec.pad_hu))
-            content = content_sha256(hu, geometry)
+            hu = formats.of(series).load_hu(series, geometry, float(spec.pad_hu))
+            content = dedup.content_sha256(hu, geometry)
             volume, affine = to_canonical(hu, geometry, spec)
             del hu  # the source stack is the largest allocation: free it before writing
-        except PixelDataError as exc:
-            attempts.append(Attempt(scan_id, "unreadable", exc.why, str(exc), None))
-            continue
-        except nifti_input.NotHuError as exc:
-            attempts.append(Attempt(scan_id, "not_hu", exc.why, str(exc), None))
+        except SourceDataError as exc:  # unreadable pixels, values not HU: the format names the reason code
+            attempts.append(Attempt(scan_id, exc.reason, exc.why, str(exc), None))
             continue
         except NoHeadError as exc:
             folder = series.first.path.parent
@@ -138,34 +126,19 @@ def _progress(console: Console) -> Progress:
                     TimeRemainingColumn(), console=console)
 
 
-def _discover(files: list[Path], run: Callable, progress: Progress, workers: int) -> Discovery:
+def _discover(files: list[Path], src: Path, run: Callable, progress: Progress, workers: int) -> Discovery:
     size = max(16, min(512, len(files) // (workers * 8) + 1))
-    chunks = [(files[i : i + size],) for i in range(0, len(files), size)]
+    chunks = [(files[i : i + size], src) for i in range(0, len(files), size)]
     task = progress.add_task("reading headers", total=len(files))
-    headers, bad, niftis, other, index = [], [], [], 0, 0
-    for (chunk,), found in run(read_headers, chunks):
+    headers, bad, other, index = [], [], 0, 0
+    for (chunk, _), found in run(read_headers, chunks):
         headers += found.headers
         bad += found.bad_files
-        niftis += found.niftis
         other += found.other_files
         index += found.index_files
         progress.advance(task, len(chunk))
     headers.sort(key=lambda h: (str(h.path), h.frame))  # completion order varies; outputs must not
-    niftis.sort(key=lambda n: str(n.path))
-    return Discovery(headers, sorted(bad), other, niftis, index)
-
-
-def _patient_key(series: Series, mode: str, src: Path) -> tuple[str | None, str]:
-    """(patient key, its source): DICOM PatientID ("dicom"), or the first whitespace token of the top folder under
-    SRC (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"); a NIfTI file is its own patient ("self") unless the folder
-    layout names one (nifti_input.patient_key)."""
-    if series.nifti is not None:
-        return nifti_input.patient_key(series.nifti, src, mode)
-    if mode == "dicom":
-        return series.first.patient_id or None, "dicom"
-    parts = series.first.path.relative_to(src).parts
-    tokens = parts[0].split() if len(parts) > 1 else []
-    return (tokens[0] if tokens else None), "dataset"
+    return Discovery(headers, sorted(bad), other, index)
 
 
 def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
@@ -179,7 +152,9 @@ def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
         if shard is not None and not shard.holds(study_id):
             continue
         qc = qc_series(series, cfg.qc, criteria)
-        key, source = _patient_key(series, cfg.patient_key, cfg.src)
+        # DICOM PatientID ("dicom"), the dataset's folder (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"), or the file
+        # itself ("self", a NIfTI): the format knows
+        key, source = formats.of(series).patient_key(series, cfg.patient_key, cfg.src)
         sops = [s.sop_instance_uid for s in series.slices if s.sop_instance_uid]
         record = SeriesRecord(series, pseudo.series(series.series_uid), study_id, key,
                               pseudo.patient(key) if key else "", qc.reason, qc.message, qc.geometry, source,
@@ -209,7 +184,7 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
         "kvp": first.kvp, "kernel": first.kernel, "manufacturer": first.manufacturer,
         "body_part": first.body_part, "series_description": first.series_description, "n_slices": g.n_slices,
         "preprocess_version": cfg.preprocess.version, "volume_sha256": facts["volume_sha256"],
-        "source_format": "nifti" if record.series.nifti is not None else "dicom",
+        "source_format": formats.of(record.series).source_format,
         "content_sha256": facts["content_sha256"], "instances_id": record.instances_id,
     }
 
@@ -350,17 +325,19 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables) if tables.is_dir() else {}
     readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
 
-    with _progress(console) as progress, parallel.pool(readers) as run:
-        found = _discover(files, run, progress, readers)
+    # spawned workers start with the default formats: hand them this process's (one registered by a caller too)
+    with _progress(console) as progress, parallel.pool(readers, formats.install, (formats.registered(),)) as run:
+        found = _discover(files, cfg.src, run, progress, readers)
         for path, why in found.bad_files:
             progress.console.print(f"[yellow]skipped {path}: {why}")
         headers, repeated = drop_repeated_instances(found.headers)
         for path, kept in repeated:
             progress.console.print(f"[yellow]skipped {path}: the same SOP instance as {kept}")
-        if not headers and not found.niftis:
-            raise InputError(f"no readable DICOM or NIfTI file under {cfg.src} ({len(files)} files looked at)")
-        series_list = group_series(headers) + [nifti_input.as_series(n, cfg.src) for n in found.niftis]
-        studies = _plan(series_list, cfg, pseudo, shard)
+        if not headers:
+            names = ", ".join(f.name for f in formats.registered())
+            raise InputError(f"no readable DICOM or NIfTI file under {cfg.src} ({len(files)} files looked at; "
+                             f"formats tried: {names})")
+        studies = _plan(group_series(headers), cfg, pseudo, shard)
         accepted, reused = _convert(studies, previous, cfg, run, progress, tables)
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
@@ -380,8 +357,8 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     summary = {
         "studies_seen": len(studies),
         "series_seen": sum(len(records) for records in studies.values()),
-        "files_dicom": len({h.path for h in found.headers}),
-        "files_nifti": len(found.niftis),
+        **{f"files_{name}": len({h.path for h in found.headers if formats.get(h.format).source_format == name})
+           for name in formats.source_formats()},  # files_dicom (classic and Enhanced CT), files_nifti, ...
         "files_dicomdir": found.index_files,
         "files_repeated": len(repeated),
         "files_unreadable": len(found.bad_files),

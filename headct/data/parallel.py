@@ -1,9 +1,10 @@
 """Worker processes for ingest, and how many of them memory allows.
 
 Peak memory of converting one series in a worker (measured terms, bytes):
-    source stack     4 x rows x cols x slices       float32 HU (dicom_series.load_hu / nifti_input.load_hu)
+    source stack     4 x rows x cols x slices       float32 HU (a format's load_hu)
     decode buffer    2 x rows x cols x slices       only for an uncompressed multi-frame file or a NIfTI, whose
                                                     stored array is read whole; single-frame DICOM adds one slice
+                     (these two are the format's own estimate: InputFormat.source_bytes, headct.data.formats)
     output           2 x 4 x X x Y x Z               float32 canonical grid, then its int16 copy
     scratch          ~80 MB                          coordinate slabs of the chunked resampler (resample.py)
     process          ~250 MB                         Python with numpy, scipy, pydicom, pandas imported
@@ -22,7 +23,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
 from headct.config.base import PreprocessSpec
-from headct.data.dicom_series import Series
+from headct.data import formats
+from headct.data.series import Series
 
 PROCESS_BYTES = 250 * 2**20
 SCRATCH_BYTES = 80 * 2**20
@@ -44,17 +46,8 @@ def available_memory() -> int:
 
 def series_bytes(series: Series, spec: PreprocessSpec) -> int:
     """Estimated peak bytes of converting `series` (module docstring)."""
-    if series.nifti is not None:
-        voxels = 1
-        for size in series.nifti.shape[:3]:
-            voxels *= int(size)
-        decode = 2 * voxels
-    else:
-        first = series.first
-        voxels = (first.rows or 512) * (first.cols or 512) * len(series.slices)
-        decode = 2 * voxels if first.frames > 1 else 0
     x, y, z = spec.shape
-    return 4 * voxels + decode + 8 * x * y * z + SCRATCH_BYTES + PROCESS_BYTES
+    return formats.of(series).source_bytes(series) + 8 * x * y * z + SCRATCH_BYTES + PROCESS_BYTES
 
 
 def choose_workers(requested: int | str, largest_bytes: int, available: int | None = None) -> tuple[int, str]:
@@ -72,9 +65,10 @@ Runner = Callable[..., Iterator[tuple[Any, Any]]]
 
 
 @contextlib.contextmanager
-def pool(n: int) -> Iterator[Runner]:
+def pool(n: int, setup: Callable[..., Any] | None = None, setup_args: tuple = ()) -> Iterator[Runner]:
     """`run(fn, tasks, in_flight=None)` yielding (task, fn(*task)) as they finish, with at most `in_flight`
     tasks submitted at once (the memory cap): in a spawn process pool, or inline for n=1.
+    `setup(*setup_args)` runs once in each worker process first (e.g. installing the parent's input formats).
 
     spawn, not fork: the parent runs rich's refresh thread, and forking a threaded process can deadlock.
     On an error or Ctrl-C the queued tasks are cancelled instead of run to the end.
@@ -82,7 +76,8 @@ def pool(n: int) -> Iterator[Runner]:
     if n == 1:
         yield lambda fn, tasks, in_flight=None: ((task, fn(*task)) for task in tasks)
         return
-    executor = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
+    executor = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=setup,
+                                   initargs=setup_args)
 
     def run(fn: Callable[..., Any], tasks: list[tuple], in_flight: int | None = None) -> Iterator[tuple[Any, Any]]:
         limit = max(1, min(n, in_flight or n))

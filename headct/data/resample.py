@@ -15,7 +15,7 @@ import numpy as np
 from scipy import ndimage
 
 from headct.config.base import PreprocessSpec
-from headct.data.dicom_series import LPS_TO_RAS, StackGeometry
+from headct.data.series import LPS_TO_RAS, StackGeometry
 from headct.errors import InputError
 
 HEAD_THRESHOLD_HU = -500.0  # skin, brain and bone lie above; air and most foam head rests below

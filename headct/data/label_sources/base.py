@@ -31,7 +31,7 @@ from headct.errors import InputError
 
 if TYPE_CHECKING:
     from headct.config.data import IngestConfig
-    from headct.data.dicom_series import Series
+    from headct.data.series import Series
 
 Level = Literal["patient", "study", "series", "instance", "path"]
 LEVELS: tuple[str, ...] = get_args(Level)

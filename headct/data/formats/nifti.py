@@ -1,4 +1,4 @@
-"""NIfTI inputs (`.nii`, `.nii.gz`): one file is one series, placed in the same pipeline as a DICOM stack.
+"""NIfTI (`.nii`, `.nii.gz`, recognised by name: nibabel picks its reader by extension): one file is one series.
 
 Identity: a NIfTI file has no UIDs, so its series and study key is `nifti:<path relative to SRC>` (turned into
 `ser_`/`stu_` pseudonyms like any UID; one file = one study, since a folder of NIfTI files is usually many
@@ -11,6 +11,7 @@ plays the role of the slice axis; the voxel (col, row, k) of that array then map
 with a sheared third axis (uncorrected gantry tilt) read as per-slice positions.
 HU: the stored values with the header's scl_slope/scl_inter applied (nibabel's convention: no scaling when they
 are 0 or NaN), in float32 slice by slice; a volume whose values do not look like HU is rejected (`not_hu`).
+nibabel is imported only when a NIfTI file is met.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from headct.data.dicom_series import LPS_TO_RAS, Series, SliceHeader, StackGeometry
-from headct.errors import InputError
+from headct.config.data import QcRules
+from headct.data.criteria import Criteria
+from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError
+from headct.data.qc import QcResult
+from headct.data.series import LPS_TO_RAS, Series, SliceHeader, StackGeometry
 
 _SUFFIXES = (".nii", ".nii.gz")
 # Plausible CT in HU: air (about -1000) among the darkest 1 % of voxels and the brightest 1 % below the top of
@@ -31,19 +35,16 @@ AIR_BELOW_HU = -500.0
 BRIGHT_BELOW_HU = 3100.0
 
 
-class NotHuError(InputError):
-    """The NIfTI values are not Hounsfield units; `why` has no path (for rejects.csv)."""
+class NotHuError(SourceDataError):
+    """The values are not Hounsfield units, or cannot be read (reason `not_hu`)."""
 
-    def __init__(self, path: Path, why: str) -> None:
-        super().__init__(f"{path}: {why}")
-        self.why = why
+    reason = "not_hu"
 
 
 @dataclass(frozen=True)
 class NiftiInfo:
-    """Header facts of one NIfTI file (picklable: returned from discovery workers)."""
+    """Header facts of one NIfTI file (SliceHeader.extra; picklable: returned from discovery workers)."""
 
-    path: Path
     shape: tuple[int, ...]
     affine: tuple[float, ...]  # 16 floats, row-major: voxel index -> RAS mm as stored
 
@@ -52,40 +53,18 @@ def is_nifti_name(path: Path) -> bool:
     return path.name.lower().endswith(_SUFFIXES)
 
 
+def series_key(relative: Path) -> str:
+    """The study and series key of a NIfTI file: its path under SRC without the extension."""
+    rel = relative.as_posix()
+    return "nifti:" + (rel[: -len(".gz")] if rel.endswith(".gz") else rel)[: -len(".nii")]
+
+
 def read_info(path: Path) -> NiftiInfo:
     """Header only (nibabel loads lazily); raises what nibabel raises for a broken file."""
     import nibabel as nib
 
     image = nib.load(path)
-    return NiftiInfo(path, tuple(int(s) for s in image.shape), tuple(float(v) for v in np.ravel(image.affine)))
-
-
-def series_key(info: NiftiInfo, src: Path) -> str:
-    """The study and series key of a NIfTI file: its path under SRC without the extension."""
-    rel = info.path.relative_to(src).as_posix()
-    return "nifti:" + (rel[: -len(".gz")] if rel.endswith(".gz") else rel)[: -len(".nii")]
-
-
-def patient_key(info: NiftiInfo, src: Path, mode: str) -> tuple[str, str]:
-    """(patient key, patient_key_source): the file itself ("self"), or the CQ500-style folder/file name."""
-    if mode == "cq500_folder":
-        parts = info.path.relative_to(src).parts
-        name = parts[0] if len(parts) > 1 else info.path.name.split(".")[0]
-        token = name.split()[0] if name.split() else ""
-        if token:
-            return token, "dataset"
-    return series_key(info, src), "self"
-
-
-def as_series(info: NiftiInfo, src: Path) -> Series:
-    key = series_key(info, src)
-    header = SliceHeader(
-        path=info.path, study_uid=key, series_uid=key, patient_id="", modality="CT", image_type=(),
-        sop_class_uid="", rows=None, cols=None, pixel_spacing=None, orientation=None, position=None,
-        frames=1, slice_thickness=None, kernel="", kvp=None, manufacturer="", body_part="",
-        series_description="", contrast_agent="",
-    )
-    return Series(key, key, (header,), nifti=info)
+    return NiftiInfo(tuple(int(s) for s in image.shape), tuple(float(v) for v in np.ravel(image.affine)))
 
 
 def _orientation(info: NiftiInfo) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -134,15 +113,15 @@ def geometry(info: NiftiInfo) -> StackGeometry | str:
 
 
 def load_hu(series: Series, geometry: StackGeometry) -> np.ndarray:
-    """(N, rows, cols) float32 HU in stack order, like `dicom_series.load_hu`.
+    """(N, rows, cols) float32 HU in stack order, like the DICOM reader's.
 
     Peak memory: the stored array (decompressed, its own dtype) plus the float32 stack.
     """
     import nibabel as nib
     from nibabel.orientations import apply_orientation
 
-    info: NiftiInfo = series.nifti
-    path = info.path
+    info: NiftiInfo = series.first.extra
+    path = series.first.path
     try:
         proxy = nib.load(path).dataobj
         stored = np.asanyarray(proxy.get_unscaled())
@@ -172,3 +151,56 @@ def check_hu(hu: np.ndarray, path: Path) -> None:
     if low > AIR_BELOW_HU or high > BRIGHT_BELOW_HU:
         raise NotHuError(path, f"values do not look like HU (1st percentile {low:.0f}, 99th {high:.0f}; CT in HU has "
                                f"air below {AIR_BELOW_HU:.0f} and bone below {BRIGHT_BELOW_HU:.0f})")
+
+
+class NiftiFormat(InputFormat):
+    name = "nifti"
+    source_format = "nifti"
+    label = "NIfTI"
+
+    def claims(self, probe: Probe) -> bool:
+        return is_nifti_name(probe.path)
+
+    def read(self, probe: Probe) -> FileRead:
+        key = series_key(probe.relative)
+        return FileRead(headers=(SliceHeader(
+            path=probe.path, study_uid=key, series_uid=key, patient_id="", modality="CT", image_type=(),
+            sop_class_uid="", rows=None, cols=None, pixel_spacing=None, orientation=None, position=None,
+            frames=1, slice_thickness=None, kernel="", kvp=None, manufacturer="", body_part="",
+            series_description="", contrast_agent="", format=self.name, extra=read_info(probe.path),
+        ),))
+
+    def header_qc(self, series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:
+        """One 3D volume (`not_3d`), no criteria CSV (it has no DICOM header to match), a usable affine."""
+        if len(series.slices) > 1:  # x.nii beside x.nii.gz: one key, two files
+            return QcResult("inconsistent_geometry", f"{len(series.slices)} NIfTI files share one name (.nii and "
+                                                     ".nii.gz): which one is the series is unknown")
+        info: NiftiInfo = series.first.extra
+        problem = shape_problem(info)
+        if problem:
+            return QcResult("not_3d", problem)
+        if criteria is not None:
+            return QcResult("criteria", "a NIfTI file has no DICOM header to match against criteria_csv")
+        found = geometry(info)
+        return QcResult("inconsistent_geometry", found) if isinstance(found, str) else found
+
+    def load_hu(self, series: Series, geometry: StackGeometry, pad_hu: float) -> np.ndarray:
+        return load_hu(series, geometry)
+
+    def patient_key(self, series: Series, mode: str, src: Path) -> tuple[str | None, str]:
+        """The file itself ("self"), or with `cq500_folder` the first word of its top folder under SRC, or of
+        its file name when it lies directly in SRC ("dataset")."""
+        if mode == "cq500_folder":
+            path = series.first.path
+            parts = path.relative_to(src).parts
+            words = (parts[0] if len(parts) > 1 else path.name.split(".")[0]).split()
+            if words:
+                return words[0], "dataset"
+        return series.series_uid, "self"
+
+    def source_bytes(self, series: Series) -> int:
+        """The float32 stack plus the stored array, read whole (counted at 2 bytes a voxel)."""
+        voxels = 1
+        for size in series.first.extra.shape[:3]:
+            voxels *= int(size)
+        return 4 * voxels + 2 * voxels

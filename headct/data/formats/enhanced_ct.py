@@ -1,21 +1,35 @@
-"""Multi-frame (Enhanced CT, PS3.3 A.38) objects: per-frame geometry and rescale from the functional groups.
+"""Multi-frame DICOM (Enhanced CT, PS3.3 A.38): one file holds a whole series as frames, one slice header each.
 
-An Enhanced CT file holds a whole series as frames. Each frame's facts live in its item of
-PerFrameFunctionalGroupsSequence, falling back to the single item of SharedFunctionalGroupsSequence:
+Each frame's facts live in its item of PerFrameFunctionalGroupsSequence, falling back to the single item of
+SharedFunctionalGroupsSequence:
     PlanePositionSequence[0].ImagePositionPatient         LPS mm of the frame's first pixel
     PlaneOrientationSequence[0].ImageOrientationPatient   six direction cosines
     PixelMeasuresSequence[0].PixelSpacing / SliceThickness mm
     PixelValueTransformationSequence[0].RescaleSlope / RescaleIntercept   HU = stored * slope + intercept
     CTImageFrameTypeSequence[0].FrameType                 e.g. ORIGINAL\\PRIMARY\\AXIAL or ...\\LOCALIZER
-`headct.data.dicom_series` turns each frame into one slice header, so ordering, QC and resampling treat an
-Enhanced CT object exactly like a folder of single-frame slices. Header-only: no pixels are read here.
+(kernel and kVp too: CTReconstructionSequence, CTXRayDetailsSequence). So ordering, QC and resampling treat an
+Enhanced CT object exactly like a folder of single-frame slices, and its series is a DICOM series in the manifest
+(source_format "dicom"). A multi-frame object without per-frame positions (a multi-frame secondary capture, a
+cine) is read as one header carrying the problem, which QC rejects as `unsupported`. Pixels: the DICOM reader,
+frame by frame (headct.data.formats.dicom.load_hu).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pydicom
+
+from headct.data.formats.base import FileRead, Probe
+from headct.data.formats.dicom import (
+    DicomFormat,
+    dataset,
+    floats,
+    has_dicom_preamble,
+    is_media_index,
+    slice_header,
+)
+from headct.data.series import Series
 
 
 @dataclass(frozen=True)
@@ -40,18 +54,6 @@ def _macro(items: list[pydicom.Dataset | None], sequence: str) -> pydicom.Datase
         if item is not None and item.get(sequence):
             return item.get(sequence)[0]
     return None
-
-
-def floats(item: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
-    """`n` floats from a multi-valued DICOM attribute of `item` (a dataset or a functional-group item), or None
-    when the item, the attribute or a number in it is missing or malformed."""
-    value = item.get(keyword) if item is not None else None
-    if value is None or len(value) != n:
-        return None
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
 
 
 def nested_float(item: pydicom.Dataset | None, sequence: str, keyword: str) -> float | None:
@@ -105,3 +107,42 @@ def frame_facts(ds: pydicom.Dataset) -> list[FrameFacts] | str:
             frame_type=tuple(str(t).upper() for t in kinds) if kinds else None,
         ))
     return facts
+
+
+class EnhancedCtFormat(DicomFormat):
+    """Every DICOM object with more than one frame; QC and pixels as classic DICOM (inherited)."""
+
+    name = "enhanced_ct"
+    source_format = "dicom"
+    label = "DICOM header"
+
+    def claims(self, probe: Probe) -> bool:
+        return has_dicom_preamble(probe)
+
+    def read(self, probe: Probe) -> FileRead | None:
+        ds = dataset(probe)
+        if int(ds.get("NumberOfFrames") or 1) <= 1 or is_media_index(ds):
+            return None  # a single-frame file: classic DICOM's
+        header = slice_header(probe.path, ds, self.name)
+        if isinstance(header, str):
+            return FileRead(problem=header)
+        shared = shared_item(ds)  # Enhanced CT keeps kernel and kVp in functional groups
+        header = replace(header, kernel=header.kernel or nested_text(shared, "CTReconstructionSequence",
+                                                                     "ConvolutionKernel"),
+                         kvp=header.kvp or nested_float(shared, "CTXRayDetailsSequence", "KVP"))
+        frames = frame_facts(ds)
+        if isinstance(frames, str):  # e.g. a multi-frame secondary capture: QC rejects it with this text
+            return FileRead(headers=(replace(header, frame_problem=frames),))
+        return FileRead(headers=tuple(
+            replace(header, frame=i, position=f.position, orientation=f.orientation or header.orientation,
+                    pixel_spacing=f.pixel_spacing or header.pixel_spacing,
+                    slice_thickness=f.slice_thickness or header.slice_thickness, rescale=f.rescale or header.rescale,
+                    image_type=f.frame_type or header.image_type)
+            for i, f in enumerate(frames)
+        ))
+
+    def source_bytes(self, series: Series) -> int:
+        """The float32 stack plus the file's stored pixels, decoded whole (2 bytes a voxel) when uncompressed."""
+        first = series.first
+        voxels = (first.rows or 512) * (first.cols or 512) * len(series.slices)
+        return 4 * voxels + 2 * voxels

@@ -1,0 +1,247 @@
+"""Classic DICOM: one file per slice, recognised by content (the Part 10 `DICM` preamble), whatever its name.
+
+Headers are read with stop_before_pixels (one parse per file, shared with the Enhanced CT format through the
+probe's memo); DICOMDIR media indexes are recognised and skipped (the images they list are found by the walk).
+Slices are grouped by (StudyInstanceUID, SeriesInstanceUID) and ordered by position along the slice normal
+(headct.data.series). Pixels are read only for the series chosen per study (`load_hu`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.pixels import iter_pixels
+
+from headct.config.data import QcRules
+from headct.data import qc
+from headct.data.criteria import Criteria
+from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError, top_folder_word
+from headct.data.qc import QcResult
+from headct.data.series import Series, SliceHeader, StackGeometry, stack_geometry
+
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an image
+_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1-.7.4
+_DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
+_DOSE_TEXT = re.compile(r"\bDOSE\b|PATIENT PROTOCOL|DOSE ?REPORT")
+
+
+class PixelDataError(SourceDataError):
+    """A file of the chosen series whose pixels cannot be turned into HU (reason `unreadable`)."""
+
+    reason = "unreadable"
+
+
+# ------------------------------------------------------------------------------------------------- headers
+def has_dicom_preamble(probe: Probe) -> bool:
+    """True when the file carries the DICOM Part 10 magic `DICM` at byte 128 (content, not extension)."""
+    head = probe.head
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def dataset(probe: Probe) -> pydicom.Dataset:
+    """The file's header without pixels, parsed once per file."""
+    return probe.memo("dicom", lambda: pydicom.dcmread(probe.path, stop_before_pixels=True))
+
+
+def is_media_index(ds: pydicom.Dataset) -> bool:
+    return str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY or "DirectoryRecordSequence" in ds
+
+
+def text(ds: pydicom.Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value is None:
+        return ""
+    if isinstance(value, pydicom.multival.MultiValue):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def number(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def floats(item: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
+    """`n` floats from a multi-valued attribute of `item` (a dataset or a functional-group item), or None
+    when the item, the attribute or a number in it is missing or malformed."""
+    value = item.get(keyword) if item is not None else None
+    if value is None or len(value) != n:
+        return None
+    try:
+        return tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _rescale(ds: pydicom.Dataset) -> tuple[float, float] | None:
+    slope, intercept = number(ds, "RescaleSlope"), number(ds, "RescaleIntercept")
+    if slope is None and intercept is None:
+        return None
+    return (1.0 if slope is None else slope, 0.0 if intercept is None else intercept)
+
+
+def _padding(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """PixelPaddingValue (0028,0120) and, when present, PixelPaddingRangeLimit (0028,0121): the stored values
+    between them (inclusive) mark pixels outside the reconstructed field (PS3.3 C.7.5.1.1.2)."""
+    value = ds.get("PixelPaddingValue")
+    if value is None or isinstance(value, bytes):  # bytes: VR could not be resolved; ignore rather than guess
+        return None
+    limit = ds.get("PixelPaddingRangeLimit", value)
+    if isinstance(limit, bytes):
+        limit = value
+    return (int(min(value, limit)), int(max(value, limit)))
+
+
+def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHeader | str:
+    """The header facts of the file's top level, or a string saying why it cannot be placed in a series."""
+    study_uid, series_uid = text(ds, "StudyInstanceUID"), text(ds, "SeriesInstanceUID")
+    if not study_uid or not series_uid:
+        return "no StudyInstanceUID/SeriesInstanceUID"
+    rows, cols = ds.get("Rows"), ds.get("Columns")
+    return SliceHeader(
+        path=path,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        patient_id=text(ds, "PatientID"),
+        modality=text(ds, "Modality").upper(),
+        image_type=tuple(t.upper() for t in text(ds, "ImageType").split("\\") if t),
+        sop_class_uid=text(ds, "SOPClassUID"),
+        rows=int(rows) if rows is not None else None,
+        cols=int(cols) if cols is not None else None,
+        pixel_spacing=floats(ds, "PixelSpacing", 2),
+        orientation=floats(ds, "ImageOrientationPatient", 6),
+        position=floats(ds, "ImagePositionPatient", 3),
+        frames=int(ds.get("NumberOfFrames") or 1),
+        slice_thickness=number(ds, "SliceThickness"),
+        kernel=text(ds, "ConvolutionKernel"),
+        kvp=number(ds, "KVP") or None,
+        manufacturer=text(ds, "Manufacturer"),
+        body_part=text(ds, "BodyPartExamined"),
+        series_description=text(ds, "SeriesDescription"),
+        contrast_agent=text(ds, "ContrastBolusAgent"),
+        sop_instance_uid=text(ds, "SOPInstanceUID"),
+        study_description=text(ds, "StudyDescription"),
+        rescale=_rescale(ds),
+        padding=_padding(ds),
+        transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
+        format=fmt,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- QC
+def _is_secondary_capture(sop_class_uid: str) -> bool:
+    return sop_class_uid == _SECONDARY_CAPTURE or sop_class_uid.startswith(_SECONDARY_CAPTURE + ".")
+
+
+def header_qc(series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:
+    """What a DICOM series is (dose report, screen capture, other modality, scout, unplaceable multi-frame,
+    a single image), then the acquisition and stack checks (headct.data.qc), then its stack geometry."""
+    first, slices = series.first, series.slices
+    screen = _is_secondary_capture(first.sop_class_uid) or first.modality != "CT" or any(
+        "SCREEN SAVE" in t for t in first.image_type)  # "LOW DOSE HEAD" on a real CT series is not a report
+    if first.sop_class_uid == _DOSE_SR or (screen and _DOSE_TEXT.search(first.series_description.upper())):
+        return QcResult("dose_report", "radiation dose report (Dose SR or a dose screen), not an image volume")
+    if _is_secondary_capture(first.sop_class_uid):
+        return QcResult("secondary_capture", "secondary capture (an image of a screen, not a CT acquisition)")
+    if first.modality != "CT":
+        return QcResult("not_ct", f"Modality is {first.modality or 'missing'}, not CT")
+    if any("LOCALIZER" in s.image_type for s in slices):
+        return QcResult("localizer", "ImageType says LOCALIZER (a scout image)")
+    if any(s.frame_problem for s in slices):
+        return QcResult("unsupported", next(s.frame_problem for s in slices if s.frame_problem))
+    if len(slices) == 1:
+        return QcResult("localizer", "a single image, not a volume")
+    problem = qc.acquisition_checks(series, rules, criteria) or qc.stack_checks(series, rules)
+    return problem if problem is not None else stack_geometry(series)
+
+
+# -------------------------------------------------------------------------------------------------- pixels
+def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) -> np.ndarray:
+    """(N, rows, cols) float32 HU in stack order.
+
+    HU = stored * RescaleSlope + RescaleIntercept per slice (per frame for Enhanced CT), computed in float32
+    one slice at a time (no float64 copy of the stack). Stored values inside the pixel-padding range are set to
+    `pad_hu` first (air), so the outside of the reconstruction circle (often -2000 or -3024 HU) never blends
+    into the head when resampled. Compressed transfer syntaxes are decoded by pydicom's pixel plugins
+    (pylibjpeg: JPEG, JPEG-LS, JPEG 2000; RLE and deflate natively). Peak memory: this stack (4 bytes x rows x
+    cols x slices) plus one file's decoded pixels (all frames of an uncompressed multi-frame object).
+    """
+    hu = np.empty((geometry.n_slices, geometry.rows, geometry.cols), np.float32)
+    wanted: dict[Path, dict[int, int]] = defaultdict(dict)  # file -> frame -> stack position
+    for k, index in enumerate(geometry.order):
+        header = series.slices[index]
+        wanted[header.path][header.frame] = k
+    for path, frames in wanted.items():
+        header = series.slices[geometry.order[next(iter(frames.values()))]]
+        if header.rescale is None:
+            raise PixelDataError(path, "no RescaleSlope/RescaleIntercept, so HU cannot be derived")
+        ds = pydicom.Dataset()  # filled with the file's non-pixel elements by iter_pixels
+        indices = sorted(frames) if header.frames > 1 else None
+        try:
+            # iter_pixels reads pixel data straight from the file, except from a deflated one (the whole dataset
+            # is zlib-compressed): that is inflated by dcmread first
+            source = pydicom.dcmread(path) if header.transfer_syntax == _DEFLATED else path
+            for frame, stored in zip(indices or [0], iter_pixels(source, ds_out=ds, indices=indices), strict=True):
+                if stored.shape != (geometry.rows, geometry.cols):
+                    raise PixelDataError(path, f"pixel array {stored.shape} differs from Rows/Columns of the series")
+                k = frames[frame]
+                slope, intercept = series.slices[geometry.order[k]].rescale or header.rescale
+                hu[k] = stored
+                hu[k] *= np.float32(slope)
+                hu[k] += np.float32(intercept)
+                if header.padding is not None:
+                    lo, hi = header.padding
+                    hu[k][(stored >= lo) & (stored <= hi)] = pad_hu
+        except PixelDataError:
+            raise
+        except Exception as exc:  # pydicom raises many types for undecodable data; all mean "unreadable"
+            syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+            name = getattr(syntax, "name", "unknown transfer syntax")
+            raise PixelDataError(path, f"pixel data could not be decoded ({type(exc).__name__}; {name})") from exc
+    return hu
+
+
+# -------------------------------------------------------------------------------------------------- format
+class DicomFormat(InputFormat):
+    """Classic single-frame DICOM (multi-frame objects are claimed first by EnhancedCtFormat)."""
+
+    name = "dicom"
+    source_format = "dicom"
+    label = "DICOM header"
+
+    def claims(self, probe: Probe) -> bool:
+        return has_dicom_preamble(probe) or probe.path.suffix.lower() == ".dcm"
+
+    def read(self, probe: Probe) -> FileRead:
+        if not has_dicom_preamble(probe):
+            return FileRead(problem="named .dcm but has no DICM preamble")
+        ds = dataset(probe)
+        if is_media_index(ds):
+            return FileRead(index=True)
+        header = slice_header(probe.path, ds, self.name)
+        return FileRead(problem=header) if isinstance(header, str) else FileRead(headers=(header,))
+
+    def header_qc(self, series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:
+        return header_qc(series, rules, criteria)
+
+    def load_hu(self, series: Series, geometry: StackGeometry, pad_hu: float) -> np.ndarray:
+        return load_hu(series, geometry, pad_hu)
+
+    def patient_key(self, series: Series, mode: str, src: Path) -> tuple[str | None, str]:
+        """DICOM PatientID ("dicom"), or the first word of the top folder under SRC ("dataset", CQ500 layout)."""
+        if mode == "dicom":
+            return series.first.patient_id or None, "dicom"
+        return top_folder_word(series.first.path, src), "dataset"
+
+    def source_bytes(self, series: Series) -> int:
+        """The float32 stack; a single-frame file decodes one slice at a time (negligible)."""
+        first = series.first
+        return 4 * (first.rows or 512) * (first.cols or 512) * len(series.slices)
