@@ -18,6 +18,7 @@ from headct.models.heads import AttentivePoolHead, Classifier, LinearHead
 from headct.models.model_dir import save_model_dir
 from headct.models.vit import build_encoder
 from tests.conftest import runs_of
+from tests.store_helpers import write_store
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -32,14 +33,11 @@ def make_labelled_project(root: Path, n_patients: int = 12) -> Path:
     """A 32^3 store, 1 scan per patient, labels ICH (a bright blob: learnable) and SDH (noise), a split of
     6 train / 3 val / 3 test patients, and a tiny pre-trained-looking model directory."""
     rng = np.random.default_rng(0)
-    store = root / "data/store/t"
-    (store / "volumes").mkdir(parents=True)
     spec = PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0)
     preprocess = {**spec.model_dump(mode="json"), "version": spec.version}
-    (store / "preprocess.json").write_text(json.dumps(preprocess))
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
     dist = np.sqrt((g ** 2).sum(0))
-    rows = []
+    rows, volumes = [], {}
     ich = [1, 0] * (n_patients // 2)
     sdh = [1, 1, 0, 0] * (n_patients // 4)
     for i in range(n_patients):
@@ -49,8 +47,9 @@ def make_labelled_project(root: Path, n_patients: int = 12) -> Path:
             vol[np.sqrt(((g - np.array([0.3, 0, 0])[:, None, None, None]) ** 2).sum(0)) < 0.2] = 70.0
         vol += rng.normal(0, 5, vol.shape)
         scan = f"ser_{i:016x}"
-        np.save(store / "volumes" / f"{scan}.npy", vol.astype(np.int16))
+        volumes[scan] = vol.astype(np.int16)
         rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i:016x},{ich[i]},{sdh[i]}\n")
+    write_store(root / "data/store/t", volumes, {s: f"pat_{s[4:]}" for s in volumes}, spec)
     splits = root / "data/splits/t"
     splits.mkdir(parents=True)
     header = "img_path,scan_id,patient_id,ICH,SDH\n"

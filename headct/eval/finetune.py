@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from headct.data.volumes import load_volume
 from headct.errors import InputError
-from headct.eval.features import load_volume
 from headct.eval.metrics import auroc
 
 AUGMENT_STREAM = 11  # step_generator stream of the fine-tuning augmentation
@@ -46,7 +46,7 @@ class LabelledVolumes(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        volume = load_volume(self.paths[index], self.shape)
+        volume = load_volume(self.paths[index], shape=self.shape)
         return torch.from_numpy(volume), torch.from_numpy(self.targets[index])
 
 
@@ -116,7 +116,7 @@ def score_volumes(
     out = []
     with torch.inference_mode():
         for start in range(0, len(paths), batch_size):
-            hu = np.stack([load_volume(p, shape) for p in paths[start : start + batch_size]])
+            hu = np.stack([load_volume(p, shape=shape) for p in paths[start : start + batch_size]])
             x = hu_to_windows(torch.from_numpy(hu).to(device), windows)
             out.append(torch.sigmoid(classifier(x).float()).double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
