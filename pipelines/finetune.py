@@ -14,7 +14,6 @@ history.json}; cfg.checkpoint_dir/<run key>/last.pt (state after the latest epoc
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,26 +122,20 @@ def build_classifier(cfg: FinetuneConfig, data: FinetuneData) -> tuple[Any, list
     return classifier, windows, preprocess
 
 
-def amp_dtype(cfg: FinetuneConfig, device: Any) -> Any:
-    """bf16 autocast on GPU ("auto") or wherever asked ("bf16"); None = full fp32."""
-    import torch
-
-    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else None
-
-
 def train_classifier(
     cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, device: Any, *, epochs: int | None = None,
     on_epoch: Any = None, on_log: Any = None, save_state: Any = None, resume: dict[str, Any] | None = None,
 ) -> tuple[Any, list[Any], dict[str, Any], Any]:
     """Build and fine-tune a classifier on train, selecting on val -> (classifier at its best epoch, windows,
     preprocess, FitResult). Used by this job and by each `headct tune` trial."""
+    from headct.device import amp_dtype
     from headct.eval.finetune import FitSettings, LabelledVolumes, fit, targets_of
 
     classifier, windows, preprocess = build_classifier(cfg, data)
     shape = preprocess.get("shape") or data.preprocess.get("shape")
     train_set = LabelledVolumes([ctx.root / p for p in data.train["img_path"]],
                                 targets_of(data.train, data.labels), shape)
-    settings = FitSettings.from_config(cfg, amp_dtype=amp_dtype(cfg, device),
+    settings = FitSettings.from_config(cfg, amp_dtype=amp_dtype(cfg.amp, device),
                                        **({"epochs": epochs} if epochs is not None else {}))
     result = fit(classifier, train_set, [ctx.root / p for p in data.val["img_path"]],
                  targets_of(data.val, data.labels), data.labels, windows, settings, device,
@@ -240,30 +233,14 @@ def _print_table(metrics: dict[str, Any]) -> None:
 
 
 def run_identity(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
-    """What fixes a fine-tuning trajectory: the settings (less output-only ones) and the bytes of the inputs
-    (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
-    from headct.io import file_sha256
+    """What fixes a fine-tuning trajectory (headct.run_identity): the trajectory settings and the bytes of the
+    inputs (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
+    from headct.run_identity import inputs_sha256, trajectory_params
 
-    identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
     inputs = sorted(Path(cfg.splits).glob("*.csv"))
     if cfg.arch == "vit" and cfg.init == "pretrained":
         inputs.append(Path(cfg.model_dir) / "model.safetensors")
-    identity["inputs_sha256"] = {p.name: file_sha256(p) for p in inputs if p.is_file()}
-    return identity
-
-
-def _resume_state(checkpoint: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint to continue from, if this run was interrupted; InputError if it belongs to another run."""
-    from headct.train.checkpoint import config_differences, load_checkpoint
-
-    if checkpoint is None or not checkpoint.is_file():
-        return None
-    state = load_checkpoint(checkpoint)
-    diffs = config_differences(state["config"], identity)
-    if diffs:
-        raise InputError(f"{checkpoint}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
-                         "finetune.checkpoint_dir elsewhere to start afresh")
-    return state
+    return {**trajectory_params(cfg), "inputs_sha256": inputs_sha256(inputs)}
 
 
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
@@ -273,16 +250,16 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
     from headct.models.classifier_dir import save_classifier
-    from headct.train.checkpoint import save_checkpoint
+    from headct.run_identity import run_key
+    from headct.train.checkpoint import load_for_resume, save_checkpoint
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = load_data(cfg, ctx)
     identity = run_identity(cfg, ctx)
-    run_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    checkpoint = cfg.checkpoint_dir / run_key / "last.pt" if cfg.checkpoint_dir is not None else None
-    resume = _resume_state(checkpoint, identity)
+    checkpoint = cfg.checkpoint_dir / run_key(identity) / "last.pt" if cfg.checkpoint_dir is not None else None
+    resume = load_for_resume(checkpoint, identity, "finetune.checkpoint_dir")
 
     def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
         if checkpoint is not None:

@@ -40,20 +40,19 @@ def _storage(url: str) -> Any:
 
 
 def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
-    """"headct-finetune-<12 hex>": a hash of what the trials depend on (search space, trial epochs, sampler and
-    pruner settings, the finetune section less the tuned values and output paths, the model's weights and the
-    split files). Same inputs -> same study, so parallel workers join one; changed inputs -> a new study."""
+    """"headct-finetune-<12 hex>": a hash of what the trials depend on (the trajectory settings of the tune section:
+    search space, trial epochs, sampler and pruner; those of the finetune section less the tuned values; the model's
+    weights and the split files; see headct.run_identity). Same inputs -> same study, so parallel workers join one;
+    changed inputs -> a new study."""
     import hashlib
     import json
 
-    from headct.config import dump_params
     from headct.io import file_sha256
+    from headct.run_identity import trajectory_params
 
-    search = {k: v for k, v in dump_params(cfg).items()
-              if k not in ("storage", "study_name", "load_if_exists", "n_trials", "best_params", "report_dir")}
-    skip = (*TUNED, "tuned_params", "out_dir", "report_dir", "checkpoint_dir", "device", "threads")
-    finetune = {k: v for k, v in dump_params(base).items() if k not in skip}
-    h = hashlib.sha256(json.dumps({"tune": search, "finetune": finetune}, sort_keys=True, default=str).encode())
+    finetune = {k: v for k, v in trajectory_params(base).items() if k not in TUNED}
+    h = hashlib.sha256(json.dumps({"tune": trajectory_params(cfg), "finetune": finetune}, sort_keys=True,
+                                  default=str).encode())
     for path in sorted([base.model_dir / "model.safetensors", *Path(base.splits).glob("*.csv")]):
         if path.is_file():
             h.update(path.name.encode())
