@@ -198,8 +198,13 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
         def save(done: int, stats: TrainStats) -> None:
             save_checkpoint(checkpoint, task.model, optimizer, done, identity, so_far(stats))
 
-        def on_step(done: int, loss: float) -> None:
-            progress.update(bar, completed=done, loss=f"{loss:.4f}")
+        def on_log(done: int, metrics: dict[str, float]) -> None:
+            progress.update(bar, loss=f"{metrics['loss']:.4f}")  # the mean since the last log
+            if mlrun is not None:
+                mlrun.log_metrics(metrics, step=done)
+
+        def on_step(done: int) -> None:
+            progress.update(bar, completed=done)
             if mlrun is not None and cfg.figure_every and done % cfg.figure_every == 0 and done < total:
                 png = task.snapshot(heldout_hu, Path(scratch) / f"step_{done:07d}.png",
                                     title=f"{cfg.method.upper()} at step {done} (held-out volume)")
@@ -219,9 +224,8 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
                 start_step=start, total_steps=total,
                 lr_at=lambda s: warmup_cosine(s, total, cfg.lr, warmup, cfg.min_lr), wd_at=wd_at,
                 grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every,
-                save_checkpoint=save, log_every=cfg.log_every,
-                on_log=(lambda s, m: mlrun.log_metrics(m, step=s)) if mlrun is not None else None,
-                on_step=on_step, amp_dtype=amp_dtype(cfg.amp, device),
+                save_checkpoint=save, log_every=cfg.log_every, on_log=on_log, on_step=on_step,
+                amp_dtype=amp_dtype(cfg.amp, device),
                 after_backward=task.after_backward, after_update=task.after_update,
             )
         digest = distributed.check_in_sync(task.model, dist)  # every rank; raises if DDP let them drift

@@ -100,38 +100,50 @@ def test_augmentation_is_a_function_of_the_generator() -> None:
 
 
 # --------------------------------------------------------------------------------------------- engine
-def _toy(n_steps: int, accum: int = 1, bad_at: int | None = None):
-    """A linear model trained by the engine on 4 fixed batches; the loss is infinite at step `bad_at`.
-    Returns (model, stats or the NonFiniteLossError raised)."""
+def _toy(n_steps: int, accum: int = 1, bad_at: int | None = None, **kw):
+    """A linear model trained by the engine on 6 fixed batches; the loss is infinite at step `bad_at`.
+    Returns (model, stats or the NonFiniteLossError raised, {completed steps: weights saved at a checkpoint},
+    [(step, logged metrics)])."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = torch.randn(4, 4, 4)
+    data = torch.randn(6, 4, 4)
+    saved, logged = {}, []
 
     def loss_fn(batch: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         loss = model(batch).square().mean()
         return loss * float("inf") if step == bad_at else loss
 
     try:
-        return model, train(model, opt, iter(data), loss_fn, start_step=0, total_steps=n_steps,
-                            lr_at=lambda s: 0.1, accum_steps=accum)
+        stats = train(model, opt, iter(data), loss_fn, start_step=0, total_steps=n_steps, lr_at=lambda s: 0.1,
+                      accum_steps=accum, on_log=lambda s, m: logged.append((s, m)),
+                      save_checkpoint=lambda done, _: saved.__setitem__(done, model.weight.detach().clone()), **kw)
+        return model, stats, saved, logged
     except NonFiniteLossError as err:
-        return model, err
+        return model, err, saved, logged
 
 
 def test_gradient_accumulation_matches_the_full_batch() -> None:
-    m1, s1 = _toy(4)
-    m2, s2 = _toy(4, accum=2)
+    m1, s1, _, _ = _toy(4)
+    m2, s2, _, _ = _toy(4, accum=2)
     assert np.allclose(s1.losses, s2.losses, rtol=1e-6)
     assert torch.allclose(m1.weight, m2.weight, atol=1e-7)
 
 
-def test_non_finite_loss_aborts_naming_the_step_before_updating() -> None:
-    before, _ = _toy(2)  # the state after steps 0 and 1
-    model, err = _toy(4, bad_at=2)
+def test_logged_loss_is_the_exact_mean_of_the_steps_since_the_last_log() -> None:
+    _, stats, saved, logged = _toy(6, log_every=4, checkpoint_every=3)
+    assert [s for s, _ in logged] == [4, 6] and sorted(saved) == [3, 6]
+    assert len(stats.losses) == 6 and logged[0][1]["loss"] == sum(stats.losses[:4]) / 4
+    assert logged[1][1]["loss"] == (stats.losses[4] + stats.losses[5]) / 2 and logged[1][1]["lr"] == 0.1
+
+
+def test_non_finite_loss_aborts_naming_the_step_before_any_checkpoint_of_it() -> None:
+    _, _, saved_before, _ = _toy(2, checkpoint_every=2)  # the state after steps 0 and 1
+    _, err, saved, logged = _toy(6, bad_at=2, checkpoint_every=2, log_every=20)
     assert isinstance(err, NonFiniteLossError)
-    assert "loss is inf at global step 2" in str(err)
-    assert torch.equal(model.weight, before.weight)  # step 2 applied no update
+    assert "loss is inf at global step 2" in str(err) and "stopped at step 4" in str(err)
+    assert list(saved) == [2] and torch.equal(saved[2], saved_before[2])  # only the state before the divergence
+    assert logged == []
 
 
 # ------------------------------------------------------------------------------------------------ job
