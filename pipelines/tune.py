@@ -110,7 +110,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     from headct import tracking
     from headct.device import resolve_device
     from headct.io import atomic_path, write_json
-    from pipelines.finetune import load_data, train_classifier
+    from headct.train.finetune_data import load_data, train_classifier
 
     base = finetune or FinetuneConfig()
     if cfg.study_name is None:
@@ -118,7 +118,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     if base.threads:
         torch.set_num_threads(base.threads)
     device = resolve_device(base.device)
-    data = load_data(base, ctx)
+    data = load_data(base, ctx.root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     existing = create_study(cfg, ctx.root)
     # A different TPE seed per process joining a study, so concurrent workers do not propose the same values.
@@ -140,7 +140,8 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
                         raise optuna.TrialPruned(f"epoch {epoch + 1}: mean val AUROC {record['val_auroc_mean']:.4f}")
 
                 try:
-                    fitted = train_classifier(trial_cfg, ctx, data, device, epochs=cfg.epochs, on_epoch=on_epoch)[3]
+                    fitted = train_classifier(trial_cfg, ctx.root, data, device, epochs=cfg.epochs,
+                                              on_epoch=on_epoch)[3]
                 except optuna.TrialPruned as exc:
                     pruned_at = str(exc)
                 child.set_tags({"optuna.trial": trial.number,

@@ -120,22 +120,30 @@ def check_volume(path: Path, scan_id: str | None = None, *, shape: Sequence[int]
     _check_array(path, tuple(header.shape), header.dtype, index, shape)
 
 
-def check_preprocessing(split_dir: Path, root: Path, model_config: dict[str, Any], config_path: Path) -> None:
-    """The store behind a split must have been made with the model's preprocessing recipe. The store is the one
-    split.json names, else the one holding the first train scan; InputError naming both versions otherwise."""
+def split_store(split_dir: Path, root: Path) -> Path:
+    """The store a split's volumes are in: the one split.json names, else (a split brought from elsewhere) the one
+    holding its first train scan. InputError when neither can be told."""
     from headct.data.splits import read_split, store_of_split
+
+    store = store_of_split(split_dir, root)
+    if store is not None:
+        return store
+    train = read_split(split_dir, "train")
+    if train.empty:
+        raise InputError(f"{Path(split_dir) / 'train.csv'}: no scans, and no split.json naming the store")
+    return store_of_volume(Path(root) / train["img_path"].iloc[0])
+
+
+def check_preprocessing(split_dir: Path, root: Path, model_config: dict[str, Any], config_path: Path) -> None:
+    """The store behind a split (`split_store`) must have been made with the model's preprocessing recipe;
+    InputError naming both versions otherwise."""
     from headct.data.store import read_preprocess
 
+    store = split_store(split_dir, root)
     model_version = model_config.get("preprocess", {}).get("version")
-    store = store_of_split(split_dir, root)
-    if store is None:
-        train = read_split(split_dir, "train")
-        if train.empty:
-            return
-        store = store_of_volume(Path(root) / train["img_path"].iloc[0])
-    store_version = read_preprocess(store).get("version")
     if model_version is None:
         raise InputError(f"{config_path}: no preprocess version; cannot check it against {store / PREPROCESS}")
+    store_version = read_preprocess(store)["version"]
     if store_version != model_version:
         raise InputError(
             f"{store / PREPROCESS}: preprocessing version {store_version} differs from the model's {model_version} "

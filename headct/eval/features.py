@@ -1,4 +1,5 @@
-"""Frozen-encoder features: canonical int16 HU volumes -> one embedding vector per scan.
+"""Frozen-model outputs over canonical int16 HU volumes: one embedding vector per scan (encoders) or one
+probability per label (a classifier, `score_volumes`).
 
 Volumes are read through the store-checked `headct.data.volumes.load_volume`, one batch ahead on a worker thread
 (numpy file reads and hashing release the GIL), windowed into channels on the compute device (`hu_to_windows`, as
@@ -93,3 +94,16 @@ def extract_features(
         return np.zeros((0, int(getattr(encoder, "embed_dim", 0))), dtype=np.float32)
     with torch.inference_mode():
         return map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)
+
+
+def score_volumes(
+    classifier: Any, paths: Sequence[Path], windows: Sequence[Any] | None = None, batch_size: int = 16,
+    shape: Sequence[int] | None = None, description: str = "scoring",
+) -> np.ndarray:
+    """(n, L) float64 sigmoid probabilities of a classifier (on its own device) for the store volumes `paths`, in
+    eval mode without augmentation: `headct.models.classifier_dir.predict_proba` over `map_volumes` batches (its
+    float32 probabilities are exact in float32, so the cast loses nothing); (0, 0) when `paths` is empty."""
+    from headct.models.classifier_dir import predict_proba
+
+    return map_volumes(lambda hu: predict_proba(classifier, hu, windows), paths, batch_size=batch_size,
+                       shape=shape, description=description).astype(np.float64)
