@@ -2,7 +2,7 @@
 
 Each scan queries every other scan of the split except its own patient's, ranked by cosine similarity of the
 cached embeddings (`headct extract`); see headct/eval/retrieval.py for the mAP definition. A label with fewer
-than `min_positives` positives or negatives in the split is skipped with the reason (headct/eval/labels.py).
+than `min_positives` positives in the split is skipped with the reason (headct/eval/labels.py).
 Outputs under cfg.report_dir: metrics.json ({model: {label: {map, chance, n_queries, n_candidates}}, skipped}),
 retrieval.png (bars per label and model, chance marked).
 """
@@ -36,7 +36,8 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
     chance: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for label in labels:
-        reason = skip_reason({cfg.split: frame[label]}, cfg.min_positives)
+        # AP is defined over positive queries: the split needs positives, not negatives
+        reason = skip_reason({cfg.split: frame[label]}, cfg.min_positives, negatives=False)
         if reason is not None:
             skipped[label] = reason
             continue

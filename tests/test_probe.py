@@ -103,6 +103,8 @@ def test_one_min_positives_rule_counts_known_positives_and_negatives_of_any_colu
     assert skip_reason({"val": column}, 2) == "val has 1 negative(s) (min_positives=2)"
     assert skip_reason({"train": np.array([1.0, np.nan]), "val": column}, 1) == (
         "train has 0 negative(s) (min_positives=1)")
+    assert skip_reason({"test": column}, 2, negatives=False) is None  # retrieval's AP needs positives only
+    assert skip_reason({"test": column}, 4, negatives=False) == "test has 3 positive(s) (min_positives=4)"
     frames = {"train": pd.DataFrame({"ICH": [1], "SDH": [0]}), "val": pd.DataFrame({"ICH": [0]})}
     assert requested_labels(["ICH"], frames, Path("s")) == ["ICH"]
     with pytest.raises(InputError, match=r"val\.csv: no column for label\(s\) \['SDH'\]"):

@@ -74,3 +74,16 @@ def test_a_scan_made_with_another_recipe_than_the_store_says_is_refused(store: P
     (store / "preprocess.json").write_text(json.dumps({"version": "x"}))
     with pytest.raises(InputError, match=r"preprocess\.json: no preprocessing 'version' and 'shape'"):
         load_volume(store / "volumes/ser_0001.npy")
+
+
+def test_class_balanced_draws_are_a_function_of_the_step_and_favour_the_rare_class() -> None:
+    from headct.data.volumes import WeightedStepSampler, class_balanced_weights
+
+    targets = np.array([[1.0], [0.0], [0.0], [0.0], [np.nan]], np.float32)  # one positive, one unknown
+    p = class_balanced_weights(targets)
+    assert np.isclose(p.sum(), 1.0) and p[0] == p.max() and np.isclose(p[0], p[1:4].sum())
+    full = list(WeightedStepSampler(p, 4, seed=3, start_step=0, total_steps=50, stream=12))
+    assert list(WeightedStepSampler(p, 4, seed=3, start_step=20, total_steps=50, stream=12)) == full[20:]
+    assert list(WeightedStepSampler(p, 4, seed=3, start_step=0, total_steps=50, stream=13)) != full
+    drawn = np.bincount([i for step in full for i in step], minlength=5)
+    assert 0.35 < drawn[0] / drawn.sum() < 0.65  # the single positive is drawn about as often as all negatives

@@ -35,9 +35,10 @@ def _known(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def skip_reason(targets: Mapping[str, Any], min_positives: int) -> str | None:
-    """Why a label cannot be evaluated honestly, else None: a split with fewer than `min_positives` positives or
-    fewer than as many negatives (an AUROC, a threshold or a retrieval ranking needs both classes).
+def skip_reason(targets: Mapping[str, Any], min_positives: int, negatives: bool = True) -> str | None:
+    """Why a label cannot be evaluated honestly, else None: a split with fewer than `min_positives` positives or,
+    when the evaluation needs negatives too (`negatives`: an AUROC or a threshold does; retrieval's AP over
+    positive queries does not), fewer than as many negatives.
 
     Args:
         targets: split name -> that split's targets for the label (0/1; NaN / NA = unknown, not counted), in the
@@ -49,6 +50,6 @@ def skip_reason(targets: Mapping[str, Any], min_positives: int) -> str | None:
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
         if n_pos < min_positives:
             problems.append(f"{split} has {n_pos} positive(s)")
-        if n_neg < min_positives:
+        if negatives and n_neg < min_positives:
             problems.append(f"{split} has {n_neg} negative(s)")
     return f"{', '.join(problems)} (min_positives={min_positives})" if problems else None
