@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,6 +176,7 @@ class StoreIndex:
 
 
 _INDEXES: dict[Path, tuple[tuple[int, ...], StoreIndex]] = {}
+_INDEXES_LOCK = threading.Lock()  # feature extraction reads volumes on a worker thread
 _MAX_INDEXES = 16  # stores kept per process (a long-lived process may open many throw-away stores)
 
 
@@ -194,9 +196,10 @@ def store_index(store: Path) -> StoreIndex:
     index = StoreIndex(folder, str(spec["version"]), tuple(int(s) for s in spec["shape"]), {
         str(scan): (str(volume), str(sha), str(version)) for scan, volume, sha, version in
         manifest[["scan_id", "volume", "volume_sha256", "preprocess_version"]].itertuples(index=False)})
-    if len(_INDEXES) >= _MAX_INDEXES:
-        _INDEXES.pop(next(iter(_INDEXES)))
-    _INDEXES[folder] = (key, index)
+    with _INDEXES_LOCK:
+        if folder not in _INDEXES and len(_INDEXES) >= _MAX_INDEXES:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[folder] = (key, index)
     return index
 
 
