@@ -44,6 +44,7 @@ def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best",
     from headct.data.discovery import recognise
     from headct.data.ingest import ingest
     from headct.data.store import read_manifest
+    from headct.data.volumes import load_volume
 
     source = Path(path).expanduser().resolve()
     if not source.exists():
@@ -74,5 +75,5 @@ def load_study(path: str | Path, preprocess: dict[str, Any], keep: str = "best",
             raise InputError(f"{source}: no series passed quality control ({reasons})")
         manifest = read_manifest(cfg.dest)
         rows = manifest.to_dict("records")
-        volumes = [np.load(cfg.dest / row["volume"], allow_pickle=False) for row in rows]
+        volumes = [load_volume(cfg.dest / row["volume"], row["scan_id"]) for row in rows]
     return StudyVolumes(volumes, rows, rejected, dict(result.summary))

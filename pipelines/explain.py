@@ -32,7 +32,7 @@ def _choose_scans(cfg: ExplainConfig, frame: Any, scorer: Any) -> dict[str, Any]
         if positives.empty:
             continue
         if scorer is not None:
-            positives = positives.assign(_score=[scorer.label_score(p, label) for p in positives["img_path"]])
+            positives = positives.assign(_score=[scorer.label_score(row, label) for _, row in positives.iterrows()])
             positives = positives.sort_values(["_score", "scan_id"], ascending=[False, True])
         chosen[label] = positives.iloc[0]
     return chosen
@@ -57,12 +57,14 @@ class _ClassifierScorer:
             raise InputError(f"classifier has no output for {label} (it predicts {self.labels})")
         return torch.as_tensor(predict_proba(self.model, hu)[:, self.labels.index(label)])
 
-    def label_score(self, img_path: str, label: str) -> float:
+    def label_score(self, row: Any, label: str) -> float:
         import torch
 
-        from headct.eval.features import load_volume
+        from headct.data.volumes import load_volume
 
-        hu = torch.from_numpy(load_volume(self.root / img_path))[None]
+        spec = self.config["preprocess"]
+        hu = torch.from_numpy(load_volume(self.root / row["img_path"], row["scan_id"], shape=spec.get("shape"),
+                                          version=spec.get("version")))[None]
         return float(self.scores(hu, label)[0])
 
 
@@ -72,12 +74,12 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
 
     from headct import tracking
     from headct.data.splits import read_split
+    from headct.data.volumes import load_volume
     from headct.data.windows import hu_to_windows
     from headct.device import resolve_device
     from headct.encoder import load_encoder
     from headct.eval.attention import attention_rollout, cls_attention, occlusion_sensitivity
     from headct.eval.explain_plots import MontageRow, plot_montage, slices_for
-    from headct.eval.features import load_volume
     from headct.io import write_json
 
     device = resolve_device(cfg.device)
@@ -97,7 +99,8 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
     shown: dict[str, Any] = {}
     brain = [w for w in encoder.windows if w.get("name") == "brain"] or encoder.windows[:1]
     for label, row in chosen.items():
-        hu = torch.from_numpy(load_volume(ctx.root / row["img_path"], encoder.grid))
+        hu = torch.from_numpy(load_volume(ctx.root / row["img_path"], row["scan_id"], shape=encoder.grid,
+                                          version=encoder.preprocess.get("version")))
         x = hu_to_windows(hu[None].to(device), encoder.windows)
         display = hu_to_windows(hu[None], brain)[0, 0].numpy()
         maps = {}

@@ -37,16 +37,16 @@ def _encoder_models(
     """pretrained and (optionally) random_init: (embeddings, provenance, seconds); shape checked per volume."""
     import torch
 
+    from headct.data.volumes import check_preprocessing
     from headct.device import resolve_device
     from headct.eval.features import extract_features
     from headct.io import file_sha256
-    from headct.models.model_dir import WEIGHTS, load_model_dir
+    from headct.models.model_dir import CONFIG, WEIGHTS, load_model_dir
     from headct.models.vit import build_encoder
-    from pipelines.probe import _check_preprocessing
 
     assert cfg.model_dir is not None
     encoder, config = load_model_dir(cfg.model_dir)
-    _check_preprocessing(cfg, ctx, config)  # type: ignore[arg-type]  # needs only .splits and .model_dir
+    check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
     preprocess = config.get("preprocess", {})
     meta = {
         "source": str(

@@ -57,7 +57,8 @@ def _evaluate(
     from rich import print as rprint
 
     from headct.eval.fewshot import sample_shots
-    from headct.eval.probe import label_data, skip_reason
+    from headct.eval.labels import skip_reason
+    from headct.eval.probe import label_data
 
     models = list(features)
     results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in models}
@@ -67,7 +68,7 @@ def _evaluate(
     for label in labels:
         data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in models}
         first = data[models[0]]
-        reason = skip_reason({"val": first["val"], "test": first["test"]}, cfg.min_positives)
+        reason = skip_reason({"val": first["val"].y, "test": first["test"].y}, cfg.min_positives)
         if reason is not None:
             rprint(f"[yellow]skip {label}:[/] {reason}")
             skipped[label] = reason
@@ -172,10 +173,10 @@ def run(cfg: FewshotConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.data.splits import read_splits
     from headct.eval.feature_cache import read_cache, split_features
-    from pipelines.probe import _labels
+    from headct.eval.labels import requested_labels
 
     frames = read_splits(cfg.splits)
-    labels = _labels(cfg, frames)  # type: ignore[arg-type]  # needs only .labels and .splits
+    labels = requested_labels(cfg.labels, frames, cfg.splits)
     features = split_features(read_cache(cfg.features, cfg.models, ctx.root), frames, cfg.features)
     results, skipped, skipped_shots, predictions = _evaluate(cfg, frames, features, labels)
     metrics = {

@@ -2,10 +2,11 @@
 
 Recipe: read train and val (test is read only at the very end) -> keep the labels with at least
 `min_positives` positives and negatives in train and val -> build the classifier (pre-trained encoder,
-its random-init twin, or a MONAI 3D ResNet from scratch) -> fine-tune through the one training loop, scoring
+its random-init twin, or a MONAI 3D ResNet from scratch) -> fine-tune on the one training engine, scoring
 val every epoch (one MLflow metric step per epoch) -> restore the best epoch -> thresholds by Youden's J on val
 per label -> read test and score it once -> metrics with patient-bootstrap 95% CIs, predictions CSV, ROC
-plot, classifier directory.
+plot, classifier directory. Data, model and loop are library code (headct/train/finetune_data.py,
+headct/train/finetune.py), shared with `headct tune`.
 
 Outputs: cfg.out_dir (the classifier directory: model.safetensors + config.json, loaded by
 `headct.models.classifier_dir.load_classifier`), cfg.report_dir/{metrics.json, predictions.csv, roc.png,
@@ -14,9 +15,6 @@ history.json}; cfg.checkpoint_dir/<run key>/last.pt (state after the latest epoc
 
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,132 +22,9 @@ import numpy as np
 
 from headct.config.base import JobContext, dump_params
 from headct.config.finetune import FinetuneConfig
-from headct.data.splits import read_split
 from headct.errors import InputError
 
 MODE = "finetune"
-
-
-@dataclass
-class FinetuneData:
-    """What fine-tuning reads before the end: train/val frames, the trained labels, the store's grid."""
-
-    train: Any
-    val: Any
-    labels: list[str]
-    skipped: dict[str, str]
-    preprocess: dict[str, Any]
-    model_name: str
-
-
-def model_name(cfg: FinetuneConfig) -> str:
-    """The `model` column of the predictions: pretrained, random_init, or the ResNet's name."""
-    if cfg.arch != "vit":
-        return cfg.arch
-    return "pretrained" if cfg.init == "pretrained" else "random_init"
-
-
-def _choose_labels(cfg: FinetuneConfig, train: Any, val: Any) -> tuple[list[str], dict[str, str]]:
-    from headct.data.splits import label_columns
-
-    wanted = list(cfg.labels) if cfg.labels is not None else label_columns(train)
-    for name, frame in (("train", train), ("val", val)):
-        missing = [label for label in wanted if label not in frame.columns]
-        if missing:
-            raise InputError(f"{cfg.splits / f'{name}.csv'}: no column for label(s) {missing}")
-    chosen, skipped = [], {}
-    for label in wanted:
-        problems = [f"{name} has {n} {kind}" for name, frame in (("train", train), ("val", val))
-                    for kind, n in (("positive(s)", int((frame[label] == 1).sum())),
-                                    ("negative(s)", int((frame[label] == 0).sum())))
-                    if n < cfg.min_positives]
-        if problems:
-            skipped[label] = f"{', '.join(problems)} (min_positives={cfg.min_positives})"
-        else:
-            chosen.append(label)
-    if not chosen:
-        raise InputError(f"{cfg.splits}: no label has enough positives and negatives in train and val: {skipped}")
-    return chosen, skipped
-
-
-def load_data(cfg: FinetuneConfig, ctx: JobContext) -> FinetuneData:
-    """Train and val (never test), the labels to train and the store's preprocessing spec."""
-    from headct.data.splits import store_of_split
-
-    train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
-    shared = set(train["patient_id"]) & set(val["patient_id"])
-    if shared:
-        raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both train.csv and val.csv")
-    labels, skipped = _choose_labels(cfg, train, val)
-    store = store_of_split(cfg.splits, ctx.root)
-    preprocess: dict[str, Any] = {}
-    if store is not None:
-        spec = store / "preprocess.json"
-        try:
-            preprocess = json.loads(spec.read_text())
-        except FileNotFoundError:
-            raise InputError(f"{spec}: not found (the store named in {cfg.splits / 'split.json'})") from None
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{spec}: not valid JSON ({exc})") from None
-    return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
-
-
-def build_classifier(cfg: FinetuneConfig, data: FinetuneData) -> tuple[Any, list[Any], dict[str, Any]]:
-    """A fresh classifier (seeded) -> (classifier, HU windows, preprocess spec for its directory)."""
-    import torch
-
-    from headct.config.base import DEFAULT_WINDOWS
-    from headct.models.heads import Classifier
-    from headct.models.model_dir import load_model_dir, read_config
-    from headct.models.resnet import ResNetBackbone
-    from headct.models.vit import build_encoder
-
-    torch.manual_seed(cfg.seed)
-    if cfg.arch != "vit":
-        windows = [w.model_dump(mode="json") for w in DEFAULT_WINDOWS]
-        backbone = ResNetBackbone(cfg.arch, in_chans=len(windows))
-        preprocess = data.preprocess
-    else:
-        if cfg.init == "pretrained":
-            backbone, config = load_model_dir(cfg.model_dir)
-        else:
-            config = read_config(cfg.model_dir)
-            backbone = build_encoder(config["arch"])
-        windows, preprocess = config["windows"], config["preprocess"]
-        store_version = data.preprocess.get("version")
-        if store_version and preprocess.get("version") and store_version != preprocess["version"]:
-            raise InputError(f"{cfg.model_dir / 'config.json'}: preprocessing version {preprocess['version']} "
-                             f"differs from the store's {store_version}; re-ingest with the model's spec")
-    classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)
-    return classifier, windows, preprocess
-
-
-def amp_dtype(cfg: FinetuneConfig, device: Any) -> Any:
-    """bf16 autocast on GPU ("auto") or wherever asked ("bf16"); None = full fp32."""
-    import torch
-
-    return torch.bfloat16 if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda") else None
-
-
-def train_classifier(
-    cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, device: Any, *, epochs: int | None = None,
-    on_epoch: Any = None, on_log: Any = None, save_state: Any = None, resume: dict[str, Any] | None = None,
-) -> tuple[Any, list[Any], dict[str, Any], Any]:
-    """Build and fine-tune a classifier on train, selecting on val -> (classifier at its best epoch, windows,
-    preprocess, FitResult). Used by this job and by each `headct tune` trial."""
-    from headct.eval.finetune import FitSettings, LabelledVolumes, fit, targets_of
-
-    classifier, windows, preprocess = build_classifier(cfg, data)
-    shape = preprocess.get("shape") or data.preprocess.get("shape")
-    train_set = LabelledVolumes([ctx.root / p for p in data.train["img_path"]],
-                                targets_of(data.train, data.labels), shape)
-    settings = FitSettings.from_config(cfg, amp_dtype=amp_dtype(cfg, device),
-                                       **({"epochs": epochs} if epochs is not None else {}))
-    result = fit(classifier, train_set, [ctx.root / p for p in data.val["img_path"]],
-                 targets_of(data.val, data.labels), data.labels, windows, settings, device,
-                 on_epoch=on_epoch, on_log=on_log, save_state=save_state, resume=resume)
-    classifier.load_state_dict(result.best_state, strict=True)
-    return classifier, windows, preprocess, result
 
 
 def _label_rows(frame: Any, label: str, scores: np.ndarray, split: str, model: str, threshold: float,
@@ -164,17 +39,17 @@ def _label_rows(frame: Any, label: str, scores: np.ndarray, split: str, model: s
 
 
 def evaluate(
-    cfg: FinetuneConfig, ctx: JobContext, data: FinetuneData, classifier: Any, windows: list[Any],
-    shape: Any, device: Any,
+    cfg: FinetuneConfig, ctx: JobContext, data: Any, classifier: Any, windows: list[Any], shape: Any,
 ) -> tuple[dict[str, Any], Any, dict[str, float]]:
     """Thresholds on val, then test read and scored ONCE -> (metrics, predictions frame, thresholds)."""
     import pandas as pd
 
-    from headct.eval.finetune import score_volumes
+    from headct.data.splits import read_split
+    from headct.eval.features import score_volumes
     from headct.eval.metrics import evaluate_binary, youden_threshold
 
     val_probs = score_volumes(classifier, [ctx.root / p for p in data.val["img_path"]], windows,
-                              cfg.eval_batch_size, device, shape)
+                              cfg.eval_batch_size, shape, "val")
     thresholds, rows, metrics = {}, [], {"labels": {}, "skipped": dict(data.skipped)}
     for j, label in enumerate(data.labels):
         part, val_rows = _label_rows(data.val, label, val_probs[:, j], "val", data.model_name, 0.0, cfg.seed)
@@ -186,7 +61,7 @@ def evaluate(
     if leaked:
         raise InputError(f"{cfg.splits / 'test.csv'}: {len(leaked)} patient(s) also in train/val")
     test_probs = score_volumes(classifier, [ctx.root / p for p in test["img_path"]], windows,
-                               cfg.eval_batch_size, device, shape)
+                               cfg.eval_batch_size, shape, "test")
     for j, label in enumerate(data.labels):
         if label not in test.columns:
             metrics["skipped"][label] = "test.csv has no column for it"
@@ -240,31 +115,15 @@ def _print_table(metrics: dict[str, Any]) -> None:
         console.print(f"skipped {label}: {reason}")
 
 
-def run_identity(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
-    """What fixes a fine-tuning trajectory: the settings (less output-only ones) and the bytes of the inputs
-    (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
-    from headct.io import file_sha256
+def run_identity(cfg: FinetuneConfig) -> dict[str, Any]:
+    """What fixes a fine-tuning trajectory (headct.run_identity): the trajectory settings and the bytes of the
+    inputs (the encoder's weights, the split files), so a checkpoint is resumed only by the run that wrote it."""
+    from headct.run_identity import inputs_sha256, trajectory_params
 
-    identity = {k: v for k, v in dump_params(cfg).items() if k not in ("device", "threads", "bootstrap")}
     inputs = sorted(Path(cfg.splits).glob("*.csv"))
     if cfg.arch == "vit" and cfg.init == "pretrained":
         inputs.append(Path(cfg.model_dir) / "model.safetensors")
-    identity["inputs_sha256"] = {p.name: file_sha256(p) for p in inputs if p.is_file()}
-    return identity
-
-
-def _resume_state(checkpoint: Path | None, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The checkpoint to continue from, if this run was interrupted; InputError if it belongs to another run."""
-    from headct.train.checkpoint import config_differences, load_checkpoint
-
-    if checkpoint is None or not checkpoint.is_file():
-        return None
-    state = load_checkpoint(checkpoint)
-    diffs = config_differences(state["config"], identity)
-    if diffs:
-        raise InputError(f"{checkpoint}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
-                         "finetune.checkpoint_dir elsewhere to start afresh")
-    return state
+    return {**trajectory_params(cfg), "inputs_sha256": inputs_sha256(inputs)}
 
 
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
@@ -274,16 +133,17 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
     from headct.models.classifier_dir import save_classifier
-    from headct.train.checkpoint import save_checkpoint
+    from headct.run_identity import run_key
+    from headct.train.checkpoint import load_for_resume, save_checkpoint
+    from headct.train.finetune_data import load_data, train_classifier
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    data = load_data(cfg, ctx)
-    identity = run_identity(cfg, ctx)
-    run_key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
-    checkpoint = cfg.checkpoint_dir / run_key / "last.pt" if cfg.checkpoint_dir is not None else None
-    resume = _resume_state(checkpoint, identity)
+    data = load_data(cfg, ctx.root)
+    identity = run_identity(cfg)
+    checkpoint = cfg.checkpoint_dir / run_key(identity) / "last.pt" if cfg.checkpoint_dir is not None else None
+    resume = load_for_resume(checkpoint, identity, "finetune.checkpoint_dir")
 
     def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
         if checkpoint is not None:
@@ -300,10 +160,10 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
 
             Console().print(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
         classifier, windows, preprocess, fitted = train_classifier(
-            cfg, ctx, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
+            cfg, ctx.root, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
             on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
         shape = preprocess.get("shape") or data.preprocess.get("shape")
-        metrics, table, thresholds = evaluate(cfg, ctx, data, classifier, windows, shape, device)
+        metrics, table, thresholds = evaluate(cfg, ctx, data, classifier, windows, shape)
         best = fitted.history[fitted.best_epoch]
         metrics.update(model=data.model_name, mode=MODE, best_epoch=fitted.best_epoch,
                        best_val_auroc=best["val_auroc"], best_val_auroc_mean=fitted.best_val_auroc,

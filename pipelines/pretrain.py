@@ -12,7 +12,6 @@ compares the model on volumes it has never seen; the rest of val is pre-trained 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +23,6 @@ from headct.config.pretrain import PretrainConfig
 from headct.errors import InputError
 
 HELDOUT_STREAM = 7  # numpy stream that orders val patients for the held-out set
-# Settings that do not change the training trajectory: a checkpoint may be resumed across changes to these.
-NOT_IN_IDENTITY = {"splits", "model_dir", "checkpoint_dir", "report_dir", "log_every", "checkpoint_every",
-                   "device", "threads", "workers", "compile", "figure_every", "register_as"}
 
 
 @dataclass
@@ -57,16 +53,12 @@ def heldout_patients(val: Any, n_volumes: int, seed: int) -> list[str]:
 def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
     """Training and held-out volumes from the split files, and the store's preprocessing spec."""
     from headct.data.splits import path_for_files, read_split, store_of_split
+    from headct.data.store import read_preprocess
 
     store = store_of_split(cfg.splits, ctx.root)
     if store is None:
         raise InputError(f"{cfg.splits / 'split.json'}: not found (run `headct ingest` and `headct split` first)")
-    try:
-        preprocess = json.loads((store / "preprocess.json").read_text())
-    except FileNotFoundError as exc:
-        raise InputError(f"{exc.filename}: not found (run `headct ingest` and `headct split` first)") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{store / 'preprocess.json'}: not valid JSON ({exc})") from None
+    preprocess = read_preprocess(store)
     train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
     if val.empty:
         raise InputError(f"{cfg.splits / 'val.csv'}: no scans; the reconstruction check needs held-out val patients")
@@ -95,9 +87,11 @@ def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
 
 
 def run_identity(cfg: PretrainConfig, data: PretrainData, world_size: int = 1) -> dict[str, Any]:
-    """Everything that fixes the training trajectory; a checkpoint resumes only under the same identity
-    (the number of ranks included: it changes which samples each step sees)."""
-    params = {k: v for k, v in dump_params(cfg).items() if k not in NOT_IN_IDENTITY}
+    """Everything that fixes the training trajectory (`headct.run_identity`); a checkpoint resumes only under the
+    same identity (the number of ranks included: it changes which samples each step sees)."""
+    from headct.run_identity import trajectory_params
+
+    params = trajectory_params(cfg)
     if cfg.method != "dino":
         params.pop("dino", None)  # DINO settings don't touch an MAE run
     return {**params, "train_ids_sha256": data.provenance["train_ids_sha256"],
@@ -105,27 +99,12 @@ def run_identity(cfg: PretrainConfig, data: PretrainData, world_size: int = 1) -
 
 
 def _resume(path: Path, identity: dict[str, Any], model: Any, optimizer: Any) -> tuple[int, dict[str, Any]]:
-    from headct.train.checkpoint import config_differences, load_checkpoint, restore
+    from headct.train.checkpoint import load_for_resume, restore
 
-    if not path.is_file():
+    state = load_for_resume(path, identity, "pretrain.checkpoint_dir")
+    if state is None:
         return 0, {}
-    state = load_checkpoint(path)
-    diffs = config_differences(state["config"], identity)
-    if diffs:
-        raise InputError(
-            f"{path}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set "
-            "pretrain.checkpoint_dir elsewhere to start afresh"
-        )
     return restore(state, model, optimizer), dict(state["extra"])
-
-
-def amp_dtype(cfg: PretrainConfig, device: Any) -> Any:
-    """bf16 autocast on GPU ("auto") or wherever asked ("bf16"); None = full fp32."""
-    import torch
-
-    if cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
@@ -155,7 +134,9 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
 
     from headct import tracking
     from headct.data.volumes import StepBatchSampler, VolumeDataset
+    from headct.device import amp_dtype
     from headct.models.vit import build_encoder
+    from headct.run_identity import run_key as key_of
     from headct.train import distributed
     from headct.train.checkpoint import save_checkpoint
     from headct.train.engine import TrainStats, adamw, train
@@ -188,7 +169,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     identity = run_identity(cfg, data, dist.world_size)
     # One folder per training identity: changing a setting that alters training starts a new run (as `dvc repro`
     # after a params change expects) instead of clashing with the old checkpoint; an interrupted run resumes.
-    run_key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    run_key = key_of(identity)
     checkpoint = cfg.checkpoint_dir / run_key / "last.pt"
     start, extra = _resume(checkpoint, identity, task.model, optimizer)
     if start:
@@ -218,8 +199,13 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
         def save(done: int, stats: TrainStats) -> None:
             save_checkpoint(checkpoint, task.model, optimizer, done, identity, so_far(stats))
 
-        def on_step(done: int, loss: float) -> None:
-            progress.update(bar, completed=done, loss=f"{loss:.4f}")
+        def on_log(done: int, metrics: dict[str, float]) -> None:
+            progress.update(bar, loss=f"{metrics['loss']:.4f}")  # the mean since the last log
+            if mlrun is not None:
+                mlrun.log_metrics(metrics, step=done)
+
+        def on_step(done: int) -> None:
+            progress.update(bar, completed=done)
             if mlrun is not None and cfg.figure_every and done % cfg.figure_every == 0 and done < total:
                 png = task.snapshot(heldout_hu, Path(scratch) / f"step_{done:07d}.png",
                                     title=f"{cfg.method.upper()} at step {done} (held-out volume)")
@@ -239,9 +225,8 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
                 start_step=start, total_steps=total,
                 lr_at=lambda s: warmup_cosine(s, total, cfg.lr, warmup, cfg.min_lr), wd_at=wd_at,
                 grad_clip=cfg.grad_clip, accum_steps=cfg.accum_steps, checkpoint_every=cfg.checkpoint_every,
-                save_checkpoint=save, log_every=cfg.log_every,
-                on_log=(lambda s, m: mlrun.log_metrics(m, step=s)) if mlrun is not None else None,
-                on_step=on_step, amp_dtype=amp_dtype(cfg, device),
+                save_checkpoint=save, log_every=cfg.log_every, on_log=on_log, on_step=on_step,
+                amp_dtype=amp_dtype(cfg.amp, device),
                 after_backward=task.after_backward, after_update=task.after_update,
             )
         digest = distributed.check_in_sync(task.model, dist)  # every rank; raises if DDP let them drift

@@ -12,7 +12,6 @@ AUROC, AUROC by subgroup where the store's manifest is found), predictions.csv, 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -22,42 +21,6 @@ from headct.config.evaluate import ProbeConfig
 from headct.errors import InputError
 
 MODELS: tuple[str, ...] = ("pretrained", "random_init")
-
-
-def _labels(cfg: ProbeConfig, frames: dict[str, Any]) -> list[str]:
-    from headct.data.splits import label_columns
-
-    wanted = list(cfg.labels) if cfg.labels is not None else label_columns(frames["train"])
-    for split, frame in frames.items():
-        missing = [label for label in wanted if label not in frame.columns]
-        if missing:
-            raise InputError(f"{cfg.splits / f'{split}.csv'}: no column for label(s) {missing}")
-    return wanted
-
-
-def _check_preprocessing(cfg: ProbeConfig, ctx: JobContext, config: dict[str, Any]) -> None:
-    """The store behind the splits must have been made with the model's preprocessing recipe."""
-    from rich import print as rprint
-
-    from headct.data.splits import store_of_split
-
-    split_json = cfg.splits / "split.json"
-    model_version = config.get("preprocess", {}).get("version")
-    store = store_of_split(cfg.splits, ctx.root)
-    if store is None or model_version is None:
-        rprint(
-            f"[yellow]note:[/] preprocessing version not checked ({split_json} or the model's version missing)"
-        )
-        return
-    spec_path = store / "preprocess.json"
-    if not spec_path.is_file():
-        raise InputError(f"{spec_path}: file not found (the store named in {split_json})")
-    store_version = json.loads(spec_path.read_text()).get("version")
-    if store_version != model_version:
-        raise InputError(
-            f"{spec_path}: preprocessing version {store_version} differs from the model's {model_version} "
-            f"({cfg.model_dir / 'config.json'}); re-ingest with the model's preprocess spec"
-        )
 
 
 def _print_table(metrics: dict[str, Any]) -> None:
@@ -129,14 +92,16 @@ def _probe_labels(
     """metrics.json content ({"pretrained", "random_init", "skipped"}) and the prediction frames."""
     from rich import print as rprint
 
-    from headct.eval.probe import label_data, probe_label, skip_reason
+    from headct.eval.labels import skip_reason
+    from headct.eval.probe import label_data, probe_label
 
     models = list(features)
     metrics: dict[str, dict[str, Any]] = {**{m: {} for m in models}, "skipped": {}}
     predictions = []
     for label in labels:
         data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in models}
-        reason = skip_reason(data[models[0]], cfg.min_positives)  # targets are the same for every model
+        # targets are the same for every model
+        reason = skip_reason({split: part.y for split, part in data[models[0]].items()}, cfg.min_positives)
         if reason is not None:
             rprint(f"[yellow]skip {label}:[/] {reason}")
             metrics["skipped"][label] = reason
@@ -220,18 +185,20 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
 
     from headct import tracking
     from headct.data.splits import read_splits
-    from headct.models.model_dir import load_model_dir
+    from headct.data.volumes import check_preprocessing
+    from headct.eval.labels import requested_labels
+    from headct.models.model_dir import CONFIG, load_model_dir
     from headct.models.vit import build_encoder
 
     frames = read_splits(cfg.splits)
-    labels = _labels(cfg, frames)
+    labels = requested_labels(cfg.labels, frames, cfg.splits)
     if cfg.features is not None:  # features extracted once by `headct extract`
         from headct.eval.feature_cache import read_cache, split_features
 
         features, seconds = split_features(read_cache(cfg.features, root=ctx.root), frames, cfg.features), {}
     else:
         pretrained, config = load_model_dir(cfg.model_dir)
-        _check_preprocessing(cfg, ctx, config)
+        check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
         torch.manual_seed(cfg.seed)  # the random-init twin: same architecture and windows, seeded
         encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
         features, seconds = _embed(encoders, frames, config, cfg, ctx)

@@ -2,7 +2,7 @@
 
 Each scan queries every other scan of the split except its own patient's, ranked by cosine similarity of the
 cached embeddings (`headct extract`); see headct/eval/retrieval.py for the mAP definition. A label with fewer
-than `min_positives` positives in the split is skipped with the reason.
+than `min_positives` positives in the split is skipped with the reason (headct/eval/labels.py).
 Outputs under cfg.report_dir: metrics.json ({model: {label: {map, chance, n_queries, n_candidates}}, skipped}),
 retrieval.png (bars per label and model, chance marked).
 """
@@ -22,14 +22,14 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.data.splits import read_splits
     from headct.eval.feature_cache import read_cache
+    from headct.eval.labels import requested_labels, skip_reason
     from headct.eval.plots import plot_retrieval_bars
     from headct.eval.probe import label_data
     from headct.eval.retrieval import retrieval_map
     from headct.io import write_json
-    from pipelines.probe import _labels
 
     frames = read_splits(cfg.splits)
-    labels = _labels(cfg, frames)  # type: ignore[arg-type]  # needs only .labels and .splits
+    labels = requested_labels(cfg.labels, frames, cfg.splits)
     frame = frames[cfg.split]
     cache = read_cache(cfg.features, cfg.models, ctx.root)
     features = {m: fs.for_frame(frame, cfg.features / f"{m}.npz") for m, fs in cache.items()}
@@ -37,9 +37,10 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
     chance: dict[str, float] = {}
     skipped: dict[str, str] = {}
     for label in labels:
-        n_pos = int((frame[label] == 1).sum())
-        if n_pos < cfg.min_positives:
-            skipped[label] = f"{cfg.split} has {n_pos} positive(s) (min_positives={cfg.min_positives})"
+        # AP is defined over positive queries: the split needs positives, not negatives
+        reason = skip_reason({cfg.split: frame[label]}, cfg.min_positives, negatives=False)
+        if reason is not None:
+            skipped[label] = reason
             continue
         for model, x in features.items():
             data = label_data(frame, x, label)

@@ -41,20 +41,19 @@ def _storage(url: str) -> Any:
 
 
 def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
-    """"headct-finetune-<12 hex>": a hash of what the trials depend on (search space, trial epochs, sampler and
-    pruner settings, the finetune section less the tuned values and output paths, the model's weights and the
-    split files). Same inputs -> same study, so parallel workers join one; changed inputs -> a new study."""
+    """"headct-finetune-<12 hex>": a hash of what the trials depend on (the trajectory settings of the tune section:
+    search space, trial epochs, sampler and pruner; those of the finetune section less the tuned values; the model's
+    weights and the split files; see headct.run_identity). Same inputs -> same study, so parallel workers join one;
+    changed inputs -> a new study."""
     import hashlib
     import json
 
-    from headct.config.base import dump_params
     from headct.io import file_sha256
+    from headct.run_identity import trajectory_params
 
-    search = {k: v for k, v in dump_params(cfg).items()
-              if k not in ("storage", "study_name", "load_if_exists", "n_trials", "best_params", "report_dir")}
-    skip = (*TUNED, "tuned_params", "out_dir", "report_dir", "checkpoint_dir", "device", "threads")
-    finetune = {k: v for k, v in dump_params(base).items() if k not in skip}
-    h = hashlib.sha256(json.dumps({"tune": search, "finetune": finetune}, sort_keys=True, default=str).encode())
+    finetune = {k: v for k, v in trajectory_params(base).items() if k not in TUNED}
+    h = hashlib.sha256(json.dumps({"tune": trajectory_params(cfg), "finetune": finetune}, sort_keys=True,
+                                  default=str).encode())
     for path in sorted([base.model_dir / "model.safetensors", *Path(base.splits).glob("*.csv")]):
         if path.is_file():
             h.update(path.name.encode())
@@ -112,7 +111,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     from headct import tracking
     from headct.device import resolve_device
     from headct.io import atomic_path, write_json
-    from pipelines.finetune import load_data, train_classifier
+    from headct.train.finetune_data import load_data, train_classifier
 
     base = finetune or FinetuneConfig()
     if cfg.study_name is None:
@@ -120,7 +119,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     if base.threads:
         torch.set_num_threads(base.threads)
     device = resolve_device(base.device)
-    data = load_data(base, ctx)
+    data = load_data(base, ctx.root)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     existing = create_study(cfg, ctx.root)
     # A different TPE seed per process joining a study, so concurrent workers do not propose the same values.
@@ -142,7 +141,8 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
                         raise optuna.TrialPruned(f"epoch {epoch + 1}: mean val AUROC {record['val_auroc_mean']:.4f}")
 
                 try:
-                    fitted = train_classifier(trial_cfg, ctx, data, device, epochs=cfg.epochs, on_epoch=on_epoch)[3]
+                    fitted = train_classifier(trial_cfg, ctx.root, data, device, epochs=cfg.epochs,
+                                              on_epoch=on_epoch)[3]
                 except optuna.TrialPruned as exc:
                     pruned_at = str(exc)
                 child.set_tags({"optuna.trial": trial.number,

@@ -31,6 +31,12 @@ class MeanStd:
 def make():
     return MeanStd()
 
+class OtherGrid(MeanStd):
+    preprocess = {"shape": [16, 16, 8], "version": "ext-2"}
+
+def other_grid():
+    return OtherGrid()
+
 def broken():
     return object()
 """
@@ -89,7 +95,7 @@ def test_external_protocol_is_checked(external_module: str) -> None:
 
 def make_project(root: Path) -> None:
     """48 scans, 2 per patient sharing the label; train 12 patients (6 positive), val 6, test 6; a tiny model dir."""
-    paths = write_volumes(root / "store/volumes", 48)
+    paths = write_volumes(root / "store", 48)
     rows = []
     for i, path in enumerate(paths):
         rows.append(
@@ -127,7 +133,8 @@ def test_extract_then_probe_fewshot_and_retrieval_read_the_cache(
     }
     assert json.loads((features / "index.json").read_text())["models"] == list(summary["models"])
     meta = json.loads((features / "pretrained.json").read_text())
-    assert meta["preprocess_version"] == "v1" and len(meta["weights_sha256"]) == 64 and meta["pool"] == "mean"
+    version = json.loads((tmp_path / "store/preprocess.json").read_text())["version"]
+    assert meta["preprocess_version"] == version and len(meta["weights_sha256"]) == 64 and meta["pool"] == "mean"
     cache = read_cache(features)
     assert set(cache["pretrained"].split) == {"train", "val", "test"} and len(cache["meanstd"].scan_id) == 48
     assert not np.allclose(cache["pretrained"].embedding, cache["random_init"].embedding)
@@ -195,19 +202,25 @@ def test_extract_then_probe_fewshot_and_retrieval_read_the_cache(
             job.run(job_cfg, job_ctx)
 
 
-def test_extract_names_a_volume_off_the_external_grid(tmp_path: Path, job_ctx, external_module: str) -> None:
+def test_extract_names_a_volume_off_the_external_grid_or_changed_after_ingest(
+    tmp_path: Path, job_ctx, external_module: str
+) -> None:
     from pipelines import extract
 
     make_project(tmp_path)
-    np.save(tmp_path / "store/volumes/ser_0003.npy", np.zeros((16, 16, 8), np.int16))
     cfg = ExtractConfig(
         splits=tmp_path,
         model_dir=None,
         hu_histogram=False,
         out=tmp_path / "f",
-        external={"meanstd": f"{external_module}:make"},
+        external={"other": f"{external_module}:other_grid"},
     )
-    with pytest.raises(InputError, match=r"ser_0003\.npy: shape \[16, 16, 8\] differs"):
+    off_grid = r"ser_0000\.npy: shape \[16, 16, 16\] differs from the model's .*\[16, 16, 8\]"
+    with pytest.raises(InputError, match=off_grid):
+        extract.run(cfg, job_ctx)
+    np.save(tmp_path / "store/volumes/ser_0003.npy", np.zeros((16, 16, 16), np.int16))  # not what ingest wrote
+    cfg = cfg.model_copy(update={"external": {"meanstd": f"{external_module}:make"}})
+    with pytest.raises(InputError, match=r"ser_0003\.npy: SHA-256 .* differs from the manifest's"):
         extract.run(cfg, job_ctx)
     assert not (tmp_path / "f/index.json").exists()
 

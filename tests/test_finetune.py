@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from headct.config import FinetuneConfig, JobContext, PreprocessSpec, load_params
+from headct.data.volumes import class_balanced_weights
 from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
-from headct.eval.finetune import balanced_weights, masked_bce, pos_weights
 from headct.models.heads import AttentivePoolHead, Classifier, LinearHead
 from headct.models.model_dir import save_model_dir
 from headct.models.vit import build_encoder
+from headct.train.finetune import masked_bce, param_groups, pos_weights
 from tests.conftest import runs_of
+from tests.store_helpers import write_store
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -32,14 +34,11 @@ def make_labelled_project(root: Path, n_patients: int = 12) -> Path:
     """A 32^3 store, 1 scan per patient, labels ICH (a bright blob: learnable) and SDH (noise), a split of
     6 train / 3 val / 3 test patients, and a tiny pre-trained-looking model directory."""
     rng = np.random.default_rng(0)
-    store = root / "data/store/t"
-    (store / "volumes").mkdir(parents=True)
     spec = PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0)
     preprocess = {**spec.model_dump(mode="json"), "version": spec.version}
-    (store / "preprocess.json").write_text(json.dumps(preprocess))
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
     dist = np.sqrt((g ** 2).sum(0))
-    rows = []
+    rows, volumes = [], {}
     ich = [1, 0] * (n_patients // 2)
     sdh = [1, 1, 0, 0] * (n_patients // 4)
     for i in range(n_patients):
@@ -49,8 +48,9 @@ def make_labelled_project(root: Path, n_patients: int = 12) -> Path:
             vol[np.sqrt(((g - np.array([0.3, 0, 0])[:, None, None, None]) ** 2).sum(0)) < 0.2] = 70.0
         vol += rng.normal(0, 5, vol.shape)
         scan = f"ser_{i:016x}"
-        np.save(store / "volumes" / f"{scan}.npy", vol.astype(np.int16))
+        volumes[scan] = vol.astype(np.int16)
         rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i:016x},{ich[i]},{sdh[i]}\n")
+    write_store(root / "data/store/t", volumes, {s: f"pat_{s[4:]}" for s in volumes}, spec)
     splits = root / "data/splits/t"
     splits.mkdir(parents=True)
     header = "img_path,scan_id,patient_id,ICH,SDH\n"
@@ -113,8 +113,36 @@ def test_class_weights_are_negatives_over_positives_and_unknowns_are_masked() ->
     expected = torch.nn.functional.binary_cross_entropy_with_logits(torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0]),
                                                                     pos_weight=torch.tensor(3.0))
     assert torch.isclose(masked_bce(logits, t, torch.tensor([3.0, 2.0])), expected)
-    p = balanced_weights(np.array([[1], [0], [0], [0]], dtype=np.float32))
+    p = class_balanced_weights(np.array([[1], [0], [0], [0]], dtype=np.float32))
     assert np.isclose(p[0], 0.5) and np.isclose(p.sum(), 1.0)
+
+
+def test_param_groups_hold_every_parameter_once_and_scale_one_schedule() -> None:
+    from headct.train.engine import adamw, train
+
+    model = Classifier(build_encoder(TINY_ARCH), "attentive", 2)
+    groups = param_groups(model, backbone_lr=1e-4, head_lr=1e-2, weight_decay=0.05)
+    assert {(g["part"], g["lr_scale"], g["weight_decay"]) for g in groups} == {
+        ("backbone", 1e-4, 0.05), ("backbone", 1e-4, 0.0), ("head", 1e-2, 0.05), ("head", 1e-2, 0.0)}
+    undecayed = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.head.query) in undecayed and id(model.backbone.cls_token) in undecayed
+    # Backbone groups from elsewhere (e.g. layer-wise lr decay) ride the same schedule, scaled by backbone_lr.
+    named = dict(model.backbone.named_parameters())
+    layered = [{"params": [p for n, p in named.items() if n.startswith("blocks.")], "lr_scale": 0.5},
+               {"params": [p for n, p in named.items() if not n.startswith("blocks.")], "weight_decay": 0.0}]
+    groups = param_groups(model, 1e-4, 1e-2, 0.05, layered)
+    optimizer = adamw(model, 1.0, 0.05, groups=groups)
+    x = torch.rand(2, 3, SIZE, SIZE, SIZE)
+    train(model, optimizer, [x], lambda batch, step, micro: model(batch).square().mean(), start_step=0,
+          total_steps=1, lr_at=lambda step: 0.5)
+    lrs = sorted((g["part"], g["lr"], g["weight_decay"]) for g in optimizer.param_groups)
+    assert lrs == sorted([("backbone", 0.5 * 1e-4 * 0.5, 0.05), ("backbone", 0.5 * 1e-4, 0.0),
+                          ("head", 0.5 * 1e-2, 0.05), ("head", 0.5 * 1e-2, 0.0)])
+    assert optimizer.defaults["betas"] == (0.9, 0.95)  # the pre-training convention (engine.adamw)
+    with pytest.raises(ValueError, match=r"missing \['backbone.cls_token'"):
+        param_groups(model, 1e-4, 1e-2, 0.05, layered[:1] + [{"params": [named["norm.weight"], named["norm.bias"],
+                                                                         named["patch_embed.proj.weight"],
+                                                                         named["patch_embed.proj.bias"]]}])
 
 
 def test_config_accepts_a_single_label_and_rejects_micro_batches_of_one() -> None:
@@ -127,11 +155,13 @@ def test_config_accepts_a_single_label_and_rejects_micro_batches_of_one() -> Non
 def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
     project: Path, job_ctx: JobContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import headct.data.splits as splits
+    import headct.train.finetune_data as finetune_data
     from headct.models.classifier_dir import load_classifier, predict_proba
     from pipelines import finetune as job
 
     events: list[str] = []
-    real_read, real_fit = job.read_split, job.__dict__.get("train_classifier")
+    real_read, real_fit = splits.read_split, finetune_data.train_classifier
 
     def spy_read(split_dir: Path, name: str) -> pd.DataFrame:
         events.append(f"read:{name}")
@@ -142,8 +172,8 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
         events.append("trained")
         return out
 
-    monkeypatch.setattr(job, "read_split", spy_read)
-    monkeypatch.setattr(job, "train_classifier", spy_train)
+    monkeypatch.setattr(splits, "read_split", spy_read)
+    monkeypatch.setattr(finetune_data, "train_classifier", spy_train)
     ctx = JobContext(root=project, tracking=job_ctx.tracking)
     cfg = finetune_cfg(project, epochs=3)
     result = job.run(cfg, ctx)

@@ -15,6 +15,7 @@ from headct.data.augment import augment_hu
 from headct.data.volumes import StepBatchSampler, VolumeDataset, epoch_order
 from headct.errors import InputError
 from headct.train.engine import NonFiniteLossError, step_generator, train
+from tests.store_helpers import write_store
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -26,20 +27,17 @@ def make_project(root: Path, n_scans: int = 16) -> Path:
     """A store of n_scans 32^3 int16 volumes (air, skull shell, brain, a blob), 2 scans per patient, and a
     split: train 8 scans, val 4, test = an unreadable file (the job must never open it)."""
     rng = np.random.default_rng(0)
-    store = root / "data/store/t"
-    (store / "volumes").mkdir(parents=True)
-    spec = PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0)
-    (store / "preprocess.json").write_text(json.dumps({**spec.model_dump(mode="json"), "version": spec.version}))
     g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
-    rows = []
+    rows, volumes, patients = [], {}, {}
     for i in range(n_scans):
         dist = np.sqrt(((g - rng.uniform(-0.1, 0.1, (3, 1, 1, 1))) ** 2).sum(0))
         vol = np.where(dist < 0.75, 1000.0, -1024.0)
         vol[dist < 0.65] = 35.0
         vol += rng.normal(0, 5, vol.shape)
         scan = f"ser_{i:016x}"
-        np.save(store / "volumes" / f"{scan}.npy", vol.astype(np.int16))
+        volumes[scan], patients[scan] = vol.astype(np.int16), f"pat_{i // 2:016x}"
         rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i // 2:016x},{i % 3 == 0:d}\n")
+    write_store(root / "data/store/t", volumes, patients, PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0))
     splits = root / "data/splits/t"
     splits.mkdir(parents=True)
     header = "img_path,scan_id,patient_id,ICH\n"
@@ -77,17 +75,17 @@ def test_sampler_resumes_mid_epoch_at_exactly_the_right_sample() -> None:
     assert ranks[0][0] + ranks[1][0] == stream[:6]  # two ranks split one global batch
 
 
-def test_dataset_returns_int16_and_names_a_bad_file(project: Path, tmp_path: Path) -> None:
+def test_dataset_returns_int16_and_checks_every_scan_before_training(project: Path) -> None:
     volumes = sorted((project / "data/store/t/volumes").glob("*.npy"))
-    ds = VolumeDataset(volumes[:2], ["a", "b"], (SIZE, SIZE, SIZE))
+    ids = [p.stem for p in volumes]
+    ds = VolumeDataset(volumes[:2], ids[:2], (SIZE, SIZE, SIZE))
     hu, scan = ds[1]
-    assert hu.dtype == torch.int16 and hu.shape == (SIZE, SIZE, SIZE) and scan == "b"
-    bad = tmp_path / "float.npy"
-    np.save(bad, np.zeros((SIZE, SIZE, SIZE), np.float32))
-    with pytest.raises(InputError, match=r"float\.npy.*int16"):
-        VolumeDataset([bad], ["c"], (SIZE, SIZE, SIZE)).check()
-    with pytest.raises(InputError, match=r"expected shape \[16, 16, 16\]"):
-        VolumeDataset(volumes[:1], ["a"], (16, 16, 16)).check()
+    assert hu.dtype == torch.int16 and hu.shape == (SIZE, SIZE, SIZE) and scan == ids[1]
+    ds.check()
+    with pytest.raises(InputError, match=rf"{ids[0]}\.npy: shape \[32, 32, 32\] differs from the model's"):
+        VolumeDataset(volumes[:1], ids[:1], (16, 16, 16)).check()
+    with pytest.raises(InputError, match=rf"{ids[1]}\.npy: the split names this file as scan '{ids[0]}'"):
+        VolumeDataset(volumes[1:2], ids[:1]).check()
 
 
 def test_augmentation_is_a_function_of_the_generator() -> None:
@@ -102,38 +100,50 @@ def test_augmentation_is_a_function_of_the_generator() -> None:
 
 
 # --------------------------------------------------------------------------------------------- engine
-def _toy(n_steps: int, accum: int = 1, bad_at: int | None = None):
-    """A linear model trained by the engine on 4 fixed batches; the loss is infinite at step `bad_at`.
-    Returns (model, stats or the NonFiniteLossError raised)."""
+def _toy(n_steps: int, accum: int = 1, bad_at: int | None = None, **kw):
+    """A linear model trained by the engine on 6 fixed batches; the loss is infinite at step `bad_at`.
+    Returns (model, stats or the NonFiniteLossError raised, {completed steps: weights saved at a checkpoint},
+    [(step, logged metrics)])."""
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    data = torch.randn(4, 4, 4)
+    data = torch.randn(6, 4, 4)
+    saved, logged = {}, []
 
     def loss_fn(batch: torch.Tensor, step: int, micro: int) -> torch.Tensor:
         loss = model(batch).square().mean()
         return loss * float("inf") if step == bad_at else loss
 
     try:
-        return model, train(model, opt, iter(data), loss_fn, start_step=0, total_steps=n_steps,
-                            lr_at=lambda s: 0.1, accum_steps=accum)
+        stats = train(model, opt, iter(data), loss_fn, start_step=0, total_steps=n_steps, lr_at=lambda s: 0.1,
+                      accum_steps=accum, on_log=lambda s, m: logged.append((s, m)),
+                      save_checkpoint=lambda done, _: saved.__setitem__(done, model.weight.detach().clone()), **kw)
+        return model, stats, saved, logged
     except NonFiniteLossError as err:
-        return model, err
+        return model, err, saved, logged
 
 
 def test_gradient_accumulation_matches_the_full_batch() -> None:
-    m1, s1 = _toy(4)
-    m2, s2 = _toy(4, accum=2)
+    m1, s1, _, _ = _toy(4)
+    m2, s2, _, _ = _toy(4, accum=2)
     assert np.allclose(s1.losses, s2.losses, rtol=1e-6)
     assert torch.allclose(m1.weight, m2.weight, atol=1e-7)
 
 
-def test_non_finite_loss_aborts_naming_the_step_before_updating() -> None:
-    before, _ = _toy(2)  # the state after steps 0 and 1
-    model, err = _toy(4, bad_at=2)
+def test_logged_loss_is_the_exact_mean_of_the_steps_since_the_last_log() -> None:
+    _, stats, saved, logged = _toy(6, log_every=4, checkpoint_every=3)
+    assert [s for s, _ in logged] == [4, 6] and sorted(saved) == [3, 6]
+    assert len(stats.losses) == 6 and logged[0][1]["loss"] == sum(stats.losses[:4]) / 4
+    assert logged[1][1]["loss"] == (stats.losses[4] + stats.losses[5]) / 2 and logged[1][1]["lr"] == 0.1
+
+
+def test_non_finite_loss_aborts_naming_the_step_before_any_checkpoint_of_it() -> None:
+    _, _, saved_before, _ = _toy(2, checkpoint_every=2)  # the state after steps 0 and 1
+    _, err, saved, logged = _toy(6, bad_at=2, checkpoint_every=2, log_every=20)
     assert isinstance(err, NonFiniteLossError)
-    assert "loss is inf at global step 2" in str(err)
-    assert torch.equal(model.weight, before.weight)  # step 2 applied no update
+    assert "loss is inf at global step 2" in str(err) and "stopped at step 4" in str(err)
+    assert list(saved) == [2] and torch.equal(saved[2], saved_before[2])  # only the state before the divergence
+    assert logged == []
 
 
 # ------------------------------------------------------------------------------------------------ job

@@ -12,10 +12,12 @@ import pytest
 from headct.config import JobContext, ProbeConfig, ReportConfig
 from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
-from headct.eval.probe import LabelData, probe_label, skip_reason
+from headct.eval.labels import requested_labels, skip_reason
+from headct.eval.probe import LabelData, probe_label
 from pipelines import probe as probe_job
 from pipelines import report as report_job
 from tests.conftest import runs_of
+from tests.store_helpers import write_store
 
 TINY_ARCH = {
     "name": "tiny",
@@ -92,24 +94,34 @@ def test_a_label_with_one_test_positive_is_skipped_with_a_reason() -> None:
     y = np.zeros_like(data["test"].y)
     y[0] = 1
     data["test"] = LabelData(data["test"].x, y, data["test"].scan_id, data["test"].patient_id)
-    assert skip_reason(data, min_count=2) == "test has 1 positive(s) (min_positives=2)"
-    assert skip_reason(splits(signal=1.0), min_count=2) is None
+    assert skip_reason({s: d.y for s, d in data.items()}, 2) == "test has 1 positive(s) (min_positives=2)"
+    assert skip_reason({s: d.y for s, d in splits(signal=1.0).items()}, 2) is None
+
+
+def test_one_min_positives_rule_counts_known_positives_and_negatives_of_any_column_type() -> None:
+    column = pd.Series([1, 1, 1, pd.NA, 0], dtype="Int8")  # a split file's column: NA = unknown
+    assert skip_reason({"val": column}, 2) == "val has 1 negative(s) (min_positives=2)"
+    assert skip_reason({"train": np.array([1.0, np.nan]), "val": column}, 1) == (
+        "train has 0 negative(s) (min_positives=1)")
+    assert skip_reason({"test": column}, 2, negatives=False) is None  # retrieval's AP needs positives only
+    assert skip_reason({"test": column}, 4, negatives=False) == "test has 3 positive(s) (min_positives=4)"
+    frames = {"train": pd.DataFrame({"ICH": [1], "SDH": [0]}), "val": pd.DataFrame({"ICH": [0]})}
+    assert requested_labels(["ICH"], frames, Path("s")) == ["ICH"]
+    with pytest.raises(InputError, match=r"val\.csv: no column for label\(s\) \['SDH'\]"):
+        requested_labels(None, frames, Path("s"))  # None: every label column of train
 
 
 # --------------------------------------------------------------------------------------------- features (ViT)
-def write_volumes(folder: Path, n: int, shape=(16, 16, 16)) -> list[Path]:
+def write_volumes(store: Path, n: int, shape=(16, 16, 16)) -> list[Path]:
+    """A canonical store of n random int16 volumes ser_0000 .. (manifest, preprocess.json); returns their paths."""
     rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(n):
-        path = folder / f"ser_{i:04d}.npy"
-        np.save(path, rng.integers(-1024, 1500, size=shape).astype(np.int16))
-        paths.append(path)
-    return paths
+    volumes = {f"ser_{i:04d}": rng.integers(-1024, 1500, size=shape).astype(np.int16) for i in range(n)}
+    return write_store(store, volumes)
 
 
-def write_splits_and_model(root: Path, rows: list[dict]) -> None:
-    """train/val/test.csv from rows (each with a "split" key) and a tiny seeded model directory at root/model."""
+def write_splits_and_model(root: Path, rows: list[dict], store: Path | None = None) -> None:
+    """train/val/test.csv from rows (each with a "split" key) and a tiny seeded model directory at root/model,
+    trained (so its config says) on the preprocessing of `store` (default root/store)."""
     import torch
 
     from headct.models.model_dir import save_model_dir
@@ -121,7 +133,7 @@ def write_splits_and_model(root: Path, rows: list[dict]) -> None:
     torch.manual_seed(1)
     config = {
         "windows": WINDOWS,
-        "preprocess": {"shape": [16, 16, 16], "version": "v1"},
+        "preprocess": json.loads(((store or root / "store") / "preprocess.json").read_text()),
         "method": "mae",
         "provenance": {},
     }
@@ -137,7 +149,7 @@ def test_features_are_batch_independent_and_the_encoder_stays_frozen(tmp_path: P
     torch.manual_seed(0)
     encoder = build_encoder(TINY_ARCH)
     before = {k: v.clone() for k, v in encoder.state_dict().items()}
-    paths = write_volumes(tmp_path, 5)
+    paths = write_volumes(tmp_path / "store", 5)
     by2 = extract_features(encoder, paths, WINDOWS, pool="mean", batch_size=2, shape=(16, 16, 16))
     by5 = extract_features(encoder, paths, WINDOWS, pool="mean", batch_size=5)
     cls = extract_features(encoder, paths, WINDOWS, pool="cls", batch_size=5)
@@ -153,17 +165,16 @@ def test_a_missing_or_misshapen_volume_is_a_named_error(tmp_path: Path) -> None:
     from headct.models.vit import build_encoder
 
     encoder = build_encoder(TINY_ARCH)
-    paths = write_volumes(tmp_path, 2)
+    paths = write_volumes(tmp_path / "store", 2)
     with pytest.raises(InputError, match=r"ser_0009\.npy: volume file not found"):
-        extract_features(encoder, [*paths, tmp_path / "ser_0009.npy"], WINDOWS, batch_size=2)
-    np.save(paths[1], np.zeros((16, 16, 8), dtype=np.int16))
-    with pytest.raises(InputError, match=r"ser_0001\.npy: shape \[16, 16, 8\] differs"):
-        extract_features(encoder, paths, WINDOWS, shape=(16, 16, 16))
+        extract_features(encoder, [*paths, tmp_path / "store/volumes/ser_0009.npy"], WINDOWS, batch_size=2)
+    with pytest.raises(InputError, match=r"ser_0000\.npy: shape \[16, 16, 16\] differs from the model's"):
+        extract_features(encoder, paths, WINDOWS, shape=(16, 16, 8))
 
 
 # ------------------------------------------------------------------------------------------------- probe job
 def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx) -> None:
-    paths = write_volumes(tmp_path / "store/volumes", 36)
+    paths = write_volumes(tmp_path / "store", 36)
     rows = []
     for i, path in enumerate(paths):
         split = "train" if i < 16 else "val" if i < 26 else "test"
@@ -210,11 +221,12 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
     names = sorted(r.info.run_name for r in runs_of(job_ctx))
     assert names == ["pretrained/ICH", "probe", "random_init/ICH"]  # one job run, a child per (model, label)
 
-    # The store behind the splits was made with another preprocessing recipe: refuse, naming both.
-    (tmp_path / "split.json").write_text(json.dumps({"store": "store"}))
-    (tmp_path / "store/preprocess.json").write_text(json.dumps({"version": "v2"}))
+    # The model was trained on another preprocessing recipe than the store's: refuse, naming both.
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    (tmp_path / "model/config.json").write_text(json.dumps({**config, "preprocess": {"version": "v2"}}))
+    version = json.loads((tmp_path / "store/preprocess.json").read_text())["version"]
     with pytest.raises(
-        InputError, match=r"preprocess\.json: preprocessing version v2 differs from the model's v1"
+        InputError, match=rf"preprocess\.json: preprocessing version {version} differs from the model's v2"
     ):
         probe_job.run(cfg, JobContext(root=tmp_path))
 

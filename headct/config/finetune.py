@@ -20,14 +20,16 @@ class FinetuneConfig(Section):
     exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
     """
 
-    splits: Path = Path("data/splits/synth")
+    splits: Path = Field(Path("data/splits/synth"), json_schema_extra={"trajectory": False})
     model_dir: Path = Path("models/mae")
     init: Literal["pretrained", "random"] = "pretrained"
     arch: Literal["vit", "resnet18", "resnet10"] = "vit"
-    out_dir: Path = Path("models/classifier")  # the classifier directory `headct predict` loads
-    report_dir: Path = Path("reports/finetune")
-    checkpoint_dir: Path | None = Path("checkpoints/finetune")  # last epoch's state (atomic); None: none kept
-    tuned_params: Path | None = Path("params/tuned/finetune.yaml")
+    # the classifier directory `headct predict` loads
+    out_dir: Path = Field(Path("models/classifier"), json_schema_extra={"trajectory": False})
+    report_dir: Path = Field(Path("reports/finetune"), json_schema_extra={"trajectory": False})
+    # last epoch's state (atomic); None: none kept
+    checkpoint_dir: Path | None = Field(Path("checkpoints/finetune"), json_schema_extra={"trajectory": False})
+    tuned_params: Path | None = Field(Path("params/tuned/finetune.yaml"), json_schema_extra={"trajectory": False})
     labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
     min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
     pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
@@ -47,10 +49,10 @@ class FinetuneConfig(Section):
     jitter_hu: float = Field(5.0, ge=0, le=100)
     jitter_scale: float = Field(0.02, ge=0, le=0.5)
     eval_batch_size: int = Field(16, ge=1)
-    bootstrap: int = Field(1000, ge=10)
+    bootstrap: int = Field(1000, ge=10, json_schema_extra={"trajectory": False})
     seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"trajectory": False})
+    threads: int | None = Field(None, ge=1, json_schema_extra={"trajectory": False})
     amp: Literal["auto", "bf16", "off"] = "auto"
 
     @field_validator("labels", mode="before")
@@ -76,13 +78,14 @@ class TuneConfig(Section):
     processes share one study. The best values go to `best_params` (what finetune.tuned_params reads).
     """
 
-    storage: str | None = None
+    storage: str | None = Field(None, json_schema_extra={"trajectory": False})
     # None: "headct-finetune-<key>", the key hashing the search space, the finetune settings, the model's weights and
     # the split files, so a changed input (e.g. under `dvc repro`) starts a fresh study while workers on the same
     # inputs share one. A fixed name always means that study.
-    study_name: str | None = None
-    load_if_exists: bool = True
-    n_trials: int = Field(10, ge=1)  # trials this process runs (several processes add up)
+    study_name: str | None = Field(None, json_schema_extra={"trajectory": False})
+    load_if_exists: bool = Field(True, json_schema_extra={"trajectory": False})
+    # trials this process runs (several processes add up)
+    n_trials: int = Field(10, ge=1, json_schema_extra={"trajectory": False})
     epochs: int = Field(2, ge=1)  # per trial
     backbone_lr: tuple[float, float] = (1e-5, 1e-3)  # log-uniform range
     head_lr: tuple[float, float] = (1e-4, 1e-2)  # log-uniform range
@@ -91,8 +94,8 @@ class TuneConfig(Section):
     n_startup_trials: int = Field(5, ge=0)  # TPE: random trials before modelling
     pruner_startup_trials: int = Field(2, ge=0)  # MedianPruner: trials finished before pruning starts
     pruner_warmup_epochs: int = Field(1, ge=0)  # MedianPruner: epochs of a trial before it may be pruned
-    best_params: Path = Path("params/tuned/finetune.yaml")
-    report_dir: Path = Path("reports/tune")
+    best_params: Path = Field(Path("params/tuned/finetune.yaml"), json_schema_extra={"trajectory": False})
+    report_dir: Path = Field(Path("reports/tune"), json_schema_extra={"trajectory": False})
 
     @field_validator("backbone_lr", "head_lr", "weight_decay")
     @classmethod

@@ -41,11 +41,11 @@ class PretrainConfig(Section):
     all ranks, so the steps are samples // (batch_size * world size).
     """
 
-    splits: Path = Path("data/splits/synth")
-    model_dir: Path = Path("models/mae")
+    splits: Path = Field(Path("data/splits/synth"), json_schema_extra={"trajectory": False})
+    model_dir: Path = Field(Path("models/mae"), json_schema_extra={"trajectory": False})
     # Resume state lives outside DVC outputs (DVC deletes outputs before re-running a stage).
-    checkpoint_dir: Path = Path("checkpoints/pretrain")
-    report_dir: Path = Path("reports/pretrain")
+    checkpoint_dir: Path = Field(Path("checkpoints/pretrain"), json_schema_extra={"trajectory": False})
+    report_dir: Path = Field(Path("reports/pretrain"), json_schema_extra={"trajectory": False})
     method: Literal["mae", "dino"] = "mae"
     arch: Literal["tiny", "small", "base"] = "tiny"
     num_registers: int = Field(0, ge=0, le=64)  # register tokens (Darcet et al. 2024); 0 = none
@@ -71,20 +71,23 @@ class PretrainConfig(Section):
     flip_lr: bool = True  # left-right flip augmentation
     jitter_hu: float = Field(5.0, ge=0, le=100)  # per-volume HU offset, uniform in [-jitter_hu, jitter_hu]
     jitter_scale: float = Field(0.02, ge=0, le=0.5)  # per-volume HU gain, uniform in 1 +- jitter_scale
-    workers: int = Field(0, ge=0, le=64)  # DataLoader processes; 0 reads in the training process
+    # DataLoader processes; 0 reads in the training process
+    workers: int = Field(0, ge=0, le=64, json_schema_extra={"trajectory": False})
     seed: int = Field(0, ge=0)
-    log_every: int = Field(20, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
+    log_every: int = Field(20, ge=1, json_schema_extra={"trajectory": False})
+    checkpoint_every: int = Field(200, ge=1, json_schema_extra={"trajectory": False})
     eval_volumes: int = Field(32, ge=1)  # held-out val volumes for the reconstruction-loss check
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"trajectory": False})
+    threads: int | None = Field(None, ge=1, json_schema_extra={"trajectory": False})
     # Mixed precision: "auto" = bf16 autocast on GPU, fp32 on CPU (CPU bf16 is slower than fp32 here).
     amp: Literal["auto", "bf16", "off"] = "auto"
-    compile: bool = False  # torch.compile the training step (GPU; minutes of warm-up, then faster steps)
-    figure_every: int | None = Field(None, ge=1)  # a reconstruction PNG to MLflow every N steps (None: end only)
+    # torch.compile the training step (GPU; minutes of warm-up, then faster steps)
+    compile: bool = Field(False, json_schema_extra={"trajectory": False})
+    # a reconstruction PNG to MLflow every N steps (None: end only)
+    figure_every: int | None = Field(None, ge=1, json_schema_extra={"trajectory": False})
     # Registered model name for the pyfunc of each finished run (None: don't register); `champion` alias moves
     # to the newest version whose held-out loss improved.
-    register_as: str | None = "headct-encoder"
+    register_as: str | None = Field("headct-encoder", json_schema_extra={"trajectory": False})
     dino: DinoConfig = Field(default_factory=DinoConfig)
 
     @model_validator(mode="after")

@@ -19,6 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +93,9 @@ def export_nifti(store: Path, rows: list[dict[str, Any]]) -> int:
 
 
 def read_volume(store: Path, relpath: str) -> np.ndarray:
-    """A stored volume (int16, (X, Y, Z)); `relpath` is the manifest's `volume` column."""
+    """A volume ingest has just written (int16, (X, Y, Z)); `relpath` is the manifest's `volume` column.
+    Ingest-side only (nothing is checked against the manifest, which may not exist yet): jobs read volumes
+    through `headct.data.volumes.load_volume`, which does."""
     path = store / relpath
     try:
         return np.load(path, allow_pickle=False)
@@ -144,14 +149,58 @@ def write_preprocess(store: Path, spec: PreprocessSpec) -> None:
     write_json(store / PREPROCESS, {**spec.model_dump(mode="json"), "version": spec.version})
 
 
-def read_preprocess_version(store: Path) -> str | None:
+def read_preprocess(store: Path) -> dict[str, Any]:
+    """preprocess.json of a store (the PreprocessSpec dump plus its "version"); InputError naming the file when it
+    is missing, unreadable or lacks the version or grid."""
     path = Path(store) / PREPROCESS
-    if not path.is_file():
-        return None
     try:
-        return json.loads(path.read_text()).get("version")
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{path}: file not found (run `headct ingest` first)") from None
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not readable JSON ({exc})") from exc
+        raise InputError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(spec, dict) or not spec.get("version") or not isinstance(spec.get("shape"), list):
+        raise InputError(f"{path}: no preprocessing 'version' and 'shape'; re-run `headct ingest`")
+    return spec
+
+
+@dataclass(frozen=True)
+class StoreIndex:
+    """What a volume of a store is checked against: the store's preprocessing version and grid, and per scan id
+    the manifest's volume path, SHA-256 of the .npy file's bytes and preprocessing version."""
+
+    folder: Path
+    version: str
+    shape: tuple[int, ...]
+    volumes: dict[str, tuple[str, str, str]]  # scan_id -> (volume, volume_sha256, preprocess_version)
+
+
+_INDEXES: dict[Path, tuple[tuple[int, ...], StoreIndex]] = {}
+_INDEXES_LOCK = threading.Lock()  # feature extraction reads volumes on a worker thread
+_MAX_INDEXES = 16  # stores kept per process (a long-lived process may open many throw-away stores)
+
+
+def store_index(store: Path) -> StoreIndex:
+    """The index of `store`, read once per process and re-read when its manifest or preprocess.json changes
+    (their inode, size and mtime are the cache key). InputError naming the file when either is unusable."""
+    folder = Path(store).resolve()
+    try:
+        stats = [os.stat(folder / name) for name in (MANIFEST, PREPROCESS)]
+        key = tuple(v for st in stats for v in (st.st_ino, st.st_size, st.st_mtime_ns))
+    except FileNotFoundError:
+        key = ()  # read_manifest / read_preprocess name the missing file
+    cached = _INDEXES.get(folder)
+    if key and cached is not None and cached[0] == key:
+        return cached[1]
+    manifest, spec = read_manifest(folder), read_preprocess(folder)
+    index = StoreIndex(folder, str(spec["version"]), tuple(int(s) for s in spec["shape"]), {
+        str(scan): (str(volume), str(sha), str(version)) for scan, volume, sha, version in
+        manifest[["scan_id", "volume", "volume_sha256", "preprocess_version"]].itertuples(index=False)})
+    with _INDEXES_LOCK:
+        if folder not in _INDEXES and len(_INDEXES) >= _MAX_INDEXES:
+            _INDEXES.pop(next(iter(_INDEXES)))
+        _INDEXES[folder] = (key, index)
+    return index
 
 
 # ------------------------------------------------------------------------------------------------- resume

@@ -1,7 +1,9 @@
-"""Frozen-encoder features: canonical int16 HU volumes -> one embedding vector per scan.
+"""Frozen-model outputs over canonical int16 HU volumes: one embedding vector per scan (encoders) or one
+probability per label (a classifier, `score_volumes`).
 
-Volumes are read from disk one batch ahead on a worker thread (numpy file reads release the GIL), windowed
-into channels on the compute device (`hu_to_windows`, as in pre-training) and pooled by the encoder.
+Volumes are read through the store-checked `headct.data.volumes.load_volume`, one batch ahead on a worker thread
+(numpy file reads and hashing release the GIL), windowed into channels on the compute device (`hu_to_windows`, as
+in pre-training) and pooled by the encoder.
 """
 
 from __future__ import annotations
@@ -13,31 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from headct.errors import InputError
-
-
-def load_volume(path: Path, shape: Sequence[int] | None = None) -> np.ndarray:
-    """One canonical volume: int16 HU, (X, Y, Z) voxels. Wrong dtype or shape is an InputError naming the file."""
-    try:
-        volume = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise InputError(f"{path}: volume file not found") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable .npy volume ({exc})") from exc
-    if volume.dtype != np.int16 or volume.ndim != 3:
-        raise InputError(
-            f"{path}: expected a 3-D int16 HU volume, got {volume.dtype} with shape {volume.shape}"
-        )
-    if shape is not None and tuple(volume.shape) != tuple(shape):
-        raise InputError(
-            f"{path}: shape {list(volume.shape)} differs from the model's preprocessing grid {list(shape)}; "
-            "re-ingest with the model's preprocess spec"
-        )
-    return volume
-
 
 def _load_batch(paths: Sequence[Path], shape: Sequence[int] | None) -> np.ndarray:
-    return np.stack([load_volume(p, shape) for p in paths])
+    from headct.data.volumes import load_volume
+
+    return np.stack([load_volume(p, shape=shape) for p in paths])
 
 
 def map_volumes(
@@ -52,7 +34,8 @@ def map_volumes(
 
     Args:
         fn: (B, X, Y, Z) int16 HU numpy batch -> (B, D) features (numpy, any float dtype).
-        paths: `.npy` files, int16 HU volumes (X, Y, Z); shape checked per file when `shape` is given.
+        paths: canonical store volumes (`<store>/volumes/<scan_id>.npy`), read through `load_volume`; `shape`:
+            the grid the caller's model expects (checked per file beside the store's own grid).
     Returns:
         (N, D) float32, in the order of `paths`; (0, 0) when `paths` is empty.
     """
@@ -111,3 +94,16 @@ def extract_features(
         return np.zeros((0, int(getattr(encoder, "embed_dim", 0))), dtype=np.float32)
     with torch.inference_mode():
         return map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)
+
+
+def score_volumes(
+    classifier: Any, paths: Sequence[Path], windows: Sequence[Any] | None = None, batch_size: int = 16,
+    shape: Sequence[int] | None = None, description: str = "scoring",
+) -> np.ndarray:
+    """(n, L) float64 sigmoid probabilities of a classifier (on its own device) for the store volumes `paths`, in
+    eval mode without augmentation: `headct.models.classifier_dir.predict_proba` over `map_volumes` batches (its
+    float32 probabilities are exact in float32, so the cast loses nothing); (0, 0) when `paths` is empty."""
+    from headct.models.classifier_dir import predict_proba
+
+    return map_volumes(lambda hu: predict_proba(classifier, hu, windows), paths, batch_size=batch_size,
+                       shape=shape, description=description).astype(np.float64)

@@ -9,6 +9,7 @@ loop over resamples; the weighted formulas equal scikit-learn's with `sample_wei
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -204,4 +205,16 @@ def evaluate_binary(
         bootstrap_valid=boot.n_valid,
         bootstrap_redrawn=boot.n_redrawn,
     )
+    return out
+
+
+def label_aurocs(targets: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, float]:
+    """AUROC per label of (n, L) targets (NaN unknown) and probabilities, over its known targets; labels lacking
+    a class are left out."""
+    out = {}
+    for j, label in enumerate(labels):
+        known = ~np.isnan(targets[:, j])
+        y = targets[known, j]
+        if (y == 1).any() and (y == 0).any():
+            out[label] = auroc(y.astype(np.int8), probs[known, j])
     return out

@@ -42,18 +42,6 @@ def label_data(frame: pd.DataFrame, features: np.ndarray, label: str) -> LabelDa
     )
 
 
-def skip_reason(data: Mapping[str, LabelData], min_count: int) -> str | None:
-    """Why a label cannot be probed honestly (a split with < min_count positives or negatives), else None."""
-    problems = []
-    for split, part in data.items():
-        n_pos, n_neg = int((part.y == 1).sum()), int((part.y == 0).sum())
-        if n_pos < min_count:
-            problems.append(f"{split} has {n_pos} positive(s)")
-        if n_neg < min_count:
-            problems.append(f"{split} has {n_neg} negative(s)")
-    return f"{', '.join(problems)} (min_positives={min_count})" if problems else None
-
-
 @dataclass
 class ProbeFit:
     """A fitted probe: the scaler and classifier for the C chosen on val, and the val-chosen threshold."""

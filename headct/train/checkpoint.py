@@ -91,3 +91,17 @@ def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.opti
     optimizer.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"])
     return int(state["step"])
+
+
+def load_for_resume(path: Path | None, identity: dict[str, Any], setting: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` for a run with this identity (`headct.run_identity`) to continue from; None when
+    there is none. InputError when it was written by a run with another identity, naming each setting that
+    differs and `setting` (the option that moves the checkpoint folder)."""
+    if path is None or not Path(path).is_file():
+        return None
+    state = load_checkpoint(path)
+    diffs = config_differences(state["config"], identity)
+    if diffs:
+        raise InputError(f"{path}: checkpoint of a different run ({'; '.join(diffs)}); delete it or set {setting} "
+                         "elsewhere to start afresh")
+    return state

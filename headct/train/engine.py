@@ -1,13 +1,21 @@
-"""The one training loop (nanoGPT-style, one visible loop) shared by every pre-training and fine-tuning job.
+"""The one training loop (nanoGPT-style, one visible loop) shared by pre-training and fine-tuning.
 
 Everything random or scheduled is a function of the global step: the learning rate and weight decay (pure
 functions passed in), the batch (the caller's sampler starts at the step), and augmentation/masking noise
 (`step_generator`). A run resumed from a checkpoint therefore repeats an uninterrupted run exactly.
+Learning rates per parameter group: each step, group g gets lr_at(step) * g["lr_scale"] (1 when absent), so a
+caller's groups (backbone vs head, or layer-wise decay) ride one schedule.
+The host waits for the accelerator only at log steps, checkpoint steps and the last step ("sync points"): the
+per-micro-batch losses stay on the device until then, so the loss logged at a sync point is still the exact mean of
+every step since the previous one, and a non-finite loss is found there (naming the first step it happened at),
+always before a checkpoint could save the broken state.
 Distributed data parallel: the caller wraps the model in DistributedDataParallel (see `headct.train.distributed`)
 and gives each rank its own batches; the loop skips the gradient all-reduce on all but the last micro-batch
-(`no_sync`), agrees on a non-finite loss across ranks (so no rank hangs in an all-reduce the others left),
-averages the logged loss over ranks and counts volumes/s over all of them; only rank 0 logs and checkpoints.
-Mixed precision: `amp_dtype` (bf16 on GPU) runs `compute_loss` under autocast; bf16 needs no loss scaling.
+(`no_sync`), agrees on a non-finite loss across ranks at every sync point (every rank joins, so none hangs in an
+all-reduce the others left), averages the logged loss over ranks and counts volumes/s over all of them; only rank
+0 logs and checkpoints.
+Mixed precision: `amp_dtype` (bf16 on GPU, `headct.device.amp_dtype`) runs `compute_loss` under autocast; bf16
+needs no loss scaling.
 """
 
 from __future__ import annotations
@@ -46,32 +54,42 @@ def is_rank0() -> bool:
 
 
 def _all_reduce(values: list[float], op: str = "sum") -> list[float]:
-    """Sum (or max) a few floats over ranks; identity outside a process group. Every rank must call it."""
+    """Sum (or min/max) a few floats over ranks; identity outside a process group. Every rank must call it."""
     if not is_distributed():
         return values
     dist = torch.distributed
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(t, op={"max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}.get(op, dist.ReduceOp.SUM))
     return t.tolist()
 
 
 def adamw(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95)
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.95),
+    groups: list[dict[str, Any]] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW with weight decay only on weight matrices: norms, biases, position tables and tokens
-    (anything 1-D or named in ``model.no_weight_decay()``) are not decayed. Group 0 decays, group 1 not."""
-    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    """AdamW, fused on CPU and CUDA, for pre-training and fine-tuning alike.
+
+    betas (0.9, 0.95): MAE's pre-training choice (He et al. 2022), used here for fine-tuning too (MAE's own
+    fine-tuning recipe keeps 0.999) so that one optimizer convention serves every run: a second-moment memory of
+    ~20 steps instead of ~1,000 follows the gradient scale within the few hundred steps of a fine-tuning run
+    (whose gradients change scale when a frozen backbone is released) and keeps an update bounded when a rare
+    large gradient follows many small ones.
+    groups: parameter groups (each with "params", "weight_decay" and optionally "lr_scale", which the loop
+    multiplies into the schedule's lr: backbone vs head, or layer-wise decay). None: weight decay only on weight
+    matrices; norms, biases, position tables and tokens (anything 1-D or named in ``model.no_weight_decay()``)
+    are not decayed. Group 0 decays, group 1 not.
+    """
+    if groups is None:
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     device_type = next(model.parameters()).device.type
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"),
-    )
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
 
 
 @dataclass
@@ -111,6 +129,22 @@ def _batch_len(batch: Any) -> int:
     return len(first)
 
 
+def _step_losses(micro_losses: list[list[torch.Tensor]], accum_steps: int) -> list[float]:
+    """Per-step losses from the device (one transfer): the mean of each step's micro-batch losses, summed in the
+    order and precision (float64) the loop always used, so logged numbers do not depend on when they are read."""
+    if not micro_losses:
+        return []
+    flat = torch.stack([loss.to(torch.float64) for step in micro_losses for loss in step]).cpu().tolist()
+    out, i = [], 0
+    for step in micro_losses:
+        total = 0.0
+        for value in flat[i : i + len(step)]:
+            total += value / accum_steps
+        out.append(total)
+        i += len(step)
+    return out
+
+
 def train(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -127,7 +161,7 @@ def train(
     save_checkpoint: Callable[[int, TrainStats], None] | None = None,
     log_every: int = 20,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
-    on_step: Callable[[int, float], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     amp_dtype: torch.dtype | None = None,
     after_backward: Callable[[int], None] | None = None,
     after_update: Callable[[int], None] | None = None,
@@ -138,26 +172,31 @@ def train(
         batches: one batch per step, starting at `start_step` (e.g. a DataLoader over a StepBatchSampler).
         compute_loss: (micro-batch, global step, micro index) -> scalar loss; owns device transfer,
             augmentation and the model call, and seeds its randomness with `step_generator`.
-        lr_at, wd_at: schedules of the global step; wd applies to the decayed param groups only.
+        lr_at, wd_at: schedules of the global step; a param group's lr is lr_at(step) times its "lr_scale"
+            (1 when absent); wd applies to the decayed param groups only.
         accum_steps: split each batch into this many micro-batches, one backward each, one optimizer step.
         save_checkpoint: called on rank 0 with (completed steps, this call's stats so far) every
-            `checkpoint_every` steps and at the end.
-        on_log: rank 0 only, every `log_every` steps: loss (mean since the last log), lr, volumes_per_s,
-            data_wait_fraction.
-        on_step: after every step with (completed steps, loss), e.g. for a progress bar.
+            `checkpoint_every` steps and at the end, after the sync point has checked the losses.
+        on_log: rank 0 only, every `log_every` steps and at the end: loss (mean over the steps since the last
+            log), lr (the largest group lr of the step), volumes_per_s, data_wait_fraction.
+        on_step: after every step with the completed steps (e.g. for a progress bar); no loss, so the host need
+            not wait for the device every step.
         amp_dtype: run `compute_loss` under torch.autocast with this dtype (torch.bfloat16 on GPU); None = fp32.
         after_backward: (global step) after the gradients of a step are complete, before clipping and the
             update (DINO zeroes its last layer's gradients here in the first epoch).
         after_update: (global step) after the optimizer step (DINO's teacher EMA update).
 
     Raises:
-        NonFiniteLossError: naming the step, before that step's update is applied.
+        NonFiniteLossError: at the first sync point after a non-finite loss, naming the first step it happened
+            at; no checkpoint is written from that step on (the last one holds the state before it).
     """
     stats = TrainStats(start_step, start_step)
     rank0 = is_rank0()
+    world = torch.distributed.get_world_size() if is_distributed() else 1
     device_type = next(model.parameters()).device.type
     model.train()
     window: dict[str, float] = {"loss": 0.0, "steps": 0, "samples": 0, "seconds": 0.0, "data": 0.0}
+    pending: list[list[torch.Tensor]] = []  # per step since the last sync point: its micro-batch losses, on device
     iterator = iter(batches)
     t_prev = time.perf_counter()  # wall time is counted step to step, so logging and checkpoints are in it
     for step in range(start_step, total_steps):
@@ -167,29 +206,21 @@ def train(
 
         lr = lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             if wd_at is not None and group["weight_decay"] > 0:
                 group["weight_decay"] = wd_at(step)
 
-        step_loss = 0.0
         parts = _split(batch, accum_steps)
+        micro_losses = []
         for micro, part in enumerate(parts):
             with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = compute_loss(part, step, micro)
-            value = loss.item()
-            (bad,) = _all_reduce([0.0 if math.isfinite(value) else 1.0], "max")
-            if bad:
-                raise NonFiniteLossError(
-                    f"loss is {value if not math.isfinite(value) else 'non-finite on another rank'} at global "
-                    f"step {step} (micro-batch {micro}, lr {lr:.3g}); training stopped before this update. Lower "
-                    "the learning rate or check the input volumes; the last checkpoint holds the state before "
-                    "the divergence."
-                )
+            micro_losses.append(loss.detach())
             # DDP all-reduces gradients in backward; with accumulation only the last micro-batch needs to.
             sync = micro == len(parts) - 1 or not hasattr(model, "no_sync")
             with contextlib.nullcontext() if sync else model.no_sync():
                 (loss / accum_steps).backward()
-            step_loss += value / accum_steps
+        pending.append(micro_losses)
         if after_backward is not None:
             after_backward(step)
         if grad_clip is not None:
@@ -206,25 +237,45 @@ def train(
         stats.seconds += seconds
         stats.data_seconds += t_data
         stats.samples += n
-        stats.losses.append(step_loss)
-        for key, value in (("loss", step_loss), ("steps", 1), ("samples", n), ("seconds", seconds), ("data", t_data)):
+        for key, value in (("steps", 1), ("samples", n), ("seconds", seconds), ("data", t_data)):
             window[key] += value
-
         if on_step is not None:
-            on_step(step + 1, step_loss)
-        if (step + 1) % log_every == 0 or step + 1 == total_steps:
+            on_step(step + 1)
+
+        last = step + 1 == total_steps
+        logs = (step + 1) % log_every == 0 or last
+        saves = (bool(checkpoint_every) and (step + 1) % checkpoint_every == 0) or last
+        if not (logs or saves):  # the same steps on every rank: they depend on settings only
+            continue
+        # Sync point: the one wait for the device (and, under DDP, the one all-reduce) since the last one.
+        first = step + 1 - len(pending)
+        losses = _step_losses(pending, accum_steps)
+        pending = []
+        bad = next((first + i for i, value in enumerate(losses) if not math.isfinite(value)), math.inf)
+        (first_bad,) = _all_reduce([bad], "min")
+        if math.isfinite(first_bad):
+            at = int(first_bad)
+            own = losses[at - first] if at >= first and at - first < len(losses) else None
+            what = own if own is not None and not math.isfinite(own) else "non-finite on another rank"
+            raise NonFiniteLossError(
+                f"loss is {what} at global step {at} (lr {lr_at(at):.3g}); training stopped at step {step + 1} "
+                "before any checkpoint of the diverged state. Lower the learning rate or check the input "
+                "volumes; the last checkpoint holds the state before the divergence."
+            )
+        stats.losses.extend(losses)
+        for value in losses:  # one by one, in step order: the same float sums as adding after every step
+            window["loss"] += value
+        if logs:
             # Every rank joins the reduction; the loss is the mean over ranks, volumes/s the sum over them.
             loss_sum, samples, data_sum = _all_reduce([window["loss"], window["samples"], window["data"]])
-            world = torch.distributed.get_world_size() if is_distributed() else 1
             if rank0 and on_log is not None:
                 on_log(step + 1, {
                     "loss": loss_sum / world / window["steps"],
-                    "lr": lr,
+                    "lr": max(group["lr"] for group in optimizer.param_groups),
                     "volumes_per_s": samples / window["seconds"],
                     "data_wait_fraction": data_sum / world / window["seconds"],
                 })
             window = dict.fromkeys(window, 0.0)
-        saved = bool(checkpoint_every) and (step + 1) % checkpoint_every == 0
-        if rank0 and save_checkpoint is not None and (saved or step + 1 == total_steps):
+        if rank0 and saves and save_checkpoint is not None:
             save_checkpoint(step + 1, stats)
     return stats
