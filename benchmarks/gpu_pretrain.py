@@ -5,8 +5,9 @@ The step is the real one of `headct pretrain`: int16 HU volumes in pinned host m
 -> augmentation / multi-crop and HU windows on the GPU -> forward + backward under bf16 autocast -> fused AdamW
 (-> DINO: last-layer freeze and teacher EMA). With `--data memory` (default) the volumes are already in memory,
 so the figure is the compute ceiling that the data path has to feed; with `--data disk` they are int16 `.npy`
-files read by the pre-training job's own Dataset and step sampler through a DataLoader (`--workers` processes,
-pinned memory), and `data_wait_share` is the share of the timed steps spent waiting for the next batch (the
+files read memory-mapped, as the pre-training job reads the store, in shuffled batches through a DataLoader
+(`--workers` processes, pinned memory; the job's own VolumeDataset also checks each file against the store's
+manifest, which needs pydantic and pandas that the device machine lacks), and `data_wait_share` is the share of the timed steps spent waiting for the next batch (the
 seed's DINO run spent 94% of its wall time there).
 
 MAE's decoder is the MAE paper's (He et al. 2022, Table 1a/1b: 8 blocks, 512 wide, 16 heads) unless overridden.
@@ -43,7 +44,6 @@ import torch  # noqa: E402
 
 from headct.data.augment import augment_hu  # noqa: E402
 from headct.data.crops import multi_crop  # noqa: E402
-from headct.data.volumes import StepBatchSampler, VolumeDataset  # noqa: E402
 from headct.data.windows import hu_to_windows  # noqa: E402
 from headct.models.dino import DINO  # noqa: E402
 from headct.models.mae import MAE  # noqa: E402
@@ -152,24 +152,37 @@ class Batches:
         return buf.to(self.device, non_blocking=True)
 
 
+class NpyVolumes(torch.utils.data.Dataset):
+    """Item i -> the int16 volume of file i, read memory-mapped and copied out (the store's file format)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(np.load(self.paths[index], mmap_mode="r", allow_pickle=False)))
+
+
 class DiskBatches:
-    """Batches read from int16 `.npy` files by the pre-training job's Dataset and step sampler in DataLoader
-    workers (pinned memory), copied without blocking; `wait_s` accumulates the time the step waited for data."""
+    """Shuffled batches of `.npy` volumes read in DataLoader workers (pinned memory), copied without blocking;
+    `wait_s` accumulates the time the step waited for data."""
 
     def __init__(self, folder: Path, batch: int, device: torch.device, workers: int, steps: int) -> None:
-        from torch.utils.data import DataLoader
+        from torch.utils.data import DataLoader, RandomSampler
 
-        paths = sorted(folder.glob("*.npy"))
-        dataset = VolumeDataset(paths, [p.stem for p in paths])
-        sampler = StepBatchSampler(len(paths), batch, seed=0, start_step=0, total_steps=steps)
-        self.loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+        dataset = NpyVolumes(sorted(folder.glob("*.npy")))
+        sampler = RandomSampler(dataset, replacement=True, num_samples=batch * steps,
+                                generator=torch.Generator().manual_seed(0))
+        self.loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
                                       pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                      prefetch_factor=4 if workers > 0 else None))
+                                      prefetch_factor=4 if workers > 0 else None, drop_last=True))
         self.device, self.wait_s = device, 0.0
 
     def next(self, step: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        hu, _ = next(self.loader)
+        hu = next(self.loader)
         self.wait_s += time.perf_counter() - t0
         return hu.to(self.device, non_blocking=True)
 
