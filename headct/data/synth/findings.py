@@ -17,9 +17,8 @@ from headct.config import LABELS
 from headct.data.synth.anatomy import Subject
 from headct.data.synth.phantom import MIDLINE_POINTS, displacement_at
 from headct.data.synth.template import Template, lookup, surface_point
+from headct.data.synth.truth import BLEEDS, FINDINGS
 
-FINDINGS = ("IPH", "IVH", "SDH", "EDH", "SAH", "ChronicBleed", "CalvarialFracture", "OtherFracture", "Tumor")
-BLEEDS = ("IPH", "IVH", "SDH", "EDH", "SAH", "ChronicBleed")
 SPACE_OCCUPYING = ("IPH", "SDH", "EDH", "ChronicBleed", "Tumor")
 MASS_EFFECT_MM = 3.0  # brain displaced at least this much (deep structures)
 MIDLINE_SHIFT_MM = 5.0  # "significant" midline shift
