@@ -57,7 +57,7 @@ def test_finding_vocabulary_is_one_tuple() -> None:
 def test_painted_volume_of_a_round_haematoma_is_its_geometric_volume(generated) -> None:
     cfg, plans, _ = generated
     tpl = template.load_template()
-    iph = findings.sample_finding("IPH", np.random.default_rng(1), tpl, severity="large", side="R")
+    iph = findings.sample_finding("IPH", np.random.default_rng(1), tpl, volume_ml=40.0, side="R")
     iph = dataclasses.replace(iph, params={**iph.params, "radius": 12.0, "irregular": 0.0})
     painted: list[oracle.Painted] = []
     study.render_phantom(_one_finding_plan(plans, iph), cfg.seed, 230.0, 5.0, painted=painted)
@@ -70,7 +70,7 @@ def test_painted_volume_of_a_round_haematoma_is_its_geometric_volume(generated) 
 def test_oracle_change_is_the_difference_of_two_noise_free_reconstructions(generated) -> None:
     cfg, plans, _ = generated
     tpl = template.load_template()
-    sdh = findings.sample_finding("SDH", np.random.default_rng(2), tpl, severity="moderate", side="L")
+    sdh = findings.sample_finding("SDH", np.random.default_rng(2), tpl, volume_ml=30.0, side="L")
     p = _one_finding_plan(plans, sdh)
     painted: list[oracle.Painted] = []
     head = study.render_phantom(p, cfg.seed, 230.0, 5.0, painted=painted)
@@ -103,7 +103,7 @@ def test_count_visible_counts_grid_points_above_threshold() -> None:
 def test_oracle_grows_with_size_and_vanishes_without_contrast_or_under_noise(generated) -> None:
     cfg, plans, _ = generated
     tpl = template.load_template()
-    base = findings.sample_finding("IPH", np.random.default_rng(3), tpl, severity="large", side="R")
+    base = findings.sample_finding("IPH", np.random.default_rng(3), tpl, volume_ml=40.0, side="R")
 
     def visible(radius: float, noise: float = 4.0) -> int:
         params = {**base.params, "radius": radius, "irregular": 0.0}

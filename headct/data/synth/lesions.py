@@ -131,7 +131,9 @@ def _intraventricular(head: Head, f: Finding, tpl: Template, rng: np.random.Gene
     if f.side != "both":
         vent = vent * ramp(np.float32(-1.0 if f.side == "L" else 1.0) * t[0] - 1.0)
     y = head.grid.axis(1)[box[1]][None, :, None]  # patient y (mm): gravity points to -y (posterior)
-    y_vent = np.broadcast_to(y, vent.shape)[vent > 0.5]
+    # The most dependent ventricular point; slit-like ventricles (a young brain) never reach a fraction of 0.5.
+    peak = float(vent.max())
+    y_vent = np.broadcast_to(y, vent.shape)[vent >= 0.5 * peak] if peak > 0.05 else np.zeros(0)
     if y_vent.size == 0:
         return 0.0
     level = np.float32(y_vent.min() + float(p["depth"]))
