@@ -7,7 +7,8 @@ dataset-characteristics table: batches B1 (214 scans, consecutive) + B2 (277, se
 scans, each label the majority of three radiologists' reads:
     ICH 205 (41.8%), IPH 134 (27.3%), IVH 28 (5.7%), SDH 53 (10.8%), EDH 13 (2.6%), SAH 60 (12.2%),
     fracture 39 (7.9%), calvarial fracture 34 (6.9%), midline shift 65 (13.2%), mass effect 127 (25.9%).
-Rounded to three decimals as study fractions. The table gives no co-occurrence, but its subtype counts sum to
+Rounded to three decimals as study fractions. (The ICH count is also what CQ500's public reads.csv gives:
+168 scans read positive by all three readers + 37 by two.) The table gives no co-occurrence, but its subtype counts sum to
 288 for 205 bleeding patients: 1.4 subtypes per ICH-positive study, so subtypes are assigned only within ICH
 studies, every one of them gets at least one, and pairs that go together clinically are favoured (AFFINITY).
 Not in the table, so our assumptions, said so here and in docs/contracts.md: ChronicBleed 2% (a chronic SDH,
