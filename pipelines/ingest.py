@@ -2,9 +2,10 @@
 `headct ingest merge`, which joins the shards of a `--shard K/N` job array.
 
 Outputs: under `cfg.dest` volumes/, manifest.parquet, rejects.csv, labels.csv, preprocess.json (a shard: its
-tables under DEST/shards/<K>of<N>/), nifti/ with `export_nifti`, meta.csv when SRC holds the generator's truth.csv; the local linkage file (`cfg.linkage`, default
-`<root>/private/linkage/<dest name>.csv`, never logged); `<cfg.report_dir>/metrics.json` (counts, for DVC) and
-`<cfg.report_dir>/contact_sheet.png` (three planes of up to `contact_sheet_volumes` accepted volumes).
+tables under DEST/shards/<K>of<N>/), nifti/ with `export_nifti`, meta.csv when SRC holds the generator's
+truth.csv; the local linkage file (`cfg.linkage`, default `<root>/private/linkage/<dest name>.csv`, never
+logged); `<cfg.report_dir>/metrics.json` (counts, for DVC) and `<cfg.report_dir>/contact_sheet.png` (three
+planes of up to `contact_sheet_volumes` accepted volumes).
 """
 
 from __future__ import annotations
