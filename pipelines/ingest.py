@@ -2,9 +2,10 @@
 `headct ingest merge`, which joins the shards of a `--shard K/N` job array.
 
 Outputs: under `cfg.dest` volumes/, manifest.parquet, rejects.csv, labels.csv, preprocess.json (a shard: its
-tables under DEST/shards/<K>of<N>/), nifti/ with `export_nifti`; the local linkage file (`cfg.linkage`, default
-`<root>/private/linkage/<dest name>.csv`, never logged); `<cfg.report_dir>/metrics.json` (counts, for DVC) and
-`<cfg.report_dir>/contact_sheet.png` (three planes of up to `contact_sheet_volumes` accepted volumes).
+tables under DEST/shards/<K>of<N>/), nifti/ with `export_nifti`, meta.csv when SRC holds the generator's
+truth.csv; the local linkage file (`cfg.linkage`, default `<root>/private/linkage/<dest name>.csv`, never
+logged); `<cfg.report_dir>/metrics.json` (counts, for DVC) and `<cfg.report_dir>/contact_sheet.png` (three
+planes of up to `contact_sheet_volumes` accepted volumes).
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.ingest import ingest
     from headct.data.shards import SHARDS
     from headct.data.store import MANIFEST, REJECTS
+    from headct.data.store_meta import write_store_meta
     from headct.io import write_json
 
     result = ingest(cfg, ctx.root, Console(stderr=True))
+    write_store_meta(cfg, ctx.root)  # the generator's truth.csv, if any -> DEST/meta.csv (pseudonymous)
     summary = result.summary
     tables = cfg.dest / SHARDS / cfg.shard.replace("/", "of") if cfg.shard else cfg.dest
     report_dir = tables / "reports" if cfg.shard else cfg.report_dir  # shards never share a report file
@@ -128,10 +131,12 @@ def run_merge(cfg: IngestConfig, ctx: JobContext, stores: list[Path]) -> dict[st
     """Join the shards under `stores` into `stores[0]` and write the same reports as a whole run."""
     from headct.data.ingest import merge
     from headct.data.store import MANIFEST, REJECTS, read_manifest
+    from headct.data.store_meta import write_store_meta
     from headct.io import write_json
 
     summary = merge(cfg, stores, ctx.root)
     cfg = cfg.model_copy(update={"dest": stores[0]})
+    write_store_meta(cfg, ctx.root)
     metrics_path = cfg.report_dir / "metrics.json"
     write_json(metrics_path, summary)
     rows = read_manifest(cfg.dest).head(cfg.contact_sheet_volumes).to_dict("records")

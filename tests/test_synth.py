@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from headct.config import LABELS, SynthConfig
-from headct.data.synth import dataset, findings, plan, study, template
+from headct.data.synth import clinical, dataset, findings, plan, study, template
 from headct.errors import InputError
 
 TINY = dict(n_patients=6, matrix=64, pixel_mm=3.6, extra_series_fraction=1.0, workers=1, seed=3)
@@ -118,7 +118,7 @@ def test_dicom_round_trip_geometry_and_hu(tiny) -> None:
 def test_left_sided_lesion_is_on_the_patients_left(tiny, tmp_path: Path) -> None:
     cfg, plans, _ = tiny
     tpl = template.load_template()
-    iph = findings.sample_finding("IPH", np.random.default_rng(0), tpl, severity="large", side="L")
+    iph = findings.sample_finding("IPH", np.random.default_rng(0), tpl, volume_ml=40.0, side="L")
     iph = dataclasses.replace(iph, push=None)  # no mass effect: only the haematoma changes the image
     assert iph.centre[0] < 0  # template (RAS) x < 0 is the left hemisphere
     base = dataclasses.replace(plans[0], findings=())
@@ -183,19 +183,51 @@ def test_reads_majority_is_the_truth_and_readers_differ_only_where_flipped(tmp_p
     assert 0.1 < flips / (len(plans) * len(LABELS)) < 0.3
 
 
-def test_default_mix_enriches_every_label_and_derived_labels_follow_findings() -> None:
-    plans = plan.plan_studies(SynthConfig())
-    for label in LABELS:
-        share = sum(p.labels[label] for p in plans) / len(plans)
-        assert share >= 0.15, (label, share)
-    for p in plans:
-        kinds = {f.kind for f in p.findings}
-        assert p.labels["ICH"] == int(bool(kinds & set(findings.BLEEDS)))
-        assert p.labels["Fracture"] == int(bool(kinds & {"CalvarialFracture", "OtherFracture"}))
-        assert p.labels["MidlineShift"] == int(p.midline_shift_mm >= 5.0)
-        assert p.labels["MassEffect"] >= p.labels["MidlineShift"]
-        if p.labels["BleedLocation-Left"] or p.labels["BleedLocation-Right"]:
-            assert p.labels["ICH"]
+def test_default_mix_is_cqs500_shaped_and_derived_labels_follow_findings() -> None:
+    cfg = SynthConfig(n_patients=300, seed=2)
+    plans = plan.plan_studies(cfg)
+    n = len(plans)
+    for kind, p in cfg.prevalence.items():  # exact counts, up to rounding
+        assert sum(kind in {f.kind for f in q.findings} for q in plans) == round(p * n), kind
+    ich = [q for q in plans if q.labels["ICH"]]
+    assert len(ich) == round(cfg.ich_prevalence * n)
+    subtypes = [len({f.kind for f in q.findings} & set(findings.BLEEDS)) for q in ich]
+    assert min(subtypes) >= 1 and 1.3 <= np.mean(subtypes) <= 1.6  # CQ500: 288 subtype reads / 205 ICH
+    negatives = [q for q in plans if not q.labels["ICH"]]
+    assert np.mean([not q.findings for q in negatives]) > 0.85  # most negatives are normal
+    with_ivh = [q for q in plans if q.labels["IVH"]]
+    assert np.mean([q.labels["IPH"] for q in with_ivh]) > 0.5  # IVH mostly extends a parenchymal bleed
+    assert 0.1 <= np.mean([q.labels["MassEffect"] for q in plans]) <= 0.4  # measured, CQ500 25.9%
+    for q in plans:
+        kinds = {f.kind for f in q.findings}
+        assert q.labels["ICH"] == int(bool(kinds & set(findings.BLEEDS)))
+        assert q.labels["Fracture"] == int(bool(kinds & {"CalvarialFracture", "OtherFracture"}))
+        assert q.labels["MidlineShift"] == int(q.midline_shift_mm >= 5.0)
+        assert q.labels["MassEffect"] >= q.labels["MidlineShift"]
+        if q.labels["BleedLocation-Left"] or q.labels["BleedLocation-Right"]:
+            assert q.labels["ICH"]
+        for f in q.findings:
+            assert (f.kind in clinical.VOLUME_ML) == ("volume_ml" in f.params)
+
+
+def test_larger_lesions_shift_the_midline_more() -> None:
+    tpl = template.load_template()
+    subject = plan.plan_studies(SynthConfig(n_patients=2, seed=4))[0].subject
+    shifts = []
+    for volume in (2.0, 20.0, 80.0):
+        rng = np.random.default_rng(7)
+        iph = findings.sample_finding("IPH", rng, tpl, volume_ml=volume, side="R")
+        shifts.append(findings.measure_mass_effect((iph,), subject, tpl)[0])
+    assert shifts[0] < 1.0 < shifts[1] < shifts[2] and shifts[2] >= 5.0
+
+
+def test_enriched_independent_mix_is_still_available() -> None:
+    enriched = dict.fromkeys(findings.FINDINGS, 0.2)
+    plans = plan.plan_studies(SynthConfig(n_patients=50, seed=1, prevalence=enriched, ich_prevalence=None))
+    for kind in findings.FINDINGS:
+        assert sum(kind in {f.kind for f in q.findings} for q in plans) == 10
+    with pytest.raises(ValueError, match="ich_prevalence"):
+        SynthConfig(prevalence=enriched, ich_prevalence=0.1)  # a kind more frequent than any haemorrhage
 
 
 # --------------------------------------------------------------------------------------------- re-runs

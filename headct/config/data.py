@@ -6,7 +6,7 @@ import difflib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from headct.config.base import LABELS, PreprocessSpec, Section
 
@@ -20,13 +20,19 @@ class SynthConfig(Section):
     matrix: int = Field(256, ge=32, le=512)  # in-plane pixels of the written DICOM series
     pixel_mm: float = Field(0.9, gt=0.2, le=5.0)  # in-plane pixel spacing of the written series
     slice_thickness_mm: float = Field(5.0, gt=0.4, le=10.0)  # the main (thick axial) series
-    # Fraction of studies carrying each finding; the demo set is enriched so every label can be evaluated.
+    # Fraction of studies carrying each finding. Defaults: CQ500 (Chilamkurthy et al., Lancet 2018, dataset table,
+    # 491 scans, majority of 3 reads): ICH 205, IPH 134, IVH 28, SDH 53, EDH 13, SAH 60, calvarial fracture 34;
+    # ChronicBleed, OtherFracture and Tumor are not in that table (our assumptions). Sources, rounding and
+    # co-occurrence: headct/data/synth/clinical.py.
     prevalence: dict[str, float] = Field(
         default_factory=lambda: {
-            "IPH": 0.2, "IVH": 0.2, "SDH": 0.2, "EDH": 0.2, "SAH": 0.2,
-            "ChronicBleed": 0.2, "CalvarialFracture": 0.2, "OtherFracture": 0.2, "Tumor": 0.2,
+            "IPH": 0.273, "IVH": 0.057, "SDH": 0.108, "EDH": 0.026, "SAH": 0.122,
+            "ChronicBleed": 0.02, "CalvarialFracture": 0.069, "OtherFracture": 0.015, "Tumor": 0.03,
         }
     )
+    # Fraction of studies with any haemorrhage (CQ500: 205/491); the haemorrhage kinds' prevalences are then
+    # spread over these studies only, at least one each. None: every finding is assigned independently.
+    ich_prevalence: float | None = Field(0.418, ge=0.0, le=1.0)
     extra_series_fraction: float = Field(0.15, ge=0.0, le=1.0)  # studies with thin/bone/localizer series too
     reader_disagreement: float = Field(0.05, ge=0.0, le=0.5)  # chance that one reader flips a label
     workers: int = Field(2, ge=1, le=256)
@@ -50,6 +56,18 @@ class SynthConfig(Section):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"prevalence of {key} must be in [0, 1], got {p}")
         return v
+
+    @model_validator(mode="after")
+    def _subtypes_fit_ich(self) -> SynthConfig:
+        if self.ich_prevalence is not None:
+            bleeds = {k: self.prevalence.get(k, 0.0) for k in ("IPH", "IVH", "SDH", "EDH", "SAH", "ChronicBleed")}
+            over = [k for k, p in bleeds.items() if p > self.ich_prevalence]
+            if over or (self.ich_prevalence > 0 and sum(bleeds.values()) < self.ich_prevalence):
+                raise ValueError(
+                    f"ich_prevalence={self.ich_prevalence} needs every haemorrhage kind's prevalence <= it and their "
+                    f"sum >= it (each ICH study has at least one kind); got {bleeds}. Set ich_prevalence: null to "
+                    "assign every finding independently")
+        return self
 
 
 class QcRules(Section):

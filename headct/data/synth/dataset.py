@@ -2,7 +2,8 @@
 
     <out>/SYNCT<n> SYNCT<n>/Unknown Study/<SeriesDescription>/CT000000[.dcm] ...
     <out>/reads.csv    name, Category, R1:<label>..., R2:<label>..., R3:<label>...   (CQ500 style)
-    <out>/truth.csv    the planned truth per study (labels, midline shift mm, findings, reader flips)
+    <out>/truth.csv    the generator's truth per study: lesion volumes (mL), severity stratum, mass effect and
+                       the oracle feature (headct/data/synth/truth.py); never a label file
 
 Output is deterministic given the seed: each study's randomness comes from (seed, study index), so the
 number of worker processes does not change a byte of pixel data.
@@ -22,7 +23,7 @@ from pathlib import Path
 
 from headct.config.base import LABELS
 from headct.config.data import SynthConfig
-from headct.data.synth import dicom_writer
+from headct.data.synth import dicom_writer, truth
 from headct.data.synth.plan import StudyPlan, plan_studies
 from headct.data.synth.study import StudyResult, write_study
 from headct.errors import InputError
@@ -38,8 +39,8 @@ def generate(cfg: SynthConfig, out: Path, plans: list[StudyPlan] | None = None,
     plans = plans if plans is not None else plan_studies(cfg)
     out.mkdir(parents=True, exist_ok=True)
     write_reads(out / "reads.csv", plans)
-    write_truth(out / "truth.csv", plans)
     results = _render_all(cfg, out, plans, progress)
+    write_truth(out / truth.TRUTH, plans, results)  # volumes and the oracle are measured while rendering
     (out / MARKER).write_text(json.dumps({"generator": "headct synth", "seed": cfg.seed,
                                           "n_patients": cfg.n_patients}) + "\n")
     return results
@@ -103,17 +104,21 @@ def write_reads(path: Path, plans: list[StudyPlan]) -> None:
             writer.writerow(row)
 
 
-def write_truth(path: Path, plans: list[StudyPlan]) -> None:
-    """The planned truth per study (internal: midline shift in mm, findings, where a reader disagreed)."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["name", *LABELS, "midline_shift_mm", "displacement_mm", "severity", "findings",
-                         "reader_flips", "age"])
-        for p in plans:
-            findings = ";".join(f"{f.kind}:{f.side}" for f in p.findings)
-            flips = ";".join(f"{reader}:{label}" for reader, label in p.flips)
-            writer.writerow([p.name, *(p.labels[label] for label in LABELS), p.midline_shift_mm,
-                             p.displacement_mm, p.severity, findings, flips, p.subject.age])
+def write_truth(path: Path, plans: list[StudyPlan], results: list[StudyResult]) -> None:
+    """The generator's truth per study (truth.py has the columns): what was planned and what was measured."""
+    rows = []
+    for p, r in zip(plans, results, strict=True):
+        bleed = sum(v for k, v in r.volumes_ml.items() if k in truth.BLEEDS)
+        rows.append({
+            "name": p.name, "findings": ";".join(f"{f.kind}:{f.side}" for f in p.findings),
+            **{f"{k}_ml": round(v, 3) for k, v in r.volumes_ml.items()},
+            "bleed_ml": round(bleed, 3), "stratum": truth.stratum_of(round(bleed, 3)),
+            "midline_shift_mm": p.midline_shift_mm, "displacement_mm": p.displacement_mm,
+            "oracle_series": r.oracle_series, "oracle_noise_hu": round(r.oracle_noise_hu, 3),
+            **{truth.visible_column(g, s): n for (g, s), n in r.visible.items()},
+            "reader_flips": ";".join(f"{reader}:{label}" for reader, label in p.flips), "age": p.subject.age,
+        })
+    truth.write_truth(path, rows)
 
 
 def read_reads(path: Path) -> dict[str, dict[str, tuple[int, int, int]]]:

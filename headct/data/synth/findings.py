@@ -3,7 +3,8 @@
 A `Finding` is plain data in template (MNI) mm, drawn from a per-study generator; `lesions.paint` renders it.
 Labels follow the canonical vocabulary: bleeds imply ICH and a BleedLocation side; the two fracture kinds
 imply Fracture; MassEffect and MidlineShift are measured on the mass-effect displacement field (midline shift
-in patient mm at the septum/third-ventricle level, >= 5 mm is significant). Sizes go down to a few mm.
+in patient mm at the septum/third-ventricle level, >= 5 mm is significant). Bleeds and tumours are sized
+by volume in mL (clinical.py); the painted volume is measured and reported in truth.csv.
 Side "L" is the patient's left, which is template x < 0 (RAS).
 """
 
@@ -14,12 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from headct.config.base import LABELS
+from headct.data.synth import clinical
 from headct.data.synth.anatomy import Subject
 from headct.data.synth.phantom import MIDLINE_POINTS, displacement_at
 from headct.data.synth.template import Template, lookup, surface_point
+from headct.data.synth.truth import BLEEDS, FINDINGS
 
-FINDINGS = ("IPH", "IVH", "SDH", "EDH", "SAH", "ChronicBleed", "CalvarialFracture", "OtherFracture", "Tumor")
-BLEEDS = ("IPH", "IVH", "SDH", "EDH", "SAH", "ChronicBleed")
 SPACE_OCCUPYING = ("IPH", "SDH", "EDH", "ChronicBleed", "Tumor")
 MASS_EFFECT_MM = 3.0  # brain displaced at least this much (deep structures)
 MIDLINE_SHIFT_MM = 5.0  # "significant" midline shift
@@ -81,31 +82,40 @@ def _push_for(centre: np.ndarray, towards: np.ndarray, sigma: float, target_shif
     return centre, unit * magnitude, sigma
 
 
-def _mass_target(rng: np.random.Generator, severity: str) -> float:
-    """Midline shift (template mm) a dominant lesion of this severity aims for."""
-    return {"small": rng.uniform(0.0, 1.5), "moderate": rng.uniform(2.5, 4.2),
-            "large": rng.uniform(6.0, 15.0)}[severity]
+# Painted volume / nominal volume of each shape (measured over rendered subjects: the template -> patient warp,
+# partial volume at the edges, the skull cutting into convexity and dural lesions); dividing the wanted volume by
+# it makes the painted volume about the sampled one. IVH and SAH fill the CSF spaces, so their size parameter is
+# fitted to the painted volume instead: volume_ml = c * size_mm ** b (fill 0.8 for SAH; per ventricle for IVH).
+VOLUME_CALIBRATION = {"IPH": 0.97, "Tumor": 0.8, "EDH": 0.6, "SDH": 0.49, "ChronicBleed": 0.4}
+IVH_FIT = (0.0089, 2.11)  # depth of the blood level above the most dependent ventricle point (mm)
+SAH_FIT = {"basal": (0.0128, 2.94), "sylvian": (0.0072, 2.68), "convexity": (0.0199, 2.23)}  # spread (mm)
 
 
-def sample_finding(kind: str, rng: np.random.Generator, tpl: Template, severity: str = "small",
+def _nominal_mm3(kind: str, volume_ml: float) -> float:
+    return 1000.0 * volume_ml / VOLUME_CALIBRATION[kind]
+
+
+def sample_finding(kind: str, rng: np.random.Generator, tpl: Template, volume_ml: float | None = None,
                    side: str | None = None, anchor: Finding | None = None) -> Finding:
-    """Draw one finding of `kind`. Space-occupying lesions are sized from `severity`; a calvarial fracture
-    may be `anchor`ed under an EDH (the usual pairing)."""
+    """Draw one finding of `kind`. Bleeds and tumours are sized from `volume_ml` (mL; drawn from the clinical
+    distribution when None, headct/data/synth/clinical.py), which also sets the mass effect a space-occupying
+    lesion exerts; a calvarial fracture may be `anchor`ed under an EDH (the usual pairing)."""
     side = side or ("L" if rng.random() < 0.5 else "R")
     sign = _side_sign(side)
-    target = _mass_target(rng, severity)
+    if volume_ml is None and kind in clinical.VOLUME_ML:
+        volume_ml = clinical.sample_volume_ml(kind, rng)
+    size = {"volume_ml": float(volume_ml)} if volume_ml is not None else {}
+    target = clinical.shift_target_mm(kind, float(volume_ml), rng) if kind in SPACE_OCCUPYING else 0.0
     if kind in ("IPH", "Tumor"):
+        radius = float((3.0 * _nominal_mm3(kind, float(volume_ml)) / (4.0 * np.pi)) ** (1.0 / 3.0))
         if kind == "IPH":
-            radius = 4.0 + 1.7 * target if severity != "small" else float(np.exp(rng.uniform(np.log(2.0),
-                                                                                             np.log(9.0))))
             region = rng.choice(["deep", "lobar", "lobar", "cerebellar"], p=[0.4, 0.25, 0.25, 0.1])
-            if severity == "large":
+            if radius > 15.0:  # large haematomas are supratentorial
                 region = "deep" if rng.random() < 0.5 else "lobar"
             params = {"radius": radius, "hu": rng.uniform(55.0, 85.0), "oedema_mm": rng.uniform(1.5, 3.0)
                       + 0.3 * radius, "oedema_hu": rng.uniform(6.0, 12.0), "irregular": rng.uniform(0.25, 0.5)}
         else:
             subtype = rng.choice(["glioma", "metastasis", "meningioma"])
-            radius = 5.0 + 1.3 * target if severity != "small" else rng.uniform(3.0, 9.0)
             region = "lobar"
             hu = {"glioma": rng.uniform(24, 34), "metastasis": rng.uniform(36, 50),
                   "meningioma": rng.uniform(46, 62)}[subtype]
@@ -121,37 +131,45 @@ def sample_finding(kind: str, rng: np.random.Generator, tpl: Template, severity:
             centre = _brain_point(tpl, rng, side, radius, str(region))
         towards = np.array([-sign, 0.0, 0.0]) + 0.3 * (HEAD_CENTRE - centre) / np.linalg.norm(HEAD_CENTRE - centre)
         push = _push_for(centre, towards, radius + 28.0, target)
-        return Finding(kind, side, tuple(centre), params, push)
+        return Finding(kind, side, tuple(centre), params | size, push)
     if kind in ("SDH", "EDH", "ChronicBleed"):
         point, normal = _convexity(tpl, rng, side, temporal_bias=0.6 if kind == "EDH" else 0.0)
-        if kind == "EDH":
-            thick = 3.0 + 1.1 * target if severity != "small" else rng.uniform(3.0, 8.0)
-            params = {"thickness": thick, "extent": rng.uniform(18.0, 32.0) + thick, "hu": rng.uniform(55.0, 85.0)}
-        else:
-            thick = 2.0 + 1.0 * target if severity != "small" else rng.uniform(2.0, 6.0)
+        nominal = _nominal_mm3(kind, float(volume_ml))
+        if kind == "EDH":  # a lens: volume = pi * extent^2 * thickness / 1.6 for the painter's (1 - r^2)^0.6
+            extent = float((4.0 * nominal / np.pi) ** (1.0 / 3.0) * rng.uniform(0.85, 1.15))
+            params = {"thickness": 1.6 * nominal / (np.pi * extent**2), "extent": extent,
+                      "hu": rng.uniform(55.0, 85.0)}
+        else:  # a Gaussian crescent: volume = 2 pi * extent * extent2 * thickness; small ones cover less area
+            scale = float(np.clip((volume_ml / 50.0) ** (1.0 / 3.0), 0.4, 1.0))
+            extent, extent2 = rng.uniform(35.0, 60.0) * scale, rng.uniform(25.0, 45.0) * scale
             hu = rng.uniform(50.0, 80.0) if kind == "SDH" else rng.uniform(0.0, 25.0)
-            params = {"thickness": thick, "extent": rng.uniform(35.0, 60.0), "extent2": rng.uniform(25.0, 45.0),
-                      "hu": hu}
+            params = {"thickness": nominal / (2.0 * np.pi * extent * extent2), "extent": extent,
+                      "extent2": extent2, "hu": hu}
         source = point - normal * (params["thickness"] + 18.0)
         push = _push_for(source, -normal + np.array([-sign * 0.6, 0, 0]), 50.0, target)
         params.update({"nx": normal[0], "ny": normal[1], "nz": normal[2]})
-        return Finding(kind, side, tuple(point), params, push)
+        return Finding(kind, side, tuple(point), params | size, push)
     if kind == "IVH":
         bilateral = rng.random() < 0.4
+        c, b = IVH_FIT
+        depth = float(np.clip((volume_ml / (2.0 if bilateral else 1.0) / c) ** (1.0 / b), 0.5, 40.0))
         return Finding(kind, "both" if bilateral else side, (sign * 20.0, -40.0, 10.0),
-                       {"depth": float(np.exp(rng.uniform(np.log(1.5), np.log(12.0)))), "hu": rng.uniform(48, 75)})
+                       {"depth": depth, "hu": rng.uniform(48, 75)} | size)
     if kind == "SAH":
-        pattern = rng.choice(["basal", "sylvian", "convexity"], p=[0.35, 0.3, 0.35])
+        pattern = str(rng.choice(["basal", "sylvian", "convexity"], p=[0.35, 0.3, 0.35]))
+        fill = rng.uniform(0.55, 1.0)
+        c, b = SAH_FIT[pattern]
+        spread = float(np.clip((volume_ml * 0.8 / fill / c) ** (1.0 / b), 2.0, 30.0))
         if pattern == "basal":
-            centre, spread = np.array([0.0, -5.0, -15.0]), rng.uniform(10.0, 20.0)
+            centre = np.array([0.0, -5.0, -15.0])
             side = "both"
         elif pattern == "sylvian":
-            centre, spread = np.array([sign * 38.0, 6.0, -8.0]), rng.uniform(6.0, 16.0)
+            centre = np.array([sign * 38.0, 6.0, -8.0])
         else:
             point, normal = _convexity(tpl, rng, side)
-            centre, spread = point - 6.0 * normal, float(np.exp(rng.uniform(np.log(4.0), np.log(22.0))))
-        return Finding(kind, side, tuple(centre), {"pattern": str(pattern), "spread": spread,
-                                                   "hu": rng.uniform(55, 80), "fill": rng.uniform(0.55, 1.0)})
+            centre = point - 6.0 * normal
+        return Finding(kind, side, tuple(centre), {"pattern": pattern, "spread": spread,
+                                                   "hu": rng.uniform(55, 80), "fill": fill} | size)
     if kind == "CalvarialFracture":
         if anchor is not None:
             point, normal = np.array(anchor.centre), np.array([anchor.params[k] for k in ("nx", "ny", "nz")])

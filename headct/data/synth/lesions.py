@@ -1,7 +1,8 @@
 """Paint findings (see findings.py) into a rendered head, in HU, with partial volume at their edges.
 
-Every painter works in a sub-box of the phantom around its lesion and records where it painted in
-`head.lesion` (used to pick the montage's key slice). Lesions are placed in the skull frame `head.t`; the
+Every painter works in a sub-box of the phantom around its lesion, records where it painted in `head.lesion`
+(used to pick the montage's key slice) and returns the lesion's volume: the sum of its partial-volume weights
+(blood, tumour core, fracture gap and its secondary signs; not the oedema rim) times the voxel volume. Lesions are placed in the skull frame `head.t`; the
 brain around space-occupying lesions was already displaced when the head was rendered (phantom.mass_effect).
 """
 
@@ -17,13 +18,16 @@ from headct.data.synth.template import Template
 PAINT_ORDER = ("SAH", "IVH", "Tumor", "IPH", "ChronicBleed", "SDH", "EDH", "CalvarialFracture", "OtherFracture")
 
 
-def paint(head: Head, finding: Finding, tpl: Template, rng: np.random.Generator) -> None:
-    """Render one finding into `head` (in place)."""
+VOXEL_ML = GRID_MM**3 / 1000.0  # one phantom voxel (1.5 mm)^3 in mL
+
+
+def paint(head: Head, finding: Finding, tpl: Template, rng: np.random.Generator) -> float:
+    """Render one finding into `head` (in place); returns its painted volume in mL."""
     painter = {
         "IPH": _mass, "Tumor": _mass, "SDH": _extra_axial, "EDH": _extra_axial, "ChronicBleed": _extra_axial,
         "IVH": _intraventricular, "SAH": _subarachnoid, "CalvarialFracture": _fracture, "OtherFracture": _fracture,
     }[finding.kind]
-    painter(head, finding, tpl, rng)
+    return painter(head, finding, tpl, rng) * VOXEL_ML
 
 
 def _local(head: Head, centre, radius: float, brain: bool = False):
@@ -33,9 +37,11 @@ def _local(head: Head, centre, radius: float, brain: bool = False):
     return box, t, d
 
 
-def _blend(head: Head, box, weight: np.ndarray, hu: float | np.ndarray) -> None:
+def _blend(head: Head, box, weight: np.ndarray, hu: float | np.ndarray) -> float:
+    """Mix `hu` into the box with partial-volume `weight`; returns the weight's sum (voxels)."""
     head.hu[box] += weight * (hu - head.hu[box])
     np.maximum(head.lesion[box], weight, out=head.lesion[box])
+    return float(weight.sum(dtype=np.float64))
 
 
 def _shape_noise(d: list[np.ndarray], dist: np.ndarray, amount: float, rng: np.random.Generator) -> np.ndarray:
@@ -50,7 +56,7 @@ def _shape_noise(d: list[np.ndarray], dist: np.ndarray, amount: float, rng: np.r
     return 1.0 + np.float32(amount / np.sqrt(2.5)) * bumps
 
 
-def _mass(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> None:
+def _mass(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> float:
     """Parenchymal haematoma with a hypodense oedema rim, or a tumour (oedema spreads along white matter)."""
     p = f.params
     radius, oedema = float(p["radius"]), float(p["oedema_mm"])
@@ -66,11 +72,12 @@ def _mass(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> No
         rim *= head.share[box] ** 2  # vasogenic oedema: finger-like, in white matter
     head.hu[box] -= rim * tissue * np.float32(p["oedema_hu"])
     np.maximum(head.lesion[box], 0.5 * rim * tissue, out=head.lesion[box])
-    _blend(head, box, core, np.float32(p["hu"]))
-    if p.get("calcified"):
+    volume = _blend(head, box, core, np.float32(p["hu"]))
+    if p.get("calcified"):  # inside the core: not counted twice
         spots = ramp(np.float32(0.35 * radius) - np.abs(dist - np.float32(0.6 * radius)), GRID_MM) * (
             _shape_noise(d, dist, 1.0, rng) > 1.6)
         _blend(head, box, spots * core, np.float32(rng.uniform(150.0, 500.0)))
+    return volume
 
 
 def _surface_coords(t: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,7 +98,7 @@ def _surface_coords(t: np.ndarray, centre: np.ndarray) -> tuple[np.ndarray, np.n
     return a, b, (r / np.float32(radius)) * (cos0 > 0.2)
 
 
-def _extra_axial(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> None:
+def _extra_axial(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> float:
     """SDH / chronic SDH: a crescent hugging the inner table over a wide area; EDH: a short biconvex lens.
 
     Both fill the space under the inner table (env = csf gap) to their local thickness, over the brain,
@@ -113,10 +120,10 @@ def _extra_axial(head: Head, f: Finding, tpl: Template, rng: np.random.Generator
     weight = (ramp(env - (inner - depth)) * (1.0 - ramp(env - inner)) * (depth > 0.2) * (radial > 0.6)
               * ramp(np.float32(sign) * t[0] - 1.0))  # never across the falx
     hu = np.float32(p["hu"]) + np.float32(rng.uniform(-4, 4)) * np.cos(a / 9.0) * np.sin(b / 7.0)
-    _blend(head, box, weight, hu)
+    return _blend(head, box, weight, hu)
 
 
-def _intraventricular(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> None:
+def _intraventricular(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> float:
     """Blood layering dependently in the ventricles: posterior (occipital horns) in a supine patient."""
     p = f.params
     box, t, _ = _local(head, (0.0, -20.0, 8.0), 60.0, brain=True)
@@ -124,15 +131,17 @@ def _intraventricular(head: Head, f: Finding, tpl: Template, rng: np.random.Gene
     if f.side != "both":
         vent = vent * ramp(np.float32(-1.0 if f.side == "L" else 1.0) * t[0] - 1.0)
     y = head.grid.axis(1)[box[1]][None, :, None]  # patient y (mm): gravity points to -y (posterior)
-    y_vent = np.broadcast_to(y, vent.shape)[vent > 0.5]
+    # The most dependent ventricular point; slit-like ventricles (a young brain) never reach a fraction of 0.5.
+    peak = float(vent.max())
+    y_vent = np.broadcast_to(y, vent.shape)[vent >= 0.5 * peak] if peak > 0.05 else np.zeros(0)
     if y_vent.size == 0:
-        return
+        return 0.0
     level = np.float32(y_vent.min() + float(p["depth"]))
     blood = vent * ramp(level - y, GRID_MM)
-    _blend(head, box, blood, np.float32(p["hu"]))
+    return _blend(head, box, blood, np.float32(p["hu"]))
 
 
-def _subarachnoid(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> None:
+def _subarachnoid(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> float:
     """Blood in the sulci and cisterns: hyperdense CSF spaces within a blob-shaped region."""
     p = f.params
     spread = float(p["spread"])
@@ -143,6 +152,7 @@ def _subarachnoid(head: Head, f: Finding, tpl: Template, rng: np.random.Generato
         centres, scales = [f.centre], [(0.6, 1.6, 0.9)]
     else:
         centres, scales = [f.centre], [(1.0, 1.0, 1.0)]
+    volume = 0.0
     for centre, scale in zip(centres, scales, strict=True):
         box, t, d = _local(head, centre, spread * 2.5 * max(scale), brain=True)
         g = np.exp(-0.5 * sum((d[k] / np.float32(spread * scale[k])) ** 2 for k in range(3)))
@@ -151,7 +161,8 @@ def _subarachnoid(head: Head, f: Finding, tpl: Template, rng: np.random.Generato
         # Sulci are thinner than a voxel: a voxel with some CSF in it can be mostly blood.
         csf = np.sqrt((1.0 - head.tissue[box]) * (1.0 - head.ventricle[box])) * (
             head.env[box] < head.subject.csf_gap_mm)
-        _blend(head, box, np.clip(1.6 * np.float32(p["fill"]) * g, 0.0, 1.0) * csf, np.float32(p["hu"]))
+        volume += _blend(head, box, np.clip(1.6 * np.float32(p["fill"]) * g, 0.0, 1.0) * csf, np.float32(p["hu"]))
+    return volume
 
 
 def _gap_fraction(across: np.ndarray, width: float) -> np.ndarray:
@@ -162,7 +173,7 @@ def _gap_fraction(across: np.ndarray, width: float) -> np.ndarray:
     return np.clip(hi - lo, 0.0, None) / np.float32(GRID_MM)
 
 
-def _fracture(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> None:
+def _fracture(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -> float:
     """A thin lucent line through bone (calvarium or skull base), with a scalp haematoma or fluid in the
     sinuses / mastoid as secondary signs."""
     p = f.params
@@ -174,14 +185,15 @@ def _fracture(head: Head, f: Finding, tpl: Template, rng: np.random.Generator) -
     if f.kind == "OtherFracture":
         fade *= np.sqrt(d[0] ** 2 + d[1] ** 2 + d[2] ** 2) < np.float32(length / 2)
     gap = _gap_fraction(across, float(p["width"])) * fade * head.bone[box]
-    _blend(head, box, gap, np.float32(40.0))
+    volume = _blend(head, box, gap, np.float32(40.0))
     if p.get("scalp_haematoma"):
-        _scalp_haematoma(head, f, rng)
+        volume += _scalp_haematoma(head, f, rng)
     if p.get("fluid"):
-        _sinus_fluid(head, f)
+        volume += _sinus_fluid(head, f)
+    return volume
 
 
-def _scalp_haematoma(head: Head, f: Finding, rng: np.random.Generator) -> None:
+def _scalp_haematoma(head: Head, f: Finding, rng: np.random.Generator) -> float:
     s = head.subject
     skull_out = s.csf_gap_mm + s.inner_mm + s.diploe_mm + s.outer_mm
     scalp = s.galea_mm + s.fat_mm + s.skin_mm
@@ -194,10 +206,10 @@ def _scalp_haematoma(head: Head, f: Finding, rng: np.random.Generator) -> None:
     bulge = np.float32(height) * np.clip(1.0 - r2 / np.float32(radius**2), 0.0, 1.0)
     env = head.env[box]
     w = ramp(env - np.float32(skull_out + 0.5)) * (1.0 - ramp(env - np.float32(skull_out + scalp) - bulge))
-    _blend(head, box, w * np.clip(bulge / 1.5, 0.0, 1.0), np.float32(rng.uniform(45.0, 70.0)))
+    return _blend(head, box, w * np.clip(bulge / 1.5, 0.0, 1.0), np.float32(rng.uniform(45.0, 70.0)))
 
 
-def _sinus_fluid(head: Head, f: Finding) -> None:
+def _sinus_fluid(head: Head, f: Finding) -> float:
     """Blood in the sphenoid sinus (dependent layer) or opacified mastoid cells next to a base fracture."""
     sign = -1.0 if f.side == "L" else 1.0
     mastoid = f.params.get("site") in ("petrous", "occipital")
@@ -211,4 +223,4 @@ def _sinus_fluid(head: Head, f: Finding) -> None:
         y_air = np.broadcast_to(y, air.shape)[air > 0.5]
         if y_air.size:
             air = air * ramp(np.float32(y_air.min() + 6.0) - y, GRID_MM)
-    _blend(head, box, air * np.float32(0.9), np.float32(35.0))
+    return _blend(head, box, air * np.float32(0.9), np.float32(35.0))

@@ -1,8 +1,11 @@
 """The plan of a synthetic data set: every random choice of every study, made before any pixel is rendered.
 
-Findings are assigned globally so each one reaches its configured prevalence exactly (an EDH usually comes
-with a calvarial fracture over it); everything else about study i comes from generators seeded with
-(seed, i, purpose), so the process pool and the data-set size do not change a study's anatomy or pixels.
+Findings are assigned globally so each one reaches its configured prevalence exactly, up to rounding
+(`synth.prevalence`, `synth.ich_prevalence`; the clinical defaults and their sources are in clinical.py): first
+the ICH-positive studies, then the haemorrhage subtypes within them, so that each has at least one and clinical
+pairs go together, then fractures (an EDH usually has a calvarial fracture over it) and tumours. Everything else
+about study i comes from generators seeded with (seed, i, purpose), so the process pool does not change a
+study's anatomy or pixels.
 """
 
 from __future__ import annotations
@@ -14,14 +17,13 @@ import numpy as np
 
 from headct.config.base import LABELS
 from headct.config.data import SynthConfig
+from headct.data.synth import clinical
 from headct.data.synth.anatomy import Subject, sample_subject
 from headct.data.synth.dicom_writer import SeriesHeader, StudyHeader, make_uid
-from headct.data.synth.findings import FINDINGS, SPACE_OCCUPYING, Finding, derive_labels, sample_finding
+from headct.data.synth.findings import BLEEDS, FINDINGS, Finding, derive_labels, sample_finding
 from headct.data.synth.scanner import Reconstruction
 from headct.data.synth.template import Template, load_template
 
-SEVERITY_SHARES = {"large": 0.32, "moderate": 0.2}  # of studies with a space-occupying lesion; rest small
-EDH_WITH_FRACTURE = 0.6
 VENDORS = {  # manufacturer: (weight, models, soft kernels, bone kernels, signed, intercept, padding, scout name)
     "GE MEDICAL SYSTEMS": (0.35, ("LightSpeed VCT", "Revolution CT", "Optima CT660", "Discovery CT750 HD"),
                            ("STANDARD", "SOFT"), ("BONE", "BONEPLUS"), True, -1024.0, -2000, "SCOUT"),
@@ -49,8 +51,7 @@ class StudyPlan:
     name: str  # reads.csv name, "SYN-CT-<n>"
     folder: str  # "SYNCT<n> SYNCT<n>"
     subject: Subject
-    findings: tuple[Finding, ...]
-    severity: str  # of the dominant space-occupying lesion ("none" if there is none)
+    findings: tuple[Finding, ...]  # bleeds and tumours carry their planned volume (params["volume_ml"])
     labels: dict[str, int]  # the truth
     reads: tuple[dict[str, int], dict[str, int], dict[str, int]]  # R1-R3
     flips: tuple[tuple[str, str], ...]  # (reader, label) where one reader disagreed
@@ -72,58 +73,70 @@ def plan_studies(cfg: SynthConfig, tpl: Template | None = None) -> list[StudyPla
     tpl = tpl or load_template()
     n = cfg.n_patients
     assigned = _assign_findings(cfg, n)
-    severities = _assign_severity(cfg.seed, n, assigned)
     plans = []
     birth_dates: set[str] = set()
     for i in range(n):
-        plans.append(_plan_study(cfg, tpl, i, assigned[i], severities[i], birth_dates))
+        plans.append(_plan_study(cfg, tpl, i, assigned[i], birth_dates))
     return plans
 
 
+def _pick(rng: np.random.Generator, candidates: list[int], count: int, weights: list[float]) -> list[int]:
+    """`count` of `candidates` drawn without replacement with probability proportional to `weights`."""
+    count = min(count, len(candidates))
+    if count <= 0:
+        return []
+    w = np.asarray(weights, float)
+    return [candidates[int(j)] for j in rng.choice(len(candidates), count, replace=False, p=w / w.sum())]
+
+
 def _assign_findings(cfg: SynthConfig, n: int) -> list[dict[str, str | None]]:
-    """Per study: finding kind -> "" or the kind it is anchored to (a fracture under an EDH)."""
+    """Per study: finding kind -> None, or the kind it is anchored to (a calvarial fracture under an EDH)."""
     rng = np.random.default_rng([cfg.seed, 7919])
     chosen: list[dict[str, str | None]] = [{} for _ in range(n)]
-    for kind in FINDINGS:
-        count = int(round(cfg.prevalence.get(kind, 0.0) * n))
-        if kind == "CalvarialFracture":
-            edh = [i for i in range(n) if "EDH" in chosen[i]]
-            paired = [i for i in edh if rng.random() < EDH_WITH_FRACTURE][:count]
-            for i in paired:
-                chosen[i][kind] = "EDH"
-            rest = [i for i in rng.permutation(n) if i not in paired][: count - len(paired)]
-            for i in rest:
+    counts = {kind: int(round(cfg.prevalence.get(kind, 0.0) * n)) for kind in FINDINGS}
+    bleeds = [k for k in sorted(BLEEDS, key=lambda k: -counts[k]) if counts[k]]  # most frequent first
+    if cfg.ich_prevalence is None:  # each haemorrhage kind independently of the others
+        for kind in bleeds:
+            for i in _pick(rng, list(range(n)), counts[kind], [1.0] * n):
                 chosen[i][kind] = None
-            continue
-        for i in rng.permutation(n)[:count]:
-            chosen[int(i)][kind] = None
+    else:
+        ich = [int(i) for i in rng.permutation(n)[: int(round(cfg.ich_prevalence * n))]]
+        slots = sum(counts[k] for k in bleeds)  # subtype assignments still to make
+        for kind in bleeds:
+            slots -= counts[kind]
+            # every ICH study ends with a subtype: force the uncovered ones the later kinds cannot all take
+            uncovered = [i for i in ich if not chosen[i]]
+            forced = _pick(rng, uncovered, min(len(uncovered) - slots, counts[kind]), [1.0] * len(uncovered))
+            taken = set(forced)
+            rest = [i for i in ich if i not in taken]
+            weights = [clinical.affinity(kind, chosen[i]) * (1.0 if chosen[i] else clinical.UNCOVERED) for i in rest]
+            for i in forced + _pick(rng, rest, counts[kind] - len(forced), weights):
+                chosen[i][kind] = None
+        for i in ich:  # rounding left too few subtype slots: the most frequent subtype takes the rest
+            if not chosen[i] and bleeds:
+                chosen[i][bleeds[0]] = None
+    edh = [i for i in range(n) if "EDH" in chosen[i]]
+    paired = [i for i in edh if rng.random() < clinical.EDH_WITH_FRACTURE][: counts["CalvarialFracture"]]
+    for i in paired:
+        chosen[i]["CalvarialFracture"] = "EDH"
+    for kind in ("CalvarialFracture", "OtherFracture", "Tumor"):
+        rest = [i for i in range(n) if kind not in chosen[i]]
+        done = n - len(rest)
+        for i in _pick(rng, rest, counts[kind] - done, [clinical.affinity(kind, chosen[i]) for i in rest]):
+            chosen[i][kind] = None
     return chosen
 
 
-def _assign_severity(seed: int, n: int, assigned: list[dict[str, str | None]]) -> list[str]:
-    rng = np.random.default_rng([seed, 104729])
-    out = ["none"] * n
-    massive = [i for i in range(n) if any(k in SPACE_OCCUPYING for k in assigned[i])]
-    order = [massive[j] for j in rng.permutation(len(massive))]
-    n_large = int(round(SEVERITY_SHARES["large"] * len(order)))
-    n_moderate = int(round(SEVERITY_SHARES["moderate"] * len(order)))
-    for rank, i in enumerate(order):
-        out[i] = "large" if rank < n_large else "moderate" if rank < n_large + n_moderate else "small"
-    return out
-
-
-def _plan_study(cfg: SynthConfig, tpl: Template, i: int, kinds: dict[str, str | None], severity: str,
+def _plan_study(cfg: SynthConfig, tpl: Template, i: int, kinds: dict[str, str | None],
                 birth_dates: set[str]) -> StudyPlan:
     rng = study_rng(cfg.seed, i, 1)
     subject = sample_subject(rng)
-    massive = [k for k in SPACE_OCCUPYING if k in kinds]
-    dominant = massive[int(rng.integers(len(massive)))] if massive else None
     findings: list[Finding] = []
     for kind in FINDINGS:
         if kind not in kinds:
             continue
         anchor = next((f for f in findings if f.kind == kinds[kind]), None) if kinds[kind] else None
-        findings.append(sample_finding(kind, rng, tpl, severity if kind == dominant else "small", anchor=anchor))
+        findings.append(sample_finding(kind, rng, tpl, anchor=anchor))
     labels, shift, moved = derive_labels(tuple(findings), subject, tpl)
     reads, flips = _reads(labels, cfg.reader_disagreement, study_rng(cfg.seed, i, 2))
     z_lo = subject.to_patient(np.array([0.0, -40.0, -60.0]))[2] + rng.uniform(-6.0, 3.0)
@@ -132,7 +145,7 @@ def _plan_study(cfg: SynthConfig, tpl: Template, i: int, kinds: dict[str, str | 
     study = _study_header(cfg.seed, i, subject, srng, birth_dates)
     return StudyPlan(
         index=i, name=f"SYN-CT-{i}", folder=f"SYNCT{i} SYNCT{i}", subject=subject, findings=tuple(findings),
-        severity=severity, labels=labels, reads=reads, flips=flips, midline_shift_mm=round(shift, 2),
+        labels=labels, reads=reads, flips=flips, midline_shift_mm=round(shift, 2),
         displacement_mm=round(moved, 2), study=study, series=_series(cfg, i, study, srng),
         coverage_mm=(float(z_lo), float(z_hi)), table_z=float(srng.uniform(-120.0, 60.0)),
     )

@@ -84,22 +84,9 @@ def slice_centres(z_lo: float, z_hi: float, spacing: float) -> np.ndarray:
 def reconstruct(phantom: np.ndarray, grid: Grid, recon: Reconstruction, z_centres: np.ndarray, matrix: int,
                 pixel_mm: float, table_z: float, rng: np.random.Generator) -> SliceStack:
     """Phantom (nx, ny, nz) HU -> slices (n, matrix, matrix) HU, with blur, partial volume, noise, streaks."""
-    half = matrix * pixel_mm / 2.0
-    centres = (np.arange(matrix) + 0.5) * pixel_mm - half  # LPS offset of each pixel centre from the FOV centre
-    col_x = -centres  # patient RAS x of each column (columns run towards patient left = -x RAS)
-    row_y = FOV_CENTRE_Y - centres  # patient RAS y of each row (rows run posteriorly = -y RAS)
-    inplane = _kernel_table(recon.psf_mm, pixel_mm, grid.spacing)
-    wx = _weights(col_x, grid.axis(0), inplane).astype(np.float32)
-    wy = _weights(row_y, grid.axis(1), inplane).astype(np.float32)
-    wz = _weights(z_centres, grid.axis(2), _kernel_table(0.12 * recon.thickness_mm, recon.thickness_mm,
-                                                         grid.spacing)).astype(np.float32)
     shifted = phantom + np.float32(1000.0)  # air -> 0, so everything outside the phantom box reads as air
-    img = np.tensordot(shifted, wz, (2, 1))  # (nx, ny, n)
-    img = np.tensordot(wy, img, (1, 1))  # (rows, nx, n)
-    img = np.tensordot(wx, img, (1, 1))  # (cols, rows, n)
-    img = np.ascontiguousarray(img.transpose(2, 1, 0)) - np.float32(1000.0)  # (n, rows, cols)
-    if recon.sharpen > 0:
-        img += np.float32(recon.sharpen) * (img - ndi.gaussian_filter(img, (0, 1.2, 1.2)))
+    img = sharpen(blur(shifted, grid, recon, z_centres, matrix, pixel_mm) - np.float32(1000.0), recon)
+    col_x, row_y = _pixel_axes(matrix, pixel_mm)
     bone = _bone_fraction(img)
     _add_streaks(img, bone, recon.streak_hu, rng)
     _add_noise(img, bone, recon, rng)
@@ -108,6 +95,61 @@ def reconstruct(phantom: np.ndarray, grid: Grid, recon: Reconstruction, z_centre
     return SliceStack(hu=img, positions=patient_to_lps(p0, table_z), pixel_mm=pixel_mm,
                       thickness_mm=recon.thickness_mm, spacing_mm=float(np.diff(z_centres).mean())
                       if len(z_centres) > 1 else recon.thickness_mm)
+
+
+def _pixel_axes(matrix: int, pixel_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """Patient RAS x of each image column and y of each image row (mm)."""
+    half = matrix * pixel_mm / 2.0
+    centres = (np.arange(matrix) + 0.5) * pixel_mm - half  # LPS offset of each pixel centre from the FOV centre
+    return -centres, FOV_CENTRE_Y - centres  # columns run towards patient left (-x RAS), rows posteriorly (-y)
+
+
+def _blur_weights(grid: Grid, recon: Reconstruction, z_centres: np.ndarray, matrix: int, pixel_mm: float
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Separable resampling matrices phantom -> image: columns (matrix, nx), rows (matrix, ny), slices (n, nz)."""
+    col_x, row_y = _pixel_axes(matrix, pixel_mm)
+    inplane = _kernel_table(recon.psf_mm, pixel_mm, grid.spacing)
+    wx = _weights(col_x, grid.axis(0), inplane).astype(np.float32)
+    wy = _weights(row_y, grid.axis(1), inplane).astype(np.float32)
+    wz = _weights(z_centres, grid.axis(2), _kernel_table(0.12 * recon.thickness_mm, recon.thickness_mm,
+                                                         grid.spacing)).astype(np.float32)
+    return wx, wy, wz
+
+
+def _apply(phantom: np.ndarray, wx: np.ndarray, wy: np.ndarray, wz: np.ndarray) -> np.ndarray:
+    img = np.tensordot(phantom, wz, (2, 1))  # (nx, ny, n)
+    img = np.tensordot(wy, img, (1, 1))  # (rows, nx, n)
+    img = np.tensordot(wx, img, (1, 1))  # (cols, rows, n)
+    return np.ascontiguousarray(img.transpose(2, 1, 0))  # (n, rows, cols)
+
+
+def blur(phantom: np.ndarray, grid: Grid, recon: Reconstruction, z_centres: np.ndarray, matrix: int,
+         pixel_mm: float) -> np.ndarray:
+    """The blur of a reconstruction: (nx, ny, nz) on `grid` -> (n, matrix, matrix) slices (in-plane PSF and
+    pixel integration, slice-sensitivity profile). Linear and zero outside `grid`, so a lesion's HU change on a
+    sub-grid, blurred then `sharpen`ed, is exactly its contribution to the noise-free image."""
+    return _apply(phantom, *_blur_weights(grid, recon, z_centres, matrix, pixel_mm))
+
+
+def blur_window(phantom: np.ndarray, grid: Grid, recon: Reconstruction, z_centres: np.ndarray, matrix: int,
+                pixel_mm: float, pad_px: int = 6) -> tuple[np.ndarray, slice, slice]:
+    """`blur` computed only over the image rows and columns `grid` reaches (plus `pad_px` for `sharpen`):
+    (n, rows, cols) and the row and column slices of the full image it covers."""
+    wx, wy, wz = _blur_weights(grid, recon, z_centres, matrix, pixel_mm)
+    window = []
+    for w in (wy, wx):
+        hit = np.flatnonzero(w.any(axis=1))
+        lo, hi = (int(hit[0]), int(hit[-1]) + 1) if hit.size else (0, 0)
+        window.append(slice(max(lo - pad_px, 0), min(hi + pad_px, matrix)))
+    rows, cols = window
+    return _apply(phantom, wx[cols], wy[rows], wz), rows, cols
+
+
+def sharpen(img: np.ndarray, recon: Reconstruction) -> np.ndarray:
+    """Bone kernels: unsharp mask in-plane (edge overshoot), in place; soft kernels leave the slices as they are."""
+    if recon.sharpen > 0:
+        img += np.float32(recon.sharpen) * (img - ndi.gaussian_filter(img, (0, 1.2, 1.2)))
+    return img
 
 
 def _bone_fraction(img: np.ndarray) -> np.ndarray:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from headct.data.synth import dicom_writer, lesions, scanner
+from headct.data.synth import dicom_writer, lesions, oracle, scanner
 from headct.data.synth.anatomy import phantom_grid
 from headct.data.synth.phantom import Head, render_head
 from headct.data.synth.plan import StudyPlan, study_rng
@@ -24,13 +24,19 @@ class StudyResult:
     n_files: int
     main_series: str  # folder of the main series, relative to the data-set root
     key_slices: dict[str, int]  # finding kind (and "any") -> stack index (inferior first) in the main series
+    volumes_ml: dict[str, float] = field(default_factory=dict)  # finding kind -> painted volume (mL)
+    visible: dict[tuple[str, float], int] = field(default_factory=dict)  # ORACLE: (group, spacing mm) -> voxels
+    oracle_series: str = ""  # the series the oracle follows (the one ingest selects)
+    oracle_noise_hu: float = 0.0  # its noise SD in the brain
 
 
 def render_phantom(plan: StudyPlan, seed: int, fov_mm: float, margin_mm: float,
-                   profiles: dict[str, np.ndarray] | None = None) -> Head:
+                   profiles: dict[str, np.ndarray] | None = None,
+                   painted: list[oracle.Painted] | None = None) -> Head:
     """The study's head with its findings painted in (HU on the 1.5 mm phantom grid).
 
-    `profiles`, if given, receives per finding kind how much was painted in each phantom z plane."""
+    `profiles`, if given, receives per finding kind how much was painted in each phantom z plane; `painted`,
+    if given, each finding's volume and exact HU change (for the truth table and the oracle)."""
     tpl = load_template()
     z_lo, z_hi = plan.coverage_mm
     bulge = 12.0 if any(f.params.get("scalp_haematoma") for f in plan.findings) else 0.0
@@ -41,10 +47,19 @@ def render_phantom(plan: StudyPlan, seed: int, fov_mm: float, margin_mm: float,
     rng = study_rng(seed, plan.index, 4)  # the painters' own randomness (lesion outlines)
     for finding in sorted(plan.findings, key=lambda f: lesions.PAINT_ORDER.index(f.kind)):
         before = head.lesion.sum(axis=(0, 1)) if profiles is not None else None
-        lesions.paint(head, finding, tpl, rng)
+        hu_before = head.hu.copy() if painted is not None else None
+        volume = lesions.paint(head, finding, tpl, rng)
+        if painted is not None:
+            painted.append(oracle.Painted(finding.kind, volume, *oracle.crop_change(hu_before, head.hu)))
         if profiles is not None:
             profiles[finding.kind] = profiles.get(finding.kind, 0.0) + head.lesion.sum(axis=(0, 1)) - before
     return head
+
+
+def selected_kind(plan: StudyPlan) -> str:
+    """The series ingest's default rules select (headct/data/selection.py): soft kernel, thickness in range,
+    equal coverage, then more slices, so the thin series when the study has one, else the main axial."""
+    return "thin" if any(s.kind == "thin" for s in plan.series) else "axial"
 
 
 def reconstruct_series(plan: StudyPlan, head: Head, kind: str, seed: int, matrix: int, pixel_mm: float,
@@ -66,7 +81,8 @@ def write_study(plan: StudyPlan, root: Path, seed: int, matrix: int, pixel_mm: f
     """Render the study and write every series under `root/<folder>/Unknown Study/<SeriesDescription>/`."""
     thickest = max(s.recon.thickness_mm for s in plan.series if s.recon is not None)
     profiles: dict[str, np.ndarray] = {}
-    head = render_phantom(plan, seed, matrix * pixel_mm, thickest, profiles)
+    painted: list[oracle.Painted] = []
+    head = render_phantom(plan, seed, matrix * pixel_mm, thickest, profiles, painted)
     study_dir = root / plan.folder / STUDY_FOLDER
     total = files = 0
     main, keys = "", {}
@@ -85,7 +101,15 @@ def write_study(plan: StudyPlan, root: Path, seed: int, matrix: int, pixel_mm: f
         if series.kind == "axial":
             main = str(folder.relative_to(root))
             keys = key_slices(plan, head, stack, profiles)
-    return StudyResult(plan.index, total, len(plan.series), files, main, keys)
+    volumes: dict[str, float] = {}
+    for item in painted:
+        volumes[item.kind] = volumes.get(item.kind, 0.0) + item.volume_ml
+    chosen = next(s for s in plan.series if s.kind == selected_kind(plan) and s.recon is not None)
+    recon = chosen.recon
+    z = scanner.slice_centres(*plan.coverage_mm, recon.spacing_mm)
+    visible = oracle.visible_voxels(painted, head.grid, recon, z, matrix, pixel_mm)
+    return StudyResult(plan.index, total, len(plan.series), files, main, keys, volumes, visible, chosen.kind,
+                       recon.noise_hu)
 
 
 def key_slices(plan: StudyPlan, head: Head, stack: scanner.SliceStack,
