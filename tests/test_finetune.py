@@ -314,3 +314,29 @@ def test_a_killed_finetune_resumes_after_its_last_epoch_and_ends_where_an_uninte
     assert np.allclose(scores[0], scores[1], rtol=1e-5, atol=1e-7)
     assert list((project / "ckpt-killed").glob("*/complete.pt"))  # finished: never resumed again
     assert not list((project / "ckpt-killed").glob("*/last.pt"))
+
+
+def test_layer_decay_gives_each_vit_block_its_own_backbone_lr_and_both_vit_knobs_are_refused_for_a_resnet() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    from headct.config.finetune import FinetuneConfig
+    from headct.models.heads import Classifier
+    from headct.models.vit import build_encoder
+    from headct.train.finetune import param_groups
+    from headct.train.finetune_data import layer_decay_groups
+
+    enc = build_encoder({"name": "tiny", "img_size": 16, "patch_size": 8, "in_chans": 3, "depth": 2})
+    clf = Classifier(enc, "mean", 3)
+    groups = param_groups(clf, 1e-4, 1e-3, 0.05, layer_decay_groups(0.05, 0.5)(clf))
+    by_param = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+    lr = {name: by_param[id(p)] for name, p in clf.named_parameters()}
+    # depth 2, decay 0.5: block 1 -> 1e-4 * 0.5, block 0 -> 1e-4 * 0.25, embeddings 1e-4 * 0.125, head 1e-3
+    assert lr["backbone.blocks.1.attn.qkv.weight"] == pytest.approx(5e-5)
+    assert lr["backbone.blocks.0.attn.qkv.weight"] == pytest.approx(2.5e-5)
+    assert lr["backbone.patch_embed.proj.weight"] == pytest.approx(1.25e-5)
+    assert all(v == pytest.approx(1e-3) for k, v in lr.items() if k.startswith("head."))
+    with pytest.raises(ValidationError, match="ViT backbones only"):
+        FinetuneConfig(arch="resnet18", init="random", layer_decay=0.75)
+    with pytest.raises(ValidationError, match="ViT backbones only"):
+        FinetuneConfig(arch="resnet18", init="random", drop_path_rate=0.1)

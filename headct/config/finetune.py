@@ -40,6 +40,11 @@ class FinetuneConfig(Section):
     backbone_lr: float = Field(1e-4, ge=0, le=1.0)
     head_lr: float = Field(1e-3, gt=0, le=1.0)
     weight_decay: float = Field(0.05, ge=0)
+    # ViT backbones only (refused for a ResNet): stochastic depth, rising linearly over the blocks to this rate
+    # (timm/DeiT), and layer-wise lr decay (block i of depth D gets backbone_lr * layer_decay ** (D - i); BEiT/MAE
+    # fine-tuning use 0.65-0.75). 0 / None: off.
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_decay: float | None = Field(None, gt=0.0, le=1.0)
     warmup_frac: float = Field(0.1, ge=0, lt=1)
     freeze_backbone_epochs: int = Field(0, ge=0)  # first epochs train the head only
     class_weighted_loss: bool = True  # BCE pos_weight = negatives / positives in train, per label
@@ -67,6 +72,8 @@ class FinetuneConfig(Section):
         if self.batch_size // self.accum_steps < 2:
             raise ValueError("micro-batches need >= 2 scans (batch_size / accum_steps): BatchNorm in the head "
                              "and ResNet cannot normalise over one")
+        if self.arch != "vit" and (self.drop_path_rate > 0 or self.layer_decay is not None):
+            raise ValueError(f"drop_path_rate and layer_decay apply to ViT backbones only (arch={self.arch})")
         return self
 
 

@@ -100,9 +100,22 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
             config = read_config(cfg.model_dir)
             backbone = build_encoder(config["arch"])
         check_preprocessing(cfg.splits, root, config, cfg.model_dir / CONFIG)
+        backbone.set_drop_path_rate(cfg.drop_path_rate)  # no parameters: the weights load the same
         windows, preprocess = config["windows"], config["preprocess"]
     classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)
     return classifier, windows, preprocess
+
+
+def layer_decay_groups(weight_decay: float, layer_decay: float) -> Any:
+    """classifier -> its ViT backbone's AdamW groups with layer-wise lr decay (`headct.train.param_groups`); each
+    group's `lr_scale` multiplies backbone_lr."""
+    from headct.train.param_groups import param_groups
+
+    def groups(classifier: Any) -> list[dict[str, Any]]:
+        return [{"params": g["params"], "weight_decay": g["weight_decay"], "lr_scale": g["lr_scale"]}
+                for g in param_groups(classifier.backbone, weight_decay, layer_decay=layer_decay, head_modules=())]
+
+    return groups
 
 
 def train_classifier(
@@ -118,6 +131,8 @@ def train_classifier(
     from headct.train.finetune import FitSettings, fit
 
     classifier, windows, preprocess = build_classifier(cfg, data, root)
+    if backbone_groups is None and cfg.layer_decay is not None:
+        backbone_groups = layer_decay_groups(cfg.weight_decay, cfg.layer_decay)
     shape = preprocess.get("shape") or data.preprocess.get("shape")
     train_set = LabelledVolumeDataset([root / p for p in data.train["img_path"]], list(data.train["scan_id"]),
                                       targets_of(data.train, data.labels), shape)
