@@ -65,6 +65,9 @@ def headct_ingest(src: Path, project: Path, tracking_uri: str) -> tuple[int, str
     import cli
 
     project.mkdir(parents=True, exist_ok=True)
+    # An empty params.yaml makes `project` the project root, so the built-in defaults apply and every output
+    # lands here, wherever the temp folder lies (a params.yaml in a folder above it would otherwise be found).
+    (project / "params.yaml").write_text("{}\n")
     dest = project / "store"
     args = ["ingest", str(src), str(dest), "--set", "ingest.demo_key=true", "--set", "ingest.workers=1",
             "--set", f"tracking.uri={tracking_uri}", "--set", "tracking.experiment=real-ct"]
