@@ -17,6 +17,7 @@ from typing import Any
 from headct.config.base import LABELS, JobContext
 from headct.config.evaluate import ReportConfig
 from headct.errors import InputError
+from headct.eval import PROBE_META_KEYS
 
 # Display names; any other model key (an external encoder) is shown as it is.
 NAMES = {"pretrained": "pre-trained", "random_init": "random init", "hu_histogram": "HU histogram"}
@@ -54,7 +55,7 @@ def _canonical(labels: Any) -> list[str]:
 
 
 def probe_models(probe: dict[str, Any]) -> list[str]:
-    return [m for m, v in probe.items() if m != "skipped" and isinstance(v, dict)]
+    return [m for m, v in probe.items() if m not in PROBE_META_KEYS and isinstance(v, dict)]
 
 
 def display(model: str, method: str) -> str:
@@ -92,6 +93,9 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: di
                     results_rows(probe))
     lines += ["", "Mean AUROC over labels: " + ", ".join(
         f"{display(m, method)} {v:.3f}" for m in models if (v := _mean_auroc(probe[m])) is not None) + "."]
+    for arm, choice in probe.get("selection", {}).get("arms", {}).items():
+        if len(choice.get("val_auroc", {})) > 1:
+            lines.append(f"- {display(arm, method)}: variant `{choice['chosen']}` chosen on val")
     if probe.get("skipped"):
         lines += ["", "Skipped labels:", ""]
         lines += [f"- {label}: {probe['skipped'][label]}" for label in _canonical(probe["skipped"])]
