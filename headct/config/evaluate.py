@@ -1,4 +1,4 @@
-"""Sections of the evaluation stages: extract, probe, fewshot, retrieval, explain, report."""
+"""Sections of the evaluation stages: extract, probe, fewshot, retrieval, explain, compare, report."""
 
 from __future__ import annotations
 
@@ -153,6 +153,52 @@ class ExplainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
+class CompareConfig(Section):
+    """Does pre-training help? Paired comparisons on the probe's and few-shot's test predictions (one setting
+    each: the probe, few-shot at each K of `shots`) for the primary label and the pre-declared `labels`:
+    `model` vs the best random-init arm (non-overlapping 95% CIs), `model` vs `baseline` (paired bootstrap CI of
+    the AUROC difference), and the gap closed towards a ceiling when one is given; per severity stratum when the
+    store behind `splits` has a `meta.csv` with `stratum_column`. Method: headct/eval/compare.py."""
+
+    probe_predictions: Path | None = Path("reports/probe/predictions.csv")
+    fewshot_predictions: Path | None = Path("reports/fewshot/predictions.csv")
+    splits: Path = Path("data/splits/synth")  # its split.json names the store whose meta.csv holds the strata
+    report_dir: Path = Path("reports/compare")
+    primary: Label = "ICH"
+    labels: list[Label] = Field(default_factory=list)  # secondary labels, declared before any result is seen
+    shots: tuple[int, ...] = Field((8, 16), min_length=1)  # few-shot K compared (a K not predicted is skipped)
+    model: ModelName = "pretrained"
+    # The random-init arms; None: every model named `random_init` or `random_init.s<seed>`. The best of them
+    # (highest test AUROC, the conservative choice) is the one compared.
+    random_init: list[ModelName] | None = Field(None, min_length=1)
+    baseline: ModelName | None = "hu_histogram"
+    # A ceiling (e.g. a supervised model trained with abundant labels): its predictions CSV (test rows; one
+    # model, or name it in ceiling_model), or a metrics.json with a test AUROC per label ({"labels": {label:
+    # {"auroc": x}}} as `headct finetune` writes, or {label: {"auroc": x}}). None: no gap closure.
+    ceiling_predictions: Path | None = None
+    ceiling_model: ModelName | None = None
+    ceiling_metrics: Path | None = None
+    stratum_column: str = "bleed_stratum"  # column of <store>/meta.csv; empty for negatives
+    stratum_labels: list[Label] = Field(default_factory=lambda: ["ICH"])  # labels whose positives are stratified
+    bootstrap: int = Field(1000, ge=10)  # patient (and seed) bootstrap resamples
+    seed: int = Field(0, ge=0)
+
+    @field_validator("shots")
+    @classmethod
+    def _positive_shots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(k < 1 for k in v):
+            raise ValueError(f"every K must be >= 1, got {list(v)}")
+        return tuple(sorted(set(v)))
+
+    @model_validator(mode="after")
+    def _one_ceiling(self) -> CompareConfig:
+        if self.ceiling_predictions is not None and self.ceiling_metrics is not None:
+            raise ValueError("set compare.ceiling_predictions or compare.ceiling_metrics, not both")
+        if self.probe_predictions is None and self.fewshot_predictions is None:
+            raise ValueError("compare needs probe_predictions or fewshot_predictions")
+        return self
+
+
 class ReportConfig(Section):
     """The closing report: results table, radar of AUROC per label and model, few-shot curve, retrieval bars,
     calibration (Markdown + PNG + terminal). Optional inputs (None, or a file not written yet) are left out."""
@@ -163,4 +209,5 @@ class ReportConfig(Section):
     fewshot_metrics: Path | None = None
     retrieval_metrics: Path | None = None
     finetune_metrics: Path | None = None
+    compare_metrics: Path | None = None  # `headct compare`: the "Does pre-training help?" table
     report_dir: Path = Path("reports/report")
