@@ -207,6 +207,12 @@ def retrieval(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 
 @app.command()
+def compare(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """Does pre-training help? Pre-trained vs best random init (CIs), vs the histogram (paired CI), gap closed."""
+    _run_job("compare", params_file, overrides)
+
+
+@app.command()
 def predict(
     study: Annotated[Path, typer.Argument(help="A DICOM folder (any layout) or a .nii/.nii.gz file.")],
     classifier: Annotated[Path | None, typer.Option(help="Fine-tuned classifier directory.")] = None,

@@ -1,8 +1,10 @@
 """Job `headct extract`: embed every scan of the split files once, into the feature cache the evaluations read.
 
 Models: `pretrained` (the model directory's encoder), `random_init` (the same architecture from a seeded random
-init, the baseline twin), `hu_histogram` (per-volume HU histogram, the non-learned baseline) and every external
-encoder named in `extract.external` (protocol: headct/eval/external.py, docs/contracts.md).
+init, the baseline twin; `random_init.s<seed>` for each other seed of `extract.random_init_seeds`), `hu_histogram`
+(per-volume HU histogram, the non-learned baseline) and every external encoder named in `extract.external`
+(protocol: headct/eval/external.py, docs/contracts.md). Each ViT arm is run once per volume and pooled every way of
+`extract.pools` x `extract.blocks` (one cached model per variant, see headct/eval/feature_cache.py).
 Outputs under cfg.out: `<model>.npz` + `<model>.json` per model, then `index.json` (see headct/eval/feature_cache.py).
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 
 from headct.config.base import JobContext
 from headct.config.evaluate import ExtractConfig
+from headct.errors import InputError
 
 
 def _scan_table(cfg: ExtractConfig) -> Any:
@@ -33,13 +36,15 @@ def _scan_table(cfg: ExtractConfig) -> Any:
 
 def _encoder_models(
     cfg: ExtractConfig, ctx: JobContext, paths: list[Path]
-) -> dict[str, tuple[np.ndarray, dict, float]]:
-    """pretrained and (optionally) random_init: (embeddings, provenance, seconds); shape checked per volume."""
+) -> tuple[dict[str, tuple[np.ndarray, dict]], dict[str, float]]:
+    """pretrained and (optionally) the random-init arms, each embedded once and pooled every configured way:
+    ({variant name: (embeddings, provenance)}, {arm: seconds}); shape checked per volume."""
     import torch
 
     from headct.data.volumes import check_preprocessing
     from headct.device import resolve_device
-    from headct.eval.features import extract_features
+    from headct.eval.feature_cache import random_init_arm, variant_name
+    from headct.eval.features import extract_variants
     from headct.io import file_sha256
     from headct.models.model_dir import CONFIG, WEIGHTS, load_model_dir
     from headct.models.vit import build_encoder
@@ -58,30 +63,49 @@ def _encoder_models(
         "preprocess_version": preprocess.get("version"),
         "windows": config["windows"],
     }
-    encoders = {"pretrained": (encoder, {**meta, "kind": "encoder"})}
+    # arm -> (encoder, the default variant's provenance, init seed)
+    arms: dict[str, tuple[Any, dict, int | None]] = {"pretrained": (encoder, {**meta, "kind": "encoder"}, None)}
     if cfg.random_init:
-        torch.manual_seed(cfg.seed)
-        encoders["random_init"] = (
-            build_encoder(config["arch"]),
-            {**meta, "kind": "random_init", "seed": cfg.seed},
+        for seed in cfg.random_init_seeds or (cfg.seed,):
+            torch.manual_seed(seed)
+            arms[random_init_arm(seed, cfg.seed)] = (
+                build_encoder(config["arch"]),
+                {**meta, "kind": "random_init", "seed": seed},
+                seed,
+            )
+    depth = len(encoder.blocks)
+    bad = [b for b in cfg.blocks if not -depth <= b < depth]
+    if bad or len({b % depth for b in cfg.blocks}) != len(cfg.blocks):
+        raise InputError(
+            f"{cfg.model_dir / CONFIG}: extract.blocks {list(cfg.blocks)} must be distinct blocks of this "
+            f"{depth}-block encoder (valid indices: -{depth} .. {depth - 1})"
         )
+    pools = cfg.pools or (cfg.pool,)
     device = resolve_device(cfg.device)
-    out = {}
-    for name, (model, model_meta) in encoders.items():
+    out: dict[str, tuple[np.ndarray, dict]] = {}
+    seconds: dict[str, float] = {}
+    for arm, (model, arm_meta, init_seed) in arms.items():
         start = time.perf_counter()
-        embedding = extract_features(
+        variants = extract_variants(
             model,
             paths,
             config["windows"],
-            pool=cfg.pool,
+            pools=pools,
+            blocks=cfg.blocks,
             batch_size=cfg.batch_size,
             device=device,
             shape=preprocess.get("shape"),
-            description=name,
+            description=arm,
         )
         model.to("cpu")
-        out[name] = (embedding, model_meta, time.perf_counter() - start)
-    return out
+        seconds[arm] = time.perf_counter() - start
+        for (pool, block), embedding in variants.items():
+            default = pool == cfg.pool and block % depth == depth - 1  # named as the arm
+            variant_meta = {**arm_meta, "pool": pool}
+            if not default:  # the default variant's .json stays as it always was
+                variant_meta.update(arm=arm, block=block, init_seed=init_seed)
+            out[variant_name(arm, pool, block, default)] = (embedding, variant_meta)
+    return out, seconds
 
 
 def _volume_models(cfg: ExtractConfig, shape: Any) -> dict[str, tuple[Callable, Any, dict]]:
@@ -128,8 +152,9 @@ def run(cfg: ExtractConfig, ctx: JobContext) -> dict[str, Any]:
     shape = None
     if cfg.model_dir is not None:
         shape = read_config(cfg.model_dir).get("preprocess", {}).get("shape")
-        for name, (embedding, meta, took) in _encoder_models(cfg, ctx, paths).items():
-            results[name], seconds[name] = (embedding, meta), took
+        variants, arm_seconds = _encoder_models(cfg, ctx, paths)
+        results.update(variants)
+        seconds.update(arm_seconds)
     for name, (fn, grid, meta) in _volume_models(cfg, shape).items():
         start = time.perf_counter()
         results[name] = (
@@ -160,7 +185,8 @@ def run(cfg: ExtractConfig, ctx: JobContext) -> dict[str, Any]:
     view = Table(title=f"features: {len(table)} scans -> {cfg.out}")
     for column in ("model", "dim", "seconds"):
         view.add_column(column, justify="left" if column == "model" else "right")
-    for name, (embedding, _) in results.items():
-        view.add_row(name, str(embedding.shape[1]), f"{seconds[name]:.1f}")
+    for name, (embedding, meta) in results.items():  # a variant shares its arm's one forward pass
+        took = seconds.get(name)
+        view.add_row(name, str(embedding.shape[1]), f"{took:.1f}" if took is not None else f"({meta['arm']})")
     Console().print(view)
     return {"scans": len(table), "models": {m: int(e.shape[1]) for m, (e, _) in results.items()}}

@@ -5,6 +5,9 @@ or test lack positives or negatives; per K, draw K positive and K negative train
 (one scan each) per seed (`headct.eval.fewshot.sample_shots`: the same draw for every model, so models are
 compared on identical examples), skip a K the train split cannot supply with a message; fit the linear-probe
 protocol (standardise on the 2K scans, logistic regression per C, C and threshold chosen on val), score test once.
+With `fewshot.select_by`, the cached variants are grouped by arm and, at each K on its own, each arm keeps the
+variant with the best val AUROC averaged over those labels and the seeds (the K-shot draws are the evaluation's);
+the arm is reported under its own name and metrics.json's "selection" records the choice and the val figures.
 Outputs under cfg.report_dir: metrics.json, predictions.csv (test rows, mode `fewshot`, k and seed filled),
 fewshot.png (AUROC vs K, band = min..max over seeds, a panel per label plus the mean over labels).
 """
@@ -51,23 +54,71 @@ def _entry(aurocs: list[float], aps: list[float]) -> dict[str, Any]:
     return out
 
 
+def _select(
+    cfg: FewshotConfig, frames: dict[str, Any], features: dict[str, Any], arms: dict[str, list[str]]
+) -> tuple[dict[str, dict[int, str]], dict[str, Any]]:
+    """Per arm and K, the variant with the best val AUROC averaged over `cfg.select_by` labels and the seeds
+    (the same K-shot draws the evaluation uses) -> ({arm: {K: variant}}, the "selection" record). A K at which
+    no select_by label can be drawn keeps the arm's first variant (its default one), recorded as such."""
+    from rich import print as rprint
+
+    from headct.eval.fewshot import sample_shots, subset
+    from headct.eval.labels import requested_labels, skip_reason
+    from headct.eval.probe import choose_variant, fit_probe, label_data
+
+    assert cfg.select_by is not None
+    usable, skipped = [], {}
+    for label in requested_labels(cfg.select_by, frames, cfg.splits):
+        reason = skip_reason({"val": frames["val"][label]}, cfg.min_positives)  # test is not looked at
+        if reason is None:
+            usable.append(label)
+        else:
+            skipped[label] = reason
+    data = {
+        label: {v: {s: label_data(frames[s], features[v][s], label) for s in ("train", "val")} for v in features}
+        for label in usable
+    }
+    choice: dict[str, dict[int, str]] = {arm: {} for arm in arms}
+    record: dict[str, Any] = {"select_by": list(cfg.select_by), "skipped": skipped, "arms": {a: {} for a in arms}}
+    for k in cfg.shots:
+        draws = {label: [sample_shots(next(iter(data[label].values()))["train"], k, seed, label)
+                         for seed in range(cfg.seeds)] for label in usable}
+        labels_k = [label for label in usable if draws[label][0].index is not None]
+        for arm, variants in arms.items():
+            val: dict[str, dict[str, float]] = {v: {} for v in variants}
+            for variant in variants:
+                for label in labels_k:
+                    part = data[label][variant]
+                    per_seed = [fit_probe(subset(part["train"], d.index), part["val"], cfg.c_grid)
+                                for d in draws[label]]
+                    val[variant][label] = float(np.mean([f.val_auroc[f.c] for f in per_seed]))
+            chosen, means = choose_variant(val) if labels_k else (variants[0], {})
+            choice[arm][k] = chosen
+            record["arms"][arm][str(k)] = {"chosen": chosen, "labels": labels_k, "val_auroc_mean": means}
+            if len(variants) > 1:
+                rprint(f"{arm} K={k}: {chosen} chosen on val among {len(variants)} variants")
+    return choice, record
+
+
 def _evaluate(
-    cfg: FewshotConfig, frames: dict[str, Any], features: dict[str, Any], labels: list[str]
+    cfg: FewshotConfig, frames: dict[str, Any], features: dict[str, Any], labels: list[str],
+    choice: dict[str, dict[int, str]],
 ) -> tuple:
+    """`choice[model][K]` names the cached features a model (an arm under selection) is evaluated with at K."""
     from rich import print as rprint
 
     from headct.eval.fewshot import sample_shots
     from headct.eval.labels import skip_reason
     from headct.eval.probe import label_data
 
-    models = list(features)
+    models = list(choice)
     results: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in models}
     skipped: dict[str, str] = {}
     skipped_shots: dict[str, dict[str, str]] = {}
     predictions = []
     for label in labels:
-        data = {m: {s: label_data(frames[s], features[m][s], label) for s in frames} for m in models}
-        first = data[models[0]]
+        data = {v: {s: label_data(frames[s], features[v][s], label) for s in frames} for v in features}
+        first = next(iter(data.values()))
         reason = skip_reason({"val": first["val"].y, "test": first["test"].y}, cfg.min_positives)
         if reason is not None:
             rprint(f"[yellow]skip {label}:[/] {reason}")
@@ -80,7 +131,7 @@ def _evaluate(
                 skipped_shots.setdefault(label, {})[str(k)] = str(samples[0].reason)
                 continue
             for model in models:
-                aurocs, aps, rows = _fit_seeds(data[model], samples, label, model, k, cfg.c_grid)
+                aurocs, aps, rows = _fit_seeds(data[choice[model][k]], samples, label, model, k, cfg.c_grid)
                 results[model].setdefault(label, {})[str(k)] = _entry(aurocs, aps)
                 predictions += rows
     return results, skipped, skipped_shots, predictions
@@ -172,15 +223,21 @@ def _print_table(metrics: dict[str, Any], shots: tuple[int, ...]) -> None:
 def run(cfg: FewshotConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.data.splits import read_splits
-    from headct.eval.feature_cache import read_cache, split_features
+    from headct.eval.feature_cache import arms_of, read_cache, split_features
     from headct.eval.labels import requested_labels
 
     frames = read_splits(cfg.splits)
     labels = requested_labels(cfg.labels, frames, cfg.splits)
-    features = split_features(read_cache(cfg.features, cfg.models, ctx.root), frames, cfg.features)
-    results, skipped, skipped_shots, predictions = _evaluate(cfg, frames, features, labels)
+    cache = read_cache(cfg.features, cfg.models, ctx.root)
+    features = split_features(cache, frames, cfg.features)
+    selection = None
+    if cfg.select_by is not None:
+        choice, selection = _select(cfg, frames, features, arms_of(cache))
+    else:
+        choice = {m: dict.fromkeys(cfg.shots, m) for m in features}
+    results, skipped, skipped_shots, predictions = _evaluate(cfg, frames, features, labels, choice)
     metrics = {
-        "models": list(features),
+        "models": list(choice),
         "shots": list(cfg.shots),
         "seeds": cfg.seeds,
         "results": results,
@@ -188,6 +245,8 @@ def run(cfg: FewshotConfig, ctx: JobContext) -> dict[str, Any]:
         "skipped": skipped,
         "skipped_shots": skipped_shots,
     }
+    if selection is not None:
+        metrics["selection"] = selection
     outputs = _write_outputs(cfg, metrics, predictions)
 
     with tracking.job_run(ctx.tracking, "fewshot", cfg, ctx.root) as mlrun:

@@ -5,7 +5,10 @@ architecture; embed train/val/test once per encoder; per label, skip (with the r
 positives or negatives, else standardise on train, fit a logistic regression per C, choose C and the decision
 threshold on val, score test once, bootstrap patient-level 95% CIs.
 With `probe.features` set (a cache from `headct extract`), every cached model is probed instead (e.g. with the
-HU-histogram baseline and external encoders) and nothing is embedded here.
+HU-histogram baseline and external encoders) and nothing is embedded here. With `probe.select_by` too, the cached
+variants are grouped by arm and each arm keeps the variant whose probes have the best mean val AUROC over those
+labels (test never enters the choice); the arm is then probed under its own name, and metrics.json records the
+choice and the val figures ("selection") apart from a test AUROC of every variant ("diagnostic", not a result).
 Outputs under cfg.report_dir: metrics.json (per model and label: test metrics with CIs, Brier/ECE, patient-level
 AUROC, AUROC by subgroup where the store's manifest is found), predictions.csv, roc.png, pr.png, reliability.png.
 """
@@ -19,6 +22,7 @@ from typing import Any
 from headct.config.base import JobContext
 from headct.config.evaluate import ProbeConfig
 from headct.errors import InputError
+from headct.eval import PROBE_META_KEYS
 
 MODELS: tuple[str, ...] = ("pretrained", "random_init")
 
@@ -34,7 +38,7 @@ def _print_table(metrics: dict[str, Any]) -> None:
         ci = f" [{low:.3f}, {high:.3f}]" if low is not None else ""
         return f"{m['auroc']:.3f}{ci}"
 
-    models = [m for m in metrics if m != "skipped"]
+    models = [m for m in metrics if m not in PROBE_META_KEYS]
     table = Table(title="linear probe: test AUROC [95% CI, patient bootstrap]")
     for name in ("label", "test pos/neg", *models, f"C ({models[0]})"):
         table.add_column(name, justify="left" if name == "label" else "right")
@@ -45,6 +49,10 @@ def _print_table(metrics: dict[str, Any]) -> None:
     console.print(table)
     for label, reason in metrics["skipped"].items():
         console.print(f"skipped {label}: {reason}")
+    for arm, choice in metrics.get("selection", {}).get("arms", {}).items():
+        mean = choice["val_auroc_mean"].get(choice["chosen"])
+        on_val = f" (mean val AUROC {mean:.3f})" if mean is not None else ""
+        console.print(f"{arm}: variant {choice['chosen']}{on_val}")
 
 
 def _embed(
@@ -112,6 +120,57 @@ def _probe_labels(
             metrics[model][label] = result
             predictions.append(rows)
     return metrics, predictions
+
+
+def _select_variants(
+    cfg: ProbeConfig, frames: dict[str, Any], features: dict[str, dict[str, Any]], cache: dict[str, Any]
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """Per arm, the variant with the best mean val AUROC over `cfg.select_by` -> (features per arm, the
+    "selection" record, the "diagnostic" test AUROCs of every variant on those labels)."""
+    from rich import print as rprint
+
+    from headct.eval.feature_cache import arms_of
+    from headct.eval.labels import requested_labels, skip_reason
+    from headct.eval.metrics import auroc
+    from headct.eval.probe import choose_variant, fit_probe, label_data
+
+    assert cfg.select_by is not None
+    skipped: dict[str, str] = {}
+    usable = []
+    for label in requested_labels(cfg.select_by, frames, cfg.splits):
+        # Only train and val decide whether a label can choose (test is not looked at).
+        reason = skip_reason({s: frames[s][label] for s in ("train", "val")}, cfg.min_positives)
+        if reason is None:
+            usable.append(label)
+        else:
+            skipped[label] = reason
+    arms = arms_of(cache)
+    if not usable and any(len(v) > 1 for v in arms.values()):
+        raise InputError(
+            f"{cfg.splits}: no label of probe.select_by {cfg.select_by} can choose among the cached variants: "
+            + "; ".join(f"{label}: {reason}" for label, reason in skipped.items())
+        )
+    record: dict[str, Any] = {"select_by": list(cfg.select_by), "labels": usable, "skipped": skipped, "arms": {}}
+    diagnostic: dict[str, Any] = {}
+    chosen_features = {}
+    for arm, variants in arms.items():
+        val: dict[str, dict[str, float]] = {v: {} for v in variants}
+        test: dict[str, dict[str, float]] = {v: {} for v in variants}
+        for variant in variants:
+            for label in usable:
+                data = {s: label_data(frames[s], features[variant][s], label) for s in frames}
+                fit = fit_probe(data["train"], data["val"], cfg.c_grid)
+                val[variant][label] = fit.val_auroc[fit.c]
+                if 0 < data["test"].y.sum() < len(data["test"].y):
+                    test[variant][label] = auroc(data["test"].y, fit.score(data["test"].x))
+        chosen, means = choose_variant(val) if usable else (variants[0], {})
+        record["arms"][arm] = {"chosen": chosen, "val_auroc_mean": means, "val_auroc": val}
+        diagnostic[arm] = test
+        chosen_features[arm] = features[chosen]
+        rprint(f"{arm}: {chosen} chosen on val among {len(variants)} variant(s)")
+    note = ("test AUROC of every variant on the select_by labels, for inspection only: never used to choose, "
+            "not a result (the arms' results are the chosen variants')")
+    return chosen_features, record, {"note": note, "test_auroc": diagnostic}
 
 
 def _subgroups_of_store(cfg: ProbeConfig, ctx: JobContext) -> Any:
@@ -195,7 +254,10 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
     if cfg.features is not None:  # features extracted once by `headct extract`
         from headct.eval.feature_cache import read_cache, split_features
 
-        features, seconds = split_features(read_cache(cfg.features, root=ctx.root), frames, cfg.features), {}
+        cache = read_cache(cfg.features, root=ctx.root)
+        features, seconds = split_features(cache, frames, cfg.features), {}
+        if cfg.select_by is not None:
+            features, selection, diagnostic = _select_variants(cfg, frames, features, cache)
     else:
         pretrained, config = load_model_dir(cfg.model_dir)
         check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
@@ -203,11 +265,13 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
         encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
         features, seconds = _embed(encoders, frames, config, cfg, ctx)
     metrics, predictions = _probe_labels(labels, frames, features, cfg)
+    if cfg.select_by is not None:
+        metrics.update(selection=selection, diagnostic=diagnostic)
     outputs = _write_outputs(cfg, ctx, metrics, predictions)
 
     with tracking.job_run(ctx.tracking, "probe", cfg, ctx.root) as mlrun:
         mlrun.log_metrics({f"features_seconds.{m}": s for m, s in seconds.items()})
-        models = [m for m in metrics if m != "skipped"]
+        models = [m for m in metrics if m not in PROBE_META_KEYS]
         mlrun.log_metrics(
             {"labels_probed": len(metrics[models[0]]), "labels_skipped": len(metrics["skipped"])}
         )

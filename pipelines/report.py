@@ -3,7 +3,7 @@
 Inputs (cfg paths): pre-training metrics (method, held-out pretext loss start/end), probe metrics
 ({model: {label: {auroc, auroc_low, auroc_high, n_pos, ...}}, "skipped": {label: reason}}) and predictions, and
 optionally few-shot metrics (mean over labels per model and K), retrieval metrics (mAP per model and label) and
-fine-tuning metrics. Nothing is recomputed here except what the predictions CSV gives directly (calibration).
+fine-tuning metrics, and the comparisons of `headct compare` ("Does pre-training help?"). Nothing is recomputed here except what the predictions CSV gives directly (calibration).
 Outputs under cfg.report_dir: results.md, metrics.json, radar.png (probe AUROC per label, models overlaid),
 fewshot.png, retrieval.png, calibration.png (the last three when their inputs exist).
 """
@@ -17,6 +17,7 @@ from typing import Any
 from headct.config.base import LABELS, JobContext
 from headct.config.evaluate import ReportConfig
 from headct.errors import InputError
+from headct.eval import PROBE_META_KEYS
 
 # Display names; any other model key (an external encoder) is shown as it is.
 NAMES = {"pretrained": "pre-trained", "random_init": "random init", "hu_histogram": "HU histogram"}
@@ -54,7 +55,7 @@ def _canonical(labels: Any) -> list[str]:
 
 
 def probe_models(probe: dict[str, Any]) -> list[str]:
-    return [m for m, v in probe.items() if m != "skipped" and isinstance(v, dict)]
+    return [m for m, v in probe.items() if m not in PROBE_META_KEYS and isinstance(v, dict)]
 
 
 def display(model: str, method: str) -> str:
@@ -82,8 +83,46 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _ci_cell(entry: dict[str, Any], key: str) -> str:
+    """`headct compare`'s {key, low, high} as "0.812 [0.700, 0.900]" (a difference signed)."""
+    value = f"{entry[key]:+.3f}" if key == "diff" else f"{entry[key]:.3f}"
+    return value if entry.get("low") is None else f"{value} [{entry['low']:.3f}, {entry['high']:.3f}]"
+
+
+def compare_lines(compare: dict[str, Any] | None) -> list[str]:
+    """The "Does pre-training help?" table from `headct compare`'s metrics.json: the primary label (and its
+    severity strata) per setting; [] without it."""
+    if not compare or not compare.get("results"):
+        return []
+    model, baseline, primary = compare["model"], compare.get("baseline"), compare["primary"]
+    rows = []
+    for setting in compare.get("settings", list(compare["results"])):
+        entry = compare["results"][setting].get(primary)
+        if not entry:
+            continue
+        for stratum, e in [("all", entry["all"]), *entry.get("strata", {}).items()]:
+            if "aurocs" not in e:
+                continue
+            vs_r, vs_b = e.get("vs_random", {}), e.get("vs_baseline", {})
+            gap = (e.get("gap_closure") or {}).get("value")
+            rows.append([setting, stratum, f"{e['n_pos']}/{e['n_neg']}", _ci_cell(e["aurocs"][model], "auroc"),
+                         f"{_ci_cell(vs_r['best_auroc'], 'auroc')} ({vs_r['best']})" if "best" in vs_r else "-",
+                         ("yes" if vs_r["beats"] else "no") if "best" in vs_r else "-",
+                         _ci_cell(vs_b, "diff") if "diff" in vs_b else "-",
+                         f"{gap:.2f}" if gap is not None else "-"])
+    if not rows:
+        return []
+    header = ["setting", "stratum", "test pos/neg", f"AUROC {model}", "best random init", "beats it (CIs apart)",
+              f"{model} - {baseline}", "gap closed"]
+    return ["", f"## Does pre-training help? ({primary}, test split)", "",
+            "Best random init = the random-init seed with the highest test AUROC; differences are paired patient "
+            "bootstraps (few-shot: seeds resampled too); details in reports/compare/comparison.md.", "",
+            *_table(header, rows)]
+
+
 def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
-                    retrieval: dict[str, Any] | None, finetune: dict[str, Any] | None, figures: list[str]) -> str:
+                    retrieval: dict[str, Any] | None, finetune: dict[str, Any] | None, figures: list[str],
+                    compare: dict[str, Any] | None = None) -> str:
     method = pretrain.get("method", "mae")
     models = probe_models(probe)
     lines = ["# Results", "", "## Linear probe (frozen features, test split)", "",
@@ -92,6 +131,10 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: di
                     results_rows(probe))
     lines += ["", "Mean AUROC over labels: " + ", ".join(
         f"{display(m, method)} {v:.3f}" for m in models if (v := _mean_auroc(probe[m])) is not None) + "."]
+    for arm, choice in probe.get("selection", {}).get("arms", {}).items():
+        if len(choice.get("val_auroc", {})) > 1:
+            lines.append(f"- {display(arm, method)}: variant `{choice['chosen']}` chosen on val")
+    lines += compare_lines(compare)
     if probe.get("skipped"):
         lines += ["", "Skipped labels:", ""]
         lines += [f"- {label}: {probe['skipped'][label]}" for label in _canonical(probe["skipped"])]
@@ -183,10 +226,10 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
     pretrain = _load(cfg.pretrain_metrics, ("heldout_loss_start", "heldout_loss_end"))
     probe = _load(cfg.probe_metrics, ("pretrained", "random_init"))
     fewshot, retrieval = _optional(cfg.fewshot_metrics), _optional(cfg.retrieval_metrics)
-    finetune = _optional(cfg.finetune_metrics)
+    finetune, compare = _optional(cfg.finetune_metrics), _optional(cfg.compare_metrics)
     method = pretrain.get("method", "mae")
     figures = _figures(cfg, probe, fewshot, retrieval, method)
-    markdown = render_markdown(pretrain, probe, fewshot, retrieval, finetune, [str(f) for f in figures])
+    markdown = render_markdown(pretrain, probe, fewshot, retrieval, finetune, [str(f) for f in figures], compare)
     summary = summary_metrics(pretrain, probe, fewshot, retrieval)
     write_text(cfg.report_dir / "results.md", markdown)
     write_json(cfg.report_dir / "metrics.json", summary)

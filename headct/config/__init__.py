@@ -10,7 +10,7 @@ One module per stage group, so a DVC stage depends only on the config code its j
 - ``base``: the ``Section`` base, ``Label``/``LABELS``, windows, ``PreprocessSpec``, the ``tracking`` section,
   ``JobContext`` and the path helpers (``resolve_path``, ``dump_params``, ``with_absolute_paths``)
 - ``data``: synth, ingest (+ QC rules), split; ``pretrain``: pretrain (+ dino)
-- ``evaluate``: extract, probe, fewshot, retrieval, explain, report; ``finetune``: finetune, tune, predict
+- ``evaluate``: extract, probe, fewshot, retrieval, explain, compare, report; ``finetune``: finetune, tune, predict
 - ``params``: ``Params``, the whole file; ``loader``: ``load_params`` and what it needs
 
 Importing this package imports them all: jobs and library modules import the submodule they need
@@ -32,10 +32,12 @@ from headct.config.base import (
 )
 from headct.config.data import IngestConfig, QcRules, SplitConfig, SynthConfig
 from headct.config.evaluate import (
+    CompareConfig,
     ExplainConfig,
     ExtractConfig,
     FewshotConfig,
     ModelName,
+    Pool,
     ProbeConfig,
     ReportConfig,
     RetrievalConfig,
@@ -54,6 +56,7 @@ from headct.config.pretrain import DinoConfig, PretrainConfig
 __all__ = [
     "DEFAULT_WINDOWS",
     "LABELS",
+    "CompareConfig",
     "ConfigError",
     "DinoConfig",
     "ExplainConfig",
@@ -65,6 +68,7 @@ __all__ = [
     "Label",
     "ModelName",
     "Params",
+    "Pool",
     "PredictConfig",
     "PreprocessSpec",
     "PretrainConfig",

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 from headct.config.base import Section, TrackingConfig
 from headct.config.data import IngestConfig, SplitConfig, SynthConfig
 from headct.config.evaluate import (
+    CompareConfig,
     ExplainConfig,
     ExtractConfig,
     FewshotConfig,
@@ -30,6 +31,7 @@ class Params(Section):
     extract: ExtractConfig = Field(default_factory=ExtractConfig)
     fewshot: FewshotConfig = Field(default_factory=FewshotConfig)
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)

@@ -18,3 +18,6 @@ PREDICTION_COLUMNS: tuple[str, ...] = (
     "target",
     "threshold",
 )
+
+# Top-level keys of the probe's metrics.json that are not models (every other key is a model or arm).
+PROBE_META_KEYS: tuple[str, ...] = ("skipped", "selection", "diagnostic")

@@ -6,6 +6,11 @@ Layout of a cache folder (e.g. `data/features/synth/`):
     `index.json`    {"models": [...]} in the order they were extracted (the order reports list them in)
 Only pseudonymous ids are stored. Every file is written atomically, the index last, so a reader never sees a
 model listed whose arrays are half-written.
+
+Variants: one ViT arm (`pretrained`, `random_init` and `random_init.s<seed>` for other init seeds) gives one cached
+model per (pool, block). The arm's default variant (the `extract.pool` pool, the last block) is named as the arm
+and its `.json` is as it always was; every other variant is `<arm>.<pool>.b<block>` and its `.json` records
+`arm`, `pool`, `block` and `init_seed`. `variant_of` reads both back the same way.
 """
 
 from __future__ import annotations
@@ -54,6 +59,49 @@ def check_model_name(name: str) -> str:
     if not MODEL_NAME.match(name):
         raise ValueError(f"model name {name!r} must match {MODEL_NAME.pattern} (it names the cache files)")
     return name
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Which arm a cached model belongs to and how its vectors were made (pool/block None where they do not
+    apply: histogram, external encoders; init_seed None unless a random init)."""
+
+    model: str
+    arm: str
+    pool: str | None = None
+    block: int | None = None
+    init_seed: int | None = None
+
+
+def random_init_arm(seed: int, default_seed: int) -> str:
+    """`random_init` for the default seed (extract.seed), `random_init.s<seed>` for any other."""
+    return "random_init" if seed == default_seed else f"random_init.s{seed}"
+
+
+def variant_name(arm: str, pool: str, block: int, default: bool) -> str:
+    """The arm's name for its default variant, else `<arm>.<pool>.b<block>` (block as configured, e.g. b-2)."""
+    return check_model_name(arm if default else f"{arm}.{pool}.b{block}")
+
+
+def variant_of(features: FeatureSet) -> Variant:
+    """The variant a cached model is: recorded in its .json, or implied for a default variant / older caches
+    (arm = the model's name, the last block, the random init's `seed`)."""
+    meta = features.meta
+    if "arm" in meta:
+        return Variant(features.model, meta["arm"], meta.get("pool"), meta.get("block"), meta.get("init_seed"))
+    kind = meta.get("kind")
+    if kind in ("encoder", "random_init"):
+        seed = meta.get("seed") if kind == "random_init" else None
+        return Variant(features.model, features.model, meta.get("pool"), -1, seed)
+    return Variant(features.model, features.model)
+
+
+def arms_of(cache: dict[str, FeatureSet]) -> dict[str, list[str]]:
+    """arm -> its cached models, arms and models in cache (index) order."""
+    out: dict[str, list[str]] = {}
+    for name, features in cache.items():
+        out.setdefault(variant_of(features).arm, []).append(name)
+    return out
 
 
 def write_feature_set(folder: Path, features: FeatureSet) -> list[Path]:

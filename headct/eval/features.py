@@ -96,6 +96,85 @@ def extract_features(
         return map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)
 
 
+POOLS: tuple[str, ...] = ("cls", "mean", "max", "meanmax")  # config: headct.config.evaluate.Pool
+
+
+def pool_tokens(patches: Any, cls: Any, pool: str) -> Any:
+    """One vector per scan from (B, N, D) patch tokens and the (B, D) CLS token: "cls", "mean", "max" (per
+    channel over the patches) or "meanmax" (mean then max, (B, 2D))."""
+    import torch
+
+    if pool == "cls":
+        return cls
+    if pool == "mean":
+        return patches.mean(dim=1)
+    if pool == "max":
+        return patches.amax(dim=1)
+    if pool == "meanmax":
+        return torch.cat([patches.mean(dim=1), patches.amax(dim=1)], dim=1)
+    raise ValueError(f"pool must be one of {list(POOLS)}, got {pool!r}")
+
+
+def extract_variants(
+    encoder: Any,
+    paths: Sequence[Path],
+    windows: Sequence[Any],
+    *,
+    pools: Sequence[str],
+    blocks: Sequence[int],
+    batch_size: int = 16,
+    device: Any = "cpu",
+    shape: Sequence[int] | None = None,
+    description: str = "features",
+) -> dict[tuple[str, int], np.ndarray]:
+    """Every (pool, block) embedding of a frozen ViT3D from ONE forward pass per batch.
+
+    Args:
+        encoder: a ViT3D (`forward_intermediates`, `blocks`); put in eval mode here.
+        pools: names of `POOLS`; blocks: block indices as given (negative count from the end).
+        Tokens of a block pass through the final LayerNorm (`forward_intermediates(norm=True)`), so block -1 with
+        pool "mean" or "cls" equals `forward_pooled` bit for bit; blocks after the deepest one asked are not run.
+    Returns:
+        {(pool, block): (N, D') float32} in the order of `paths`, keys as given (D' = 2D for "meanmax").
+    """
+    import torch
+
+    from headct.data.windows import hu_to_windows
+
+    depth = len(encoder.blocks)
+    bad = [b for b in blocks if not -depth <= b < depth]
+    if bad:
+        raise ValueError(f"block(s) {bad} out of range for this {depth}-block encoder (valid: -{depth} .. {depth - 1})")
+    if len({b % depth for b in blocks}) != len(blocks):
+        raise ValueError(f"blocks {list(blocks)} name the same block twice in a {depth}-block encoder")
+    unknown = [p for p in pools if p not in POOLS]
+    if unknown:
+        raise ValueError(f"unknown pool(s) {unknown}; choose from {list(POOLS)}")
+    take = sorted({b % depth for b in blocks})  # the order forward_intermediates returns them in
+    keys = [(pool, block) for pool in pools for block in blocks]
+    dims = [encoder.embed_dim * (2 if pool == "meanmax" else 1) for pool, _ in keys]
+    encoder.eval()
+    encoder.to(device)
+
+    def embed(hu: np.ndarray) -> np.ndarray:
+        x = hu_to_windows(torch.from_numpy(hu).to(device, non_blocking=True), windows)
+        out = encoder.forward_intermediates(
+            x, indices=take, norm=True, output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True
+        )
+        parts = []
+        for pool, block in keys:
+            patches, prefix = out[take.index(block % depth)]
+            parts.append(pool_tokens(patches, prefix[:, 0], pool).float().cpu().numpy())
+        return np.concatenate(parts, axis=1)
+
+    if not paths:
+        return {key: np.zeros((0, dim), dtype=np.float32) for key, dim in zip(keys, dims, strict=True)}
+    with torch.inference_mode():
+        flat = map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)
+    edges = np.cumsum([0, *dims])
+    return {key: np.ascontiguousarray(flat[:, a:b]) for key, a, b in zip(keys, edges[:-1], edges[1:], strict=True)}
+
+
 def score_volumes(
     classifier: Any, paths: Sequence[Path], windows: Sequence[Any] | None = None, batch_size: int = 16,
     shape: Sequence[int] | None = None, description: str = "scoring",

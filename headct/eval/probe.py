@@ -88,6 +88,17 @@ def fit_probe(train: LabelData, val: LabelData, c_grid: Sequence[float]) -> Prob
     return ProbeFit(c, threshold, val_auroc, converged, scaler, model)
 
 
+def choose_variant(val_auroc: Mapping[str, Mapping[str, float]]) -> tuple[str, dict[str, float]]:
+    """Per-arm selection on val: `val_auroc[variant][label]` -> (the variant with the highest mean over the labels,
+    {variant: that mean}). Ties go to the variant listed first (the arm's default variant when it is there).
+    Only val figures enter here, never test."""
+    if not val_auroc:
+        raise ValueError("no variant to choose from")
+    means = {v: float(np.mean(list(per_label.values()))) for v, per_label in val_auroc.items()}
+    best = max(means.values())
+    return next(v for v, m in means.items() if m == best), means
+
+
 def predictions_frame(
     part: LabelData,
     split: str,
