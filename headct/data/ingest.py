@@ -319,10 +319,14 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     label_rows = label_sources.load(cfg)  # read first: a wrong labels file should fail before any work
     if cfg.qc.criteria_csv is not None:
         read_criteria(cfg.qc.criteria_csv)  # likewise: a bad criteria file fails now, naming itself
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]{message}")
+
     if key is None:
-        key, _ = load_key(cfg.demo_key, warn=lambda message: console.print(f"[yellow]{message}"))
+        key, _ = load_key(cfg.demo_key, warn=warn)
     pseudo = Pseudonymizer(key)
-    previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables) if tables.is_dir() else {}
+    previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables, warn) if tables.is_dir() else {}
     readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
 
     # spawned workers start with the default formats: hand them this process's (one registered by a caller too)
