@@ -85,13 +85,40 @@ def test_heads_map_tokens_to_logits_and_linear_head_has_no_affine_bn() -> None:
     assert head(tokens[:, 0]).shape == (4, 3)
     assert head.norm.weight is None and head.norm.bias is None and not head.norm.affine
     assert torch.all(head.linear.bias == 0) and head.linear.weight.std() < 0.05
-    attentive = AttentivePoolHead(32, 3, num_heads=3)  # 3 does not divide 32: reduced to 2
-    assert attentive(tokens[:, 1:]).shape == (4, 3) and attentive.attention.num_heads == 2
+    attentive = AttentivePoolHead(32, 3, num_heads=4)
+    assert attentive(tokens[:, 1:]).shape == (4, 3) and attentive.attention.num_heads == 4
+    with pytest.raises(ValueError, match=r"num_heads=3 does not divide the token width 32; allowed: "
+                                         r"\[1, 2, 4, 8, 16, 32\]"):
+        AttentivePoolHead(32, 3, num_heads=3)  # never lowered quietly to a divisor
     encoder = build_encoder(TINY_ARCH)
     x = torch.rand(2, 3, SIZE, SIZE, SIZE)
     for pool, kind in (("cls", "linear"), ("mean", "linear"), ("attentive", "attentive")):
         model = Classifier(encoder, pool, 5)
         assert model(x).shape == (2, 5) and model.head_type == kind
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet10"])
+def test_the_job_refuses_attention_heads_that_do_not_divide_the_width_before_training(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    from typer.testing import CliRunner
+
+    import cli
+
+    heads, width = (3, 32) if arch == "vit" else (7, 512)  # the tiny encoder's width is 32, a ResNet's 512
+    (tmp_path / "params.yaml").write_text(
+        f"tracking:\n  uri: sqlite:///{tmp_path}/mlflow.db\nfinetune:\n  splits: {project}/data/splits/t\n"
+        f"  model_dir: {project}/models/mae\n  arch: {arch}\n  pool: attentive\n  attention_heads: {heads}\n"
+        f"  checkpoint_dir: {tmp_path}/ckpt\n  out_dir: {tmp_path}/clf\n  report_dir: {tmp_path}/rep\n"
+        "  min_positives: 1\n  batch_size: 2\n  tuned_params: null\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["finetune"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    allowed = [h for h in range(1, 65) if width % h == 0]
+    assert f"finetune.attention_heads={heads} does not divide the encoder width {width}" in message
+    assert f"allowed: {allowed}" in message
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ckpt").exists()  # nothing started
 
 
 def test_resnet_backbone_gives_tokens_and_logits() -> None:

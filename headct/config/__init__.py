@@ -40,7 +40,7 @@ from headct.config.evaluate import (
     ReportConfig,
     RetrievalConfig,
 )
-from headct.config.finetune import FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.finetune import MAX_ATTENTION_HEADS, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.loader import (
     ConfigError,
     find_project_root,
@@ -54,6 +54,7 @@ from headct.config.pretrain import DinoConfig, PretrainConfig
 __all__ = [
     "DEFAULT_WINDOWS",
     "LABELS",
+    "MAX_ATTENTION_HEADS",
     "ConfigError",
     "DinoConfig",
     "ExplainConfig",

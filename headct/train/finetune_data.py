@@ -67,6 +67,7 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
     from headct.data.store import read_preprocess
     from headct.data.volumes import split_store
 
+    check_attention_heads(cfg)  # a setting that cannot work: refused before any data is read
     train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
     shared = set(train["patient_id"]) & set(val["patient_id"])
     if shared:
@@ -74,6 +75,40 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
     labels, skipped = choose_labels(cfg, train, val)
     preprocess = read_preprocess(split_store(cfg.splits, root))
     return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
+
+
+def backbone_width(cfg: Any) -> tuple[int, str]:
+    """(token width D of the backbone `cfg` asks for, where that width comes from), without reading weights."""
+    if cfg.arch != "vit":
+        from headct.models.resnet import EMBED_DIM
+
+        return EMBED_DIM, f"the {cfg.arch}"
+    from headct.models.model_dir import CONFIG, read_config
+    from headct.models.vit import build_encoder
+
+    arch = read_config(cfg.model_dir)["arch"]
+    width = arch.get("embed_dim")
+    if width is None:  # a size's default width
+        try:
+            width = build_encoder(arch).embed_dim
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{cfg.model_dir / CONFIG}: unusable arch ({exc})") from None
+    return int(width), str(cfg.model_dir / CONFIG)
+
+
+def check_attention_heads(cfg: Any) -> None:
+    """With `pool: attentive` the head count must divide the encoder width: ConfigError (exit 2) naming the key,
+    the width and the allowed counts, before any training (the head refuses it too; never lowered quietly)."""
+    from headct.config.finetune import MAX_ATTENTION_HEADS
+    from headct.errors import ConfigError
+    from headct.models.heads import head_counts
+
+    if cfg.pool != "attentive":
+        return
+    width, source = backbone_width(cfg)
+    if width % cfg.attention_heads:
+        raise ConfigError(f"finetune.attention_heads={cfg.attention_heads} does not divide the encoder width "
+                          f"{width} ({source}); allowed: {head_counts(width, MAX_ATTENTION_HEADS)}")
 
 
 def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list[Any], dict[str, Any]]:
