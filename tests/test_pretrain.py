@@ -146,6 +146,50 @@ def test_non_finite_loss_aborts_naming_the_step_before_any_checkpoint_of_it() ->
     assert logged == []
 
 
+@pytest.mark.parametrize("start", [0.0, 0.04])
+def test_the_weight_decay_schedule_drives_the_decayed_group_even_from_zero(start: float) -> None:
+    """DINO's weight decay rises by cosine from `pretrain.weight_decay`; a start of 0 must rise too. The groups
+    are told apart by their "decay" mark, never by their current value."""
+    from headct.train.engine import adamw
+    from headct.train.schedules import dino_weight_decay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    optimizer = adamw(model, lr=1e-2, weight_decay=start)
+    assert [g["decay"] for g in optimizer.param_groups] == [True, False]
+    seen = []
+
+    def loss_fn(batch: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])  # what this step's update uses
+        return model(batch).square().mean()
+
+    total = 5
+    train(model, optimizer, iter(torch.randn(total, 2, 4)), loss_fn, start_step=0, total_steps=total,
+          lr_at=lambda s: 1e-2, wd_at=lambda s: dino_weight_decay(s, total, start, 0.4))
+    assert seen == [[pytest.approx(dino_weight_decay(s, total, start, 0.4)), 0.0] for s in range(total)]
+    assert seen[-1][0] == pytest.approx(0.4)
+    bare = torch.optim.AdamW([{"params": list(model.parameters()), "weight_decay": 0.1}])  # built by hand, unmarked
+    with pytest.raises(ValueError, match="param group 0 has no 'decay' mark"):
+        train(model, bare, iter(torch.randn(1, 2, 4)), loss_fn, start_step=0, total_steps=1, lr_at=lambda s: 1e-2,
+              wd_at=lambda s: 0.1)
+
+
+
+def test_resuming_a_checkpoint_written_before_groups_were_marked_keeps_the_marks() -> None:
+    from headct.train.checkpoint import restore, rng_state
+    from headct.train.engine import adamw
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = adamw(model, lr=1e-3, weight_decay=0.0)
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["decay"]  # as an optimizer state saved before the "decay" mark existed
+    state = {"model": model.state_dict(), "optimizer": saved, "rng": rng_state(), "step": 3}
+    fresh = adamw(model, lr=1e-3, weight_decay=0.0)
+    assert restore(state, model, fresh) == 3
+    assert [g["decay"] for g in fresh.param_groups] == [True, False]
+
+
 # ------------------------------------------------------------------------------------------------ job
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
