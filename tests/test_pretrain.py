@@ -329,21 +329,68 @@ def test_changed_config_trains_afresh_and_a_foreign_checkpoint_is_refused(traine
 DINO_SMALL = {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops": 2, "local_size": 16}
 
 
+def dino_cfg(root: Path, tag: str, **kw) -> PretrainConfig:
+    return make_cfg(root, method="dino", dino=DINO_SMALL, checkpoint_dir=root / f"ckpt_{tag}",
+                    model_dir=root / f"models/{tag}", report_dir=root / f"reports/{tag}", register_as=None, **kw)
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One DINO job run (8 steps of 2 on 16 scans), shared by the DINO job tests."""
+    from pipelines.pretrain import run
+
+    root = make_project(tmp_path_factory.mktemp("dino") / "proj", n_scans=16)
+    return root, run(dino_cfg(root, "a"), ctx_for(root))
+
+
+def test_dino_start_and_end_heldout_losses_are_scored_with_the_same_centre(dino_run: tuple[Path, dict]) -> None:
+    """The champion rule compares heldout_loss_start with heldout_loss_end. DINO's loss is centred and training
+    moves the centre away from 0, so both ends must be scored with one centre (the final one): the start is the
+    seeded initial model scored at the end."""
+    import headct.train.checkpoint as checkpoint
+    from headct.models.vit import build_encoder
+    from headct.train.pretext import DinoTask
+    from pipelines.pretrain import load_data
+
+    root, whole = dino_run
+    cfg = dino_cfg(root, "a")
+    data = load_data(cfg, ctx_for(root))
+    hu = VolumeDataset(data.heldout_paths, data.heldout_ids).load_all()
+    final = checkpoint.load_checkpoint(next((root / "ckpt_a").glob("*/complete.pt")))
+    centre = final["model"]["loss_fn.center"]
+    assert centre.abs().max() > 0  # training moved it from its zero start
+
+    def task_at(state: dict | None) -> DinoTask:
+        torch.manual_seed(cfg.seed)  # the job's initial weights
+        encoder = build_encoder({"name": "tiny", "img_size": [SIZE] * 3, "patch_size": 16, "in_chans": 3,
+                                 "num_registers": 0})
+        task = DinoTask(cfg, encoder, torch.device("cpu"), 0, whole["steps"], 5)
+        if state is not None:
+            task.model.load_state_dict(state, strict=True)
+        return task
+
+    initial = task_at(None)
+    zero_centred = initial.heldout_loss(hu)  # what the start was scored with before: a zero centre
+    with torch.no_grad():
+        initial.model.loss_fn.center.copy_(centre)
+    assert whole["heldout_loss_start"] == pytest.approx(initial.heldout_loss(hu), rel=1e-5)
+    assert whole["heldout_loss_start"] != pytest.approx(zero_centred, rel=1e-3)
+    assert whole["heldout_loss_end"] == pytest.approx(task_at(final["model"]).heldout_loss(hu), rel=1e-5)
+
+
 def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dino_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import headct.train.checkpoint as checkpoint
     from headct.models.model_dir import load_model_dir
     from headct.train.distributed import weights_digest
     from pipelines.pretrain import run
 
-    root = make_project(tmp_path / "proj", n_scans=16)
+    root, whole = dino_run
 
     def cfg(tag: str, **kw) -> PretrainConfig:
-        return make_cfg(root, method="dino", dino=DINO_SMALL, checkpoint_dir=root / f"ckpt_{tag}",
-                        model_dir=root / f"models/{tag}", report_dir=root / f"reports/{tag}", register_as=None, **kw)
+        return dino_cfg(root, tag, **kw)
 
-    whole = run(cfg("a"), ctx_for(root))
     assert whole["method"] == "dino" and whole["steps"] == 8
     assert (root / "reports/a/dino_views.png").stat().st_size > 1000
     encoder, config = load_model_dir(root / "models/a")
