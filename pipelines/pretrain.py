@@ -278,7 +278,7 @@ def _finish(
         mlrun.log_metrics({"heldout_loss": start_loss}, step=0)
     spread = task.feature_spread(heldout_hu)
     mlrun.log_metrics({"heldout_loss": end_loss}, step=total)
-    provenance = {"git_commit": tracking.git_commit(ctx.root), "data": data.provenance,
+    provenance = {**tracking.git_state(ctx.root), "data": data.provenance,
                   "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
                              ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
     save_model_dir(cfg.model_dir, task.encoder, {
