@@ -46,7 +46,8 @@ def _encoder_models(
 
     assert cfg.model_dir is not None
     encoder, config = load_model_dir(cfg.model_dir)
-    check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
+    check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG,
+                        allow_mismatch=cfg.allow_preprocess_mismatch, setting="extract.allow_preprocess_mismatch")
     preprocess = config.get("preprocess", {})
     meta = {
         "source": str(
@@ -84,8 +85,9 @@ def _encoder_models(
     return out
 
 
-def _volume_models(cfg: ExtractConfig, shape: Any) -> dict[str, tuple[Callable, Any, dict]]:
+def _volume_models(cfg: ExtractConfig, shape: Any, root: Path) -> dict[str, tuple[Callable, Any, dict]]:
     """name -> (batch function on int16 HU, expected grid, provenance) for the histogram and external encoders."""
+    from headct.data.volumes import check_preprocessing
     from headct.eval.external import checked_embed, load_external
     from headct.eval.histogram import hu_histogram
 
@@ -98,6 +100,8 @@ def _volume_models(cfg: ExtractConfig, shape: Any) -> dict[str, tuple[Callable, 
         )
     for name, spec in cfg.external.items():
         encoder = load_external(spec)
+        check_preprocessing(cfg.splits, root, {"preprocess": dict(encoder.preprocess)}, f"external encoder {spec}",
+                            allow_mismatch=cfg.allow_preprocess_mismatch, setting="extract.allow_preprocess_mismatch")
 
         def embed(hu: np.ndarray, encoder: Any = encoder, spec: str = spec) -> np.ndarray:
             return checked_embed(encoder, hu, spec)
@@ -130,7 +134,7 @@ def run(cfg: ExtractConfig, ctx: JobContext) -> dict[str, Any]:
         shape = read_config(cfg.model_dir).get("preprocess", {}).get("shape")
         for name, (embedding, meta, took) in _encoder_models(cfg, ctx, paths).items():
             results[name], seconds[name] = (embedding, meta), took
-    for name, (fn, grid, meta) in _volume_models(cfg, shape).items():
+    for name, (fn, grid, meta) in _volume_models(cfg, shape, ctx.root).items():
         start = time.perf_counter()
         results[name] = (
             map_volumes(fn, paths, batch_size=cfg.batch_size, shape=grid, description=name),

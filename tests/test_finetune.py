@@ -121,6 +121,29 @@ def test_the_job_refuses_attention_heads_that_do_not_divide_the_width_before_tra
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ckpt").exists()  # nothing started
 
 
+def test_a_model_made_for_another_recipe_is_refused_before_training_unless_allowed(
+    project: Path, job_ctx: JobContext, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipelines import finetune as job
+
+    model = tmp_path / "imported"
+    shutil.copytree(project / "models/mae", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "preprocess": {"shape": [SIZE] * 3}}))  # no version
+    cfg = finetune_cfg(project, model_dir=model, labels="ICH", epochs=1, checkpoint_dir=tmp_path / "ckpt",
+                       out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
+    ctx = JobContext(root=project, tracking=job_ctx.tracking)
+    with pytest.raises(InputError, match=rf"{model / 'config.json'}: no preprocess version recorded.*"
+                                         r"or set finetune\.allow_preprocess_mismatch: true"):
+        job.run(cfg, ctx)
+    assert not (tmp_path / "ckpt").exists() and not runs_of(job_ctx)  # refused before any training or run
+    allowed = cfg.model_copy(update={"allow_preprocess_mismatch": True})
+    assert job.run(allowed, ctx)["labels"] == ["ICH"]
+    assert (tmp_path / "clf/model.safetensors").is_file()
+
+
 def test_resnet_backbone_gives_tokens_and_logits() -> None:
     from headct.models.resnet import ResNetBackbone
 

@@ -226,9 +226,13 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
     (tmp_path / "model/config.json").write_text(json.dumps({**config, "preprocess": {"version": "v2"}}))
     version = json.loads((tmp_path / "store/preprocess.json").read_text())["version"]
     with pytest.raises(
-        InputError, match=rf"preprocess\.json: preprocessing version {version} differs from the model's v2"
+        InputError, match=rf"preprocess\.json: preprocessing version {version} differs from the model's v2.*"
+                          r"or set probe\.allow_preprocess_mismatch: true"
     ):
         probe_job.run(cfg, JobContext(root=tmp_path))
+    # ... unless the user says so explicitly: then it probes, with a warning naming both versions.
+    allowed = cfg.model_copy(update={"allow_preprocess_mismatch": True, "report_dir": tmp_path / "reports/allowed"})
+    assert probe_job.run(allowed, job_ctx)["labels_probed"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ report job

@@ -29,6 +29,9 @@ class ProbeConfig(Section):
     # A feature cache written by `headct extract`: probe every model cached there (pool, batch_size and device
     # are then unused). None: embed here with model_dir and its random-init twin.
     features: Path | None = None
+    # Use a model whose recorded preprocessing version is missing or differs from the split's store (a warning
+    # instead of an error): an explicit choice, e.g. for imported weights made on an equivalent recipe.
+    allow_preprocess_mismatch: bool = False
 
 
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
@@ -50,6 +53,9 @@ class ExtractConfig(Section):
     batch_size: int = Field(16, ge=1)
     seed: int = Field(0, ge=0)  # the random-init twin
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Use a model or external encoder whose recorded preprocessing version (config.json's, or `preprocess["version"]`
+    # of the encoder) is missing or differs from the split's store: a warning instead of an error.
+    allow_preprocess_mismatch: bool = False
 
     @field_validator("external")
     @classmethod

@@ -57,6 +57,9 @@ class FinetuneConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"trajectory": False})
     threads: int | None = Field(None, ge=1, json_schema_extra={"trajectory": False})
     amp: Literal["auto", "bf16", "off"] = "auto"
+    # Fine-tune a model directory whose recorded preprocessing version is missing or differs from the split's store
+    # (a warning instead of an error); allows a run, changes nothing in it.
+    allow_preprocess_mismatch: bool = Field(False, json_schema_extra={"trajectory": False})
 
     @field_validator("labels", mode="before")
     @classmethod

@@ -74,6 +74,12 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
         raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both train.csv and val.csv")
     labels, skipped = choose_labels(cfg, train, val)
     preprocess = read_preprocess(split_store(cfg.splits, root))
+    if cfg.arch == "vit":  # the encoder must have been trained on the store's recipe (before any training)
+        from headct.data.volumes import check_preprocessing
+        from headct.models.model_dir import CONFIG, read_config
+
+        check_preprocessing(cfg.splits, root, read_config(cfg.model_dir), cfg.model_dir / CONFIG,
+                            allow_mismatch=cfg.allow_preprocess_mismatch, setting="finetune.allow_preprocess_mismatch")
     return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
 
 
@@ -113,13 +119,12 @@ def check_attention_heads(cfg: Any) -> None:
 
 def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list[Any], dict[str, Any]]:
     """A fresh classifier (seeded) -> (classifier, HU windows, preprocess spec for its directory). A ViT's model
-    directory must have been trained on the store's preprocessing (`check_preprocessing`)."""
+    directory was checked against the store's preprocessing by `load_data`."""
     import torch
 
     from headct.config.base import DEFAULT_WINDOWS
-    from headct.data.volumes import check_preprocessing
     from headct.models.heads import Classifier
-    from headct.models.model_dir import CONFIG, load_model_dir, read_config
+    from headct.models.model_dir import load_model_dir, read_config
     from headct.models.resnet import ResNetBackbone
     from headct.models.vit import build_encoder
 
@@ -134,7 +139,6 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
         else:
             config = read_config(cfg.model_dir)
             backbone = build_encoder(config["arch"])
-        check_preprocessing(cfg.splits, root, config, cfg.model_dir / CONFIG)
         windows, preprocess = config["windows"], config["preprocess"]
     classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)
     return classifier, windows, preprocess
