@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -294,3 +295,15 @@ def test_a_manifest_of_an_older_layout_is_converted_again_with_a_note(tmp_path: 
     summary, printed = _ingest_printing(cfg)
     assert (summary["converted"], summary["reused"]) == (1, 0)
     assert f"{path}: an older layout without ['content_sha256']; its volumes are converted again" in printed
+
+
+def test_journal_rows_of_an_older_layout_are_converted_again_with_a_note(tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path)
+    _interrupted_after_one_study(cfg, monkeypatch)
+    journal = cfg.dest / store.JOURNAL
+    row = json.loads(journal.read_text())
+    journal.write_text(json.dumps({k: v for k, v in row.items() if k not in store.CROP_COLUMNS}) + "\n")
+    summary, printed = _ingest_printing(cfg)  # a journal written before the crop columns existed
+    assert (summary["accepted"], summary["reused"], summary["converted"]) == (3, 0, 3)
+    assert (f"{journal}: 1 row(s) of an older layout without ['crop_x_mm', 'crop_y_mm', 'crop_z_mm']; their "
+            "volumes are converted again") in " ".join(printed.split())

@@ -43,11 +43,13 @@ PREPROCESS = "preprocess.json"
 JOURNAL = ".ingest-journal.jsonl"
 NIFTI = "nifti"
 
+# mm of the head's bounding box outside the canonical grid along RAS x, y, z (0: the head fits; headct.data.convert)
+CROP_COLUMNS = ("crop_x_mm", "crop_y_mm", "crop_z_mm")
 MANIFEST_COLUMNS = (
     "scan_id", "study_id", "patient_id", "patient_key_source", "volume", "affine", "spacing_mm", "src_shape",
     "src_spacing_mm", "slice_thickness_mm", "tilt_deg", "kvp", "kernel", "manufacturer", "body_part",
     "series_description", "n_slices", "preprocess_version", "volume_sha256", "source_format", "content_sha256",
-    "instances_id",
+    "instances_id", *CROP_COLUMNS,
 )
 REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
 
@@ -115,6 +117,8 @@ def write_manifest(store: Path, rows: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     frame["spacing_mm"] = frame["spacing_mm"].astype("float64")
     frame["n_slices"] = frame["n_slices"].astype("int64")
+    for column in CROP_COLUMNS:
+        frame[column] = frame[column].astype("float64")
     for column in ("source_format", "content_sha256", "instances_id"):
         frame[column] = frame[column].fillna("").astype(str)
     with atomic_path(store / MANIFEST) as tmp:
@@ -207,10 +211,12 @@ def store_index(store: Path) -> StoreIndex:
 
 
 # ------------------------------------------------------------------------------------------------- resume
-# What resuming needs from an earlier run's row; a manifest without these columns (an older layout) is not
-# reused: its volumes are made again, with a note.
-RESUME_COLUMNS = ("scan_id", "volume", "preprocess_version", "volume_sha256", "content_sha256", "affine",
-                  "spacing_mm")
+# What resuming needs from an earlier run's row. Every journal row has the first seven (a line without them is
+# damage); a manifest or journal row of an older layout (without the crop columns, say) is not reused: its
+# volume is made again, with a note.
+JOURNAL_COLUMNS = ("scan_id", "volume", "preprocess_version", "volume_sha256", "content_sha256", "affine",
+                   "spacing_mm")
+RESUME_COLUMNS = (*JOURNAL_COLUMNS, *CROP_COLUMNS)
 
 
 def _manifest_rows(path: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -249,7 +255,11 @@ def _journal_rows(path: Path, warn: Callable[[str], None]) -> list[dict[str, Any
                  "that volume is converted again")
         else:
             rows.append(row)
-    return rows
+    older = [row for row in rows if any(c not in row for c in RESUME_COLUMNS)]
+    if older:
+        missing = sorted({c for row in older for c in RESUME_COLUMNS if c not in row})
+        warn(f"{path}: {len(older)} row(s) of an older layout without {missing}; their volumes are converted again")
+    return [row for row in rows if all(c in row for c in RESUME_COLUMNS)]
 
 
 def _journal_row(line: str) -> dict[str, Any] | None:
@@ -257,12 +267,12 @@ def _journal_row(line: str) -> dict[str, Any] | None:
         row = json.loads(line)
     except json.JSONDecodeError:
         return None
-    return row if isinstance(row, dict) and all(c in row for c in RESUME_COLUMNS) else None
+    return row if isinstance(row, dict) and all(c in row for c in JOURNAL_COLUMNS) else None
 
 
 def converted_rows(store: Path, version: str, tables: Path | None = None,
                    warn: Callable[[str], None] = warnings.warn) -> dict[str, dict[str, Any]]:
-    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256, content_sha256) of volumes already converted
+    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256, content_sha256, crop_mm) of volumes converted
     with preprocess `version` whose .npy still exists, from the manifest and the journal of an interrupted run.
     `tables` is where the manifest and journal live (a shard's folder), `store` where the volumes are; `warn`
     receives the notes (an older manifest layout, a torn last journal line). InputError for an unreadable
@@ -289,6 +299,7 @@ def converted_rows(store: Path, version: str, tables: Path | None = None,
                 "spacing_mm": None if spacing is None or spacing != spacing else float(spacing),  # NaN: stretch
                 "volume_sha256": row["volume_sha256"],
                 "content_sha256": row["content_sha256"],
+                "crop_mm": [float(row[column]) for column in CROP_COLUMNS],
             }
     return facts
 
