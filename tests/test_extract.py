@@ -16,7 +16,7 @@ from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
 from headct.eval.feature_cache import FeatureSet, read_cache, write_feature_set, write_index
 from tests.conftest import runs_of
-from tests.test_probe import write_splits_and_model, write_volumes
+from tests.probe_helpers import write_splits_and_model, write_volumes
 
 EXTERNAL = """
 import numpy as np
