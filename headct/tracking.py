@@ -52,14 +52,35 @@ def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
 
 
-def git_commit(root: Path) -> str | None:
+def _git(root: Path, *args: str) -> str | None:
+    """stdout of `git <args>` in `root`, or None when git is missing, fails (not a repository) or hangs."""
     try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=False
-        )
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_commit(root: Path) -> str | None:
+    """The HEAD commit of the repository holding `root`; None outside one."""
+    out = _git(root, "rev-parse", "HEAD")
+    return (out or "").strip() or None
+
+
+def git_dirty(root: Path) -> bool | None:
+    """True when a tracked file differs from HEAD (staged or not; untracked files do not count), so a commit id
+    alone would not name the code that ran; None outside a repository."""
+    out = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return None if out is None else bool(out.strip())
+
+
+def git_state(root: Path) -> dict[str, Any]:
+    """Provenance of the code: {"git_commit", "git_dirty"}; outside a repository {"git_commit": None} only
+    (there is nothing to be dirty against)."""
+    commit = git_commit(root)
+    if commit is None:
+        return {"git_commit": None}
+    return {"git_commit": commit, "git_dirty": git_dirty(root)}
 
 
 class RunLogger:
@@ -173,9 +194,9 @@ def _run(
     artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
     experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
     run_tags = {"headct.job": job, **(tags or {})}
-    commit = git_commit(root)
-    if commit:
-        run_tags["git.commit"] = commit
+    git = git_state(root)
+    if git["git_commit"]:
+        run_tags["git.commit"], run_tags["git.dirty"] = git["git_commit"], str(git["git_dirty"]).lower()
     extra: dict[str, Any] = {}
     if cfg.system_metrics:
         extra = {"log_system_metrics": True}

@@ -51,7 +51,8 @@ def _encoder_models(
 
     assert cfg.model_dir is not None
     encoder, config = load_model_dir(cfg.model_dir)
-    check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
+    check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG,
+                        allow_mismatch=cfg.allow_preprocess_mismatch, setting="extract.allow_preprocess_mismatch")
     preprocess = config.get("preprocess", {})
     meta = {
         "source": str(
@@ -108,8 +109,9 @@ def _encoder_models(
     return out, seconds
 
 
-def _volume_models(cfg: ExtractConfig, shape: Any) -> dict[str, tuple[Callable, Any, dict]]:
+def _volume_models(cfg: ExtractConfig, shape: Any, root: Path) -> dict[str, tuple[Callable, Any, dict]]:
     """name -> (batch function on int16 HU, expected grid, provenance) for the histogram and external encoders."""
+    from headct.data.volumes import check_preprocessing
     from headct.eval.external import checked_embed, load_external
     from headct.eval.histogram import hu_histogram
 
@@ -122,6 +124,8 @@ def _volume_models(cfg: ExtractConfig, shape: Any) -> dict[str, tuple[Callable, 
         )
     for name, spec in cfg.external.items():
         encoder = load_external(spec)
+        check_preprocessing(cfg.splits, root, {"preprocess": dict(encoder.preprocess)}, f"external encoder {spec}",
+                            allow_mismatch=cfg.allow_preprocess_mismatch, setting="extract.allow_preprocess_mismatch")
 
         def embed(hu: np.ndarray, encoder: Any = encoder, spec: str = spec) -> np.ndarray:
             return checked_embed(encoder, hu, spec)
@@ -155,7 +159,7 @@ def run(cfg: ExtractConfig, ctx: JobContext) -> dict[str, Any]:
         variants, arm_seconds = _encoder_models(cfg, ctx, paths)
         results.update(variants)
         seconds.update(arm_seconds)
-    for name, (fn, grid, meta) in _volume_models(cfg, shape).items():
+    for name, (fn, grid, meta) in _volume_models(cfg, shape, ctx.root).items():
         start = time.perf_counter()
         results[name] = (
             map_volumes(fn, paths, batch_size=cfg.batch_size, shape=grid, description=name),

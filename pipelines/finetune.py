@@ -174,7 +174,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         save_classifier(cfg.out_dir, classifier, {
             "labels": data.labels, "thresholds": thresholds, "windows": list(windows), "preprocess": preprocess,
             "init": data.model_name, "best_epoch": fitted.best_epoch,
-            "provenance": {"git_commit": tracking.git_commit(ctx.root), "run_id": mlrun.run_id,
+            "provenance": {**tracking.git_state(ctx.root), "run_id": mlrun.run_id,
                            "splits": path_for_files(cfg.splits, ctx.root),
                            "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
                            "params": dump_params(cfg)},

@@ -1,9 +1,10 @@
-"""`headct pretrain`: MAE pre-training of a 3D ViT on the train (+ val) patients of a split, never test.
+"""`headct pretrain`: MAE or DINO pre-training of a 3D ViT on the train (+ val) patients of a split, never test.
 
 Recipe: read the split and the store's preprocessing spec -> hold out a fixed set of val patients for the
-reconstruction check -> build encoder + MAE -> resume from a compatible checkpoint if there is one ->
-masked-reconstruction loss on the held-out volumes (step 0) -> train -> the same loss with the same masks
-(end) -> model directory (encoder only) + metrics.json + figures -> MLflow.
+held-out check -> build encoder + pretext model (headct/train/pretext.py) -> resume from a compatible checkpoint
+if there is one -> pretext loss on the held-out volumes (MAE: step 0 with fixed masks) -> train -> the same loss
+(end; DINO scores its start here too, the seeded initial weights with the final centre, so both ends measure one
+loss) -> model directory (encoder only) + metrics.json + figures -> MLflow -> registry.
 
 The held-out patients are excluded from pre-training even when `use_val` is true, so the start/end loss
 compares the model on volumes it has never seen; the rest of val is pre-trained on when `use_val` is true.
@@ -154,16 +155,22 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     train_set.check()
     heldout_hu = heldout_set.load_all()
 
-    torch.manual_seed(cfg.seed)  # initial weights: the same on every rank (DDP also broadcasts rank 0's)
-    encoder = build_encoder({"name": cfg.arch, "img_size": list(grid), "patch_size": cfg.patch_size,
-                             "in_chans": len(cfg.windows), "num_registers": cfg.num_registers})
     global_batch = cfg.batch_size * dist.world_size
     total = cfg.samples // global_batch
     if total < 1:
         raise InputError(f"pretrain.samples={cfg.samples} is less than one step of {global_batch} volumes "
                          f"({dist.world_size} ranks x batch {cfg.batch_size})")
     steps_per_epoch = -(-len(train_set) // global_batch)
-    task = build_task(cfg, encoder, device, dist.rank, total_steps=total, steps_per_epoch=steps_per_epoch)
+
+    def initial_task() -> Any:
+        """Encoder + pretext model at their seeded initial weights (the same on every rank; DDP also broadcasts
+        rank 0's); built again at the end where the start is scored then (`start_scored_at_end`)."""
+        torch.manual_seed(cfg.seed)
+        encoder = build_encoder({"name": cfg.arch, "img_size": list(grid), "patch_size": cfg.patch_size,
+                                 "in_chans": len(cfg.windows), "num_registers": cfg.num_registers})
+        return build_task(cfg, encoder, device, dist.rank, total_steps=total, steps_per_epoch=steps_per_epoch)
+
+    task = initial_task()
     optimizer = adamw(task.model, cfg.lr, cfg.weight_decay)
     warmup = round(cfg.warmup_frac * total)
     identity = run_identity(cfg, data, dist.world_size)
@@ -185,11 +192,12 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
                if dist.is_rank0 else contextlib.nullcontext(None))
     with run_ctx as mlrun, tempfile.TemporaryDirectory(prefix="headct-figures-") as scratch:
         start_loss = extra.get("heldout_loss_start")
-        if start_loss is None and dist.is_rank0:
+        if start_loss is None and dist.is_rank0 and not task.start_scored_at_end:
             start_loss = task.heldout_loss(heldout_hu)
         if mlrun is not None:
             mlrun.set_tags({"headct.world_size": dist.world_size, "headct.run_key": run_key})
-            mlrun.log_metrics({"heldout_loss": start_loss}, step=0)
+            if start_loss is not None:
+                mlrun.log_metrics({"heldout_loss": start_loss}, step=0)
 
         def so_far(stats: TrainStats) -> dict[str, Any]:
             """Loss history and training time over every invocation of this run (resumes included)."""
@@ -234,7 +242,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
             distributed.barrier(dist)
             return {"rank": dist.rank, "weights_sha256": digest}
         result = _finish(cfg, ctx, data, task, heldout_hu, so_far(stats), (start, total), digest,
-                         dist.world_size, mlrun, console)
+                         dist.world_size, mlrun, console, initial_task)
     distributed.barrier(dist)
     # Finished: keep the final state for inspection but never resume from it, so a re-run after a code change
     # trains again rather than silently re-emitting the old weights.
@@ -245,9 +253,11 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
 
 def _finish(
     cfg: PretrainConfig, ctx: JobContext, data: PretrainData, task: Any, heldout_hu: Any, run_so_far: dict[str, Any],
-    steps: tuple[int, int], digest: str, world_size: int, mlrun: Any, console: Any,
+    steps: tuple[int, int], digest: str, world_size: int, mlrun: Any, console: Any, initial_task: Any,
 ) -> dict[str, Any]:
-    """Rank 0, after training: held-out loss at the end, model directory, metrics, figures, MLflow, registry."""
+    """Rank 0, after training: held-out loss at the end (and at the start where the task scores it now), model
+    directory, metrics, figures, MLflow, registry."""
+    import torch
     from rich.table import Table
 
     from headct import tracking
@@ -260,9 +270,15 @@ def _finish(
     grid = list(data.preprocess["shape"])
     start_loss = run_so_far["heldout_loss_start"]
     end_loss = task.heldout_loss(heldout_hu)
+    if task.start_scored_at_end:  # DINO: the initial weights scored with the final centre, as the end is
+        with torch.random.fork_rng(devices=[]):
+            initial = initial_task()
+        start_loss = task.heldout_loss_of_initial(initial, heldout_hu)
+        del initial
+        mlrun.log_metrics({"heldout_loss": start_loss}, step=0)
     spread = task.feature_spread(heldout_hu)
     mlrun.log_metrics({"heldout_loss": end_loss}, step=total)
-    provenance = {"git_commit": tracking.git_commit(ctx.root), "data": data.provenance,
+    provenance = {**tracking.git_state(ctx.root), "data": data.provenance,
                   "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
                              ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
     save_model_dir(cfg.model_dir, task.encoder, {

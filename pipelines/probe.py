@@ -260,7 +260,8 @@ def run(cfg: ProbeConfig, ctx: JobContext) -> dict[str, Any]:
             features, selection, diagnostic = _select_variants(cfg, frames, features, cache)
     else:
         pretrained, config = load_model_dir(cfg.model_dir)
-        check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG)
+        check_preprocessing(cfg.splits, ctx.root, config, cfg.model_dir / CONFIG,
+                            allow_mismatch=cfg.allow_preprocess_mismatch, setting="probe.allow_preprocess_mismatch")
         torch.manual_seed(cfg.seed)  # the random-init twin: same architecture and windows, seeded
         encoders = {"pretrained": pretrained, "random_init": build_encoder(config["arch"])}
         features, seconds = _embed(encoders, frames, config, cfg, ctx)

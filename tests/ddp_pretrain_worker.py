@@ -9,7 +9,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipelines.pretrain import run  # noqa: E402
-from tests.test_pretrain import ctx_for, make_cfg  # noqa: E402
+from tests.pretrain_helpers import ctx_for, make_cfg  # noqa: E402
 
 root = Path(sys.argv[1])
 out = run(make_cfg(root, samples=16, batch_size=2, accum_steps=2, checkpoint_every=2), ctx_for(root))

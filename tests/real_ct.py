@@ -10,7 +10,10 @@ usual DICOM display convention.
 
 `cranium()` fetches the package with `apt-get download` into a cache folder ($HEADCT_TEST_CACHE, default
 `~/.cache/headct/invesalius`), runs `apt-get update` once and retries only when running as root, and unpacks with
-`dpkg -x`. Anything that stops it raises `Unavailable` with the reason (callers skip with that message).
+`dpkg -x`. Anything that stops it raises `Unavailable` with the reason. `for_tests()` is what a pytest fixture
+calls: outside CI it skips with that reason; in CI (the environment variable CI set, as `.ci/run` does) it FAILS
+with it, so CI can never pass without the real-anatomy checks. `python tests/real_ct.py` fetches it (`.ci/run`
+does, before the tests) and prints where it is or why it cannot be had (exit 1).
 
 Writers: `write_dicom_series` (one CT Image Storage file per slice, unsigned storage with RescaleIntercept -1024,
 standard axial orientation: image rows run anterior -> posterior, columns right -> left; fake non-identifying
@@ -34,6 +37,7 @@ import numpy as np
 PACKAGE = "invesalius-examples"
 MEMBER = "usr/share/doc/invesalius-examples/examples/Cranium.inv3"
 CACHE_ENV = "HEADCT_TEST_CACHE"
+CI_ENV = "CI"  # set by CI services and by .ci/run: the real CT is then required, not optional
 HU_MIN = -1024  # the scanner's air floor in this volume; stored value = HU + 1024 (unsigned storage)
 
 # Fake, non-identifying header values (none is a real person, institution or record).
@@ -140,6 +144,25 @@ def cranium(cache: Path | None = None) -> RealCT:
     return read_inv3(fetch_inv3(cache))
 
 
+def in_ci() -> bool:
+    """True when the environment variable CI is set to anything but empty, 0, false or no (CI services set it)."""
+    return os.environ.get(CI_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def for_tests() -> RealCT:
+    """`cranium()` for a pytest fixture: skips with the reason when the CT cannot be had, but fails in CI."""
+    import pytest
+
+    try:
+        return cranium()
+    except Unavailable as exc:
+        reason = f"real head CT (Debian package {PACKAGE}) unavailable: {exc}"
+        if in_ci():
+            pytest.fail(f"{reason}; {CI_ENV} is set, and CI must run the real-anatomy checks (.ci/run fetches the "
+                        "package before the tests)", pytrace=False)
+        pytest.skip(reason)
+
+
 # ---------------------------------------------------------------------------------------------------- writers
 def write_dicom_series(ct: RealCT, folder: Path, *, study_uid: str | None = None, series_uid: str | None = None,
                        patient: dict[str, str] | None = None) -> list[Path]:
@@ -232,3 +255,12 @@ def write_nifti(ct: RealCT, path: Path) -> Path:
     image.set_sform(affine_ras(ct), code=1)
     nib.save(image, path)
     return path
+
+
+if __name__ == "__main__":  # `python tests/real_ct.py`: fetch into the cache (used by .ci/run)
+    import sys
+
+    try:
+        print(f"real head CT: {fetch_inv3()}")
+    except Unavailable as exc:
+        sys.exit(f"real head CT (Debian package {PACKAGE}) unavailable: {exc}")

@@ -32,7 +32,7 @@ def write_store(store: Path, volumes: Mapping[str, np.ndarray], patients: Mappin
             "slice_thickness_mm": spec.spacing_mm, "tilt_deg": 0.0, "kvp": 120.0, "kernel": "H30s",
             "manufacturer": "TEST", "body_part": "HEAD", "series_description": "test", "n_slices": volume.shape[-1],
             "preprocess_version": spec.version, "volume_sha256": sha, "source_format": "test",
-            "content_sha256": sha, "instances_id": "",
+            "content_sha256": sha, "instances_id": "", **dict.fromkeys(store_io.CROP_COLUMNS, 0.0),
         })
     store_io.write_manifest(store, rows)
     return [store / store_io.volume_relpath(scan_id) for scan_id in volumes]

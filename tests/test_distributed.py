@@ -10,7 +10,7 @@ from pathlib import Path
 
 from headct.models.model_dir import load_model_dir
 from headct.train.distributed import weights_digest
-from tests.test_pretrain import make_project
+from tests.pretrain_helpers import make_project
 
 WORKER = Path(__file__).with_name("ddp_pretrain_worker.py")
 

@@ -67,7 +67,7 @@ def test_explain_job_writes_montages_and_names_scans_by_pseudonym(job_ctx) -> No
     from headct.config import ExplainConfig
     from headct.models.model_dir import save_model_dir
     from pipelines.explain import run
-    from tests.test_pretrain import SIZE, make_project
+    from tests.pretrain_helpers import SIZE, make_project
 
     root = make_project(job_ctx.root / "proj")
     enc = build_encoder({"name": "tiny", "img_size": SIZE, "patch_size": 16, "in_chans": 3, "depth": 2})

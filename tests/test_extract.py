@@ -16,7 +16,7 @@ from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
 from headct.eval.feature_cache import FeatureSet, read_cache, write_feature_set, write_index
 from tests.conftest import runs_of
-from tests.test_probe import write_splits_and_model, write_volumes
+from tests.probe_helpers import write_splits_and_model, write_volumes
 
 EXTERNAL = """
 import numpy as np
@@ -39,6 +39,22 @@ def other_grid():
 
 def broken():
     return object()
+
+VERSION = None  # set by a test: the store's preprocessing version, as an encoder made for that recipe declares
+
+class SameRecipe(MeanStd):
+    @property
+    def preprocess(self):
+        return {"shape": [16, 16, 16], "version": VERSION}
+
+def same_recipe():
+    return SameRecipe()
+
+class Unversioned(MeanStd):
+    preprocess = {"shape": [16, 16, 16]}
+
+def unversioned():
+    return Unversioned()
 """
 
 
@@ -125,6 +141,7 @@ def test_extract_then_probe_fewshot_and_retrieval_read_the_cache(
         batch_size=8,
         device="cpu",
         external={"meanstd": f"{external_module}:make"},
+        allow_preprocess_mismatch=True,  # meanstd declares its own recipe "ext-1"
     )
     summary = extract.run(cfg, job_ctx)
     assert summary == {
@@ -214,6 +231,7 @@ def test_extract_names_a_volume_off_the_external_grid_or_changed_after_ingest(
         hu_histogram=False,
         out=tmp_path / "f",
         external={"other": f"{external_module}:other_grid"},
+        allow_preprocess_mismatch=True,  # the point here is the grid, checked per volume
     )
     off_grid = r"ser_0000\.npy: shape \[16, 16, 16\] differs from the model's .*\[16, 16, 8\]"
     with pytest.raises(InputError, match=off_grid):
@@ -223,6 +241,34 @@ def test_extract_names_a_volume_off_the_external_grid_or_changed_after_ingest(
     with pytest.raises(InputError, match=r"ser_0003\.npy: SHA-256 .* differs from the manifest's"):
         extract.run(cfg, job_ctx)
     assert not (tmp_path / "f/index.json").exists()
+
+
+def test_an_external_encoder_must_declare_the_store_recipe_unless_explicitly_allowed(
+    tmp_path: Path, job_ctx, external_module: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+
+    from pipelines import extract
+
+    make_project(tmp_path)
+    version = json.loads((tmp_path / "store/preprocess.json").read_text())["version"]
+    cfg = ExtractConfig(splits=tmp_path, model_dir=None, hu_histogram=False, out=tmp_path / "f")
+    for factory, problem in (
+        ("make", rf"preprocessing version {version} differs from the model's ext-1 \(external encoder "
+                 rf"{external_module}:make\)"),
+        ("unversioned", rf"external encoder {external_module}:unversioned: no preprocess version recorded"),
+    ):
+        refused = cfg.model_copy(update={"external": {"ext": f"{external_module}:{factory}"}})
+        with pytest.raises(InputError, match=problem + r".*or set extract\.allow_preprocess_mismatch: true"):
+            extract.run(refused, job_ctx)
+        assert not (tmp_path / "f/index.json").exists()
+        allowed = refused.model_copy(update={"allow_preprocess_mismatch": True})
+        assert extract.run(allowed, job_ctx)["models"] == {"ext": 2}
+        (tmp_path / "f/index.json").unlink()
+    monkeypatch.setattr(importlib.import_module(external_module), "VERSION", version)
+    same = cfg.model_copy(update={"external": {"ext": f"{external_module}:same_recipe"}})
+    assert extract.run(same, job_ctx)["models"] == {"ext": 2}
+    assert json.loads((tmp_path / "f/ext.json").read_text())["preprocess_version"] == version
 
 
 @pytest.mark.parametrize("command", ["extract", "fewshot", "retrieval"])

@@ -10,68 +10,17 @@ import pandas as pd
 import pytest
 import torch
 
-from headct.config import FinetuneConfig, JobContext, PreprocessSpec, load_params
+from headct.config import FinetuneConfig, JobContext, load_params
 from headct.data.volumes import class_balanced_weights
 from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
 from headct.models.heads import AttentivePoolHead, Classifier, LinearHead
-from headct.models.model_dir import save_model_dir
 from headct.models.vit import build_encoder
 from headct.train.finetune import masked_bce, param_groups, pos_weights
 from tests.conftest import runs_of
-from tests.store_helpers import write_store
+from tests.finetune_helpers import SIZE, TINY_ARCH, WINDOWS, finetune_cfg, make_labelled_project
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-SIZE = 32
-TINY_ARCH = {"name": "tiny", "img_size": [SIZE] * 3, "patch_size": 16, "in_chans": 3, "embed_dim": 32,
-             "depth": 1, "num_heads": 2}
-WINDOWS = [{"name": "brain", "level": 40, "width": 80}, {"name": "subdural", "level": 80, "width": 200},
-           {"name": "bone", "level": 600, "width": 2800}]
-
-
-def make_labelled_project(root: Path, n_patients: int = 12) -> Path:
-    """A 32^3 store, 1 scan per patient, labels ICH (a bright blob: learnable) and SDH (noise), a split of
-    6 train / 3 val / 3 test patients, and a tiny pre-trained-looking model directory."""
-    rng = np.random.default_rng(0)
-    spec = PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0)
-    preprocess = {**spec.model_dump(mode="json"), "version": spec.version}
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
-    dist = np.sqrt((g ** 2).sum(0))
-    rows, volumes = [], {}
-    ich = [1, 0] * (n_patients // 2)
-    sdh = [1, 1, 0, 0] * (n_patients // 4)
-    for i in range(n_patients):
-        vol = np.where(dist < 0.75, 1000.0, -1024.0)
-        vol[dist < 0.65] = 35.0
-        if ich[i]:
-            vol[np.sqrt(((g - np.array([0.3, 0, 0])[:, None, None, None]) ** 2).sum(0)) < 0.2] = 70.0
-        vol += rng.normal(0, 5, vol.shape)
-        scan = f"ser_{i:016x}"
-        volumes[scan] = vol.astype(np.int16)
-        rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i:016x},{ich[i]},{sdh[i]}\n")
-    write_store(root / "data/store/t", volumes, {s: f"pat_{s[4:]}" for s in volumes}, spec)
-    splits = root / "data/splits/t"
-    splits.mkdir(parents=True)
-    header = "img_path,scan_id,patient_id,ICH,SDH\n"
-    order = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
-    train, val, test = order[:6], [6, 7, 9], [8, 10, 11]  # val: ICH 1,0,0 SDH 0,0,1 ... see asserts below
-    for name, idx in (("train", train), ("val", val), ("test", test)):
-        (splits / f"{name}.csv").write_text(header + "".join(rows[i] for i in idx))
-    (splits / "split.json").write_text(json.dumps({"store": "data/store/t", "seed": 0}))
-    torch.manual_seed(0)
-    save_model_dir(root / "models/mae", build_encoder(TINY_ARCH),
-                   {"preprocess": preprocess, "windows": WINDOWS, "method": "mae", "provenance": {}})
-    return root
-
-
-def finetune_cfg(root: Path, **kw) -> FinetuneConfig:
-    base = dict(splits=root / "data/splits/t", model_dir=root / "models/mae", out_dir=root / "models/classifier",
-                report_dir=root / "reports/finetune", checkpoint_dir=root / "ckpt", tuned_params=None,
-                epochs=2, batch_size=2, backbone_lr=1e-4, head_lr=1e-2, warmup_frac=0.0, bootstrap=20,
-                min_positives=1, threads=1, eval_batch_size=4)
-    return FinetuneConfig(**{**base, **kw})
-
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -85,13 +34,63 @@ def test_heads_map_tokens_to_logits_and_linear_head_has_no_affine_bn() -> None:
     assert head(tokens[:, 0]).shape == (4, 3)
     assert head.norm.weight is None and head.norm.bias is None and not head.norm.affine
     assert torch.all(head.linear.bias == 0) and head.linear.weight.std() < 0.05
-    attentive = AttentivePoolHead(32, 3, num_heads=3)  # 3 does not divide 32: reduced to 2
-    assert attentive(tokens[:, 1:]).shape == (4, 3) and attentive.attention.num_heads == 2
+    attentive = AttentivePoolHead(32, 3, num_heads=4)
+    assert attentive(tokens[:, 1:]).shape == (4, 3) and attentive.attention.num_heads == 4
+    with pytest.raises(ValueError, match=r"num_heads=3 does not divide the token width 32; allowed: "
+                                         r"\[1, 2, 4, 8, 16, 32\]"):
+        AttentivePoolHead(32, 3, num_heads=3)  # never lowered quietly to a divisor
     encoder = build_encoder(TINY_ARCH)
     x = torch.rand(2, 3, SIZE, SIZE, SIZE)
     for pool, kind in (("cls", "linear"), ("mean", "linear"), ("attentive", "attentive")):
         model = Classifier(encoder, pool, 5)
         assert model(x).shape == (2, 5) and model.head_type == kind
+
+
+@pytest.mark.parametrize("arch", ["vit", "resnet10"])
+def test_the_job_refuses_attention_heads_that_do_not_divide_the_width_before_training(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, arch: str
+) -> None:
+    from typer.testing import CliRunner
+
+    import cli
+
+    heads, width = (3, 32) if arch == "vit" else (7, 512)  # the tiny encoder's width is 32, a ResNet's 512
+    (tmp_path / "params.yaml").write_text(
+        f"tracking:\n  uri: sqlite:///{tmp_path}/mlflow.db\nfinetune:\n  splits: {project}/data/splits/t\n"
+        f"  model_dir: {project}/models/mae\n  arch: {arch}\n  pool: attentive\n  attention_heads: {heads}\n"
+        f"  checkpoint_dir: {tmp_path}/ckpt\n  out_dir: {tmp_path}/clf\n  report_dir: {tmp_path}/rep\n"
+        "  min_positives: 1\n  batch_size: 2\n  tuned_params: null\n")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli.app, ["finetune"])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    allowed = [h for h in range(1, 65) if width % h == 0]
+    assert f"finetune.attention_heads={heads} does not divide the encoder width {width}" in message
+    assert f"allowed: {allowed}" in message
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "ckpt").exists()  # nothing started
+
+
+def test_a_model_made_for_another_recipe_is_refused_before_training_unless_allowed(
+    project: Path, job_ctx: JobContext, tmp_path: Path
+) -> None:
+    import shutil
+
+    from pipelines import finetune as job
+
+    model = tmp_path / "imported"
+    shutil.copytree(project / "models/mae", model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "preprocess": {"shape": [SIZE] * 3}}))  # no version
+    cfg = finetune_cfg(project, model_dir=model, labels="ICH", epochs=1, checkpoint_dir=tmp_path / "ckpt",
+                       out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
+    ctx = JobContext(root=project, tracking=job_ctx.tracking)
+    with pytest.raises(InputError, match=rf"{model / 'config.json'}: no preprocess version recorded.*"
+                                         r"or set finetune\.allow_preprocess_mismatch: true"):
+        job.run(cfg, ctx)
+    assert not (tmp_path / "ckpt").exists() and not runs_of(job_ctx)  # refused before any training or run
+    allowed = cfg.model_copy(update={"allow_preprocess_mismatch": True})
+    assert job.run(allowed, ctx)["labels"] == ["ICH"]
+    assert (tmp_path / "clf/model.safetensors").is_file()
 
 
 def test_resnet_backbone_gives_tokens_and_logits() -> None:
@@ -235,17 +234,55 @@ def test_classifier_dir_with_a_missing_key_is_refused(tmp_path: Path) -> None:
         load_classifier(tmp_path / "c")
 
 
-def test_random_init_single_label_run_with_freezing_and_balanced_sampling(project: Path, job_ctx: JobContext,
-                                                                          tmp_path: Path) -> None:
+def test_random_init_single_label_run_with_freezing_and_balanced_sampling(
+    project: Path, job_ctx: JobContext, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The backbone does not move in its frozen epoch and does in the next; the training draws are the
+    class-balanced sampler's (train SDH is 4 positives to 2 negatives), not the uniform epoch order."""
+    import headct.train.checkpoint as checkpoint
+    from headct.data.volumes import LabelledVolumeDataset, WeightedStepSampler
+    from headct.train.finetune import SAMPLER_STREAM
     from pipelines import finetune as job
 
-    cfg = finetune_cfg(project, init="random", labels="ICH", pool="attentive", epochs=2,
-                       freeze_backbone_epochs=1, balanced_sampling=True, checkpoint_dir=None,
+    cfg = finetune_cfg(project, init="random", labels="SDH", pool="attentive", epochs=2,
+                       freeze_backbone_epochs=1, balanced_sampling=True, checkpoint_dir=tmp_path / "ckpt",
                        out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
+    backbones, drawn = [], []
+    save = checkpoint.save_checkpoint
+
+    def save_and_record(path, model, optimizer, step, config, extra=None):  # after every epoch
+        backbones.append({n: p.detach().clone() for n, p in model.backbone.named_parameters()})
+        save(path, model, optimizer, step, config, extra)
+
+    get = LabelledVolumeDataset.__getitem__
+
+    def get_and_record(self, index):
+        drawn.append(int(index))
+        return get(self, index)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_and_record)
+    monkeypatch.setattr(LabelledVolumeDataset, "__getitem__", get_and_record)
     result = job.run(cfg, JobContext(root=project, tracking=job_ctx.tracking))
-    assert result["model"] == "random_init" and result["labels"] == ["ICH"]
+    monkeypatch.undo()
+    assert result["model"] == "random_init" and result["labels"] == ["SDH"]
     table = pd.read_csv(cfg.report_dir / "predictions.csv")
-    assert set(table["model"]) == {"random_init"} and set(table["label"]) == {"ICH"}
+    assert set(table["model"]) == {"random_init"} and set(table["label"]) == {"SDH"}
+
+    torch.manual_seed(cfg.seed)  # the job's random init of the backbone (before the head is built)
+    initial = dict(build_encoder(TINY_ARCH).named_parameters())
+    frozen, released = backbones
+    assert all(torch.equal(frozen[n], initial[n]) for n in initial), "the frozen epoch moved the backbone"
+    assert any(not torch.equal(released[n], frozen[n]) for n in frozen), "the released epoch left it alone"
+    history = json.loads((cfg.report_dir / "history.json").read_text())
+    assert [e["backbone_frozen"] for e in history] == [True, False]
+
+    targets = pd.read_csv(project / "data/splits/t/train.csv")["SDH"].to_numpy(np.float32)[:, None]
+    assert targets[:, 0].tolist() == [1, 1, 0, 0, 1, 1]
+    balanced = class_balanced_weights(targets)
+    np.testing.assert_allclose(balanced, [1 / 8, 1 / 8, 1 / 4, 1 / 4, 1 / 8, 1 / 8])  # each class half the draws
+    steps = 3  # 6 scans / batch 2, per epoch
+    expected = [i for batch in WeightedStepSampler(balanced, 2, cfg.seed, 0, 2 * steps, SAMPLER_STREAM) for i in batch]
+    assert drawn == expected
 
 
 def test_tuned_file_sits_between_params_yaml_and_set(tmp_path: Path) -> None:

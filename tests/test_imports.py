@@ -70,3 +70,16 @@ def test_the_checker_sees_imports_inside_functions_and_relative_ones(tmp_path: P
     job.write_text("import numpy\n\ndef f():\n    from pipelines.probe import run\n    from . import fewshot\n")
     found = violations([job], lambda me, name: _is(name, "pipelines") and name not in ("pipelines", me), tmp_path)
     assert found == ["pipelines/extract.py:4 imports pipelines.probe", "pipelines/extract.py:5 imports pipelines.fewshot"]
+
+
+def test_no_test_module_imports_another() -> None:
+    """Fixture builders live in helper modules (tests/*_helpers.py, dicom_factory.py, ...), never in a test module
+    another one imports: importing a test module also collects its tests twice and ties unrelated files."""
+    files = sorted((REPO / "tests").glob("*.py"))
+    assert len(files) > 20
+
+    def imports_a_test_module(me: str, name: str) -> bool:
+        leaf = name.removeprefix("tests.")
+        return "." not in leaf and leaf.startswith("test_") and leaf != me.removeprefix("tests.")
+
+    assert violations(files, imports_a_test_module) == []

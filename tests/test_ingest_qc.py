@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from pydicom.uid import generate_uid
@@ -162,3 +164,61 @@ def test_keep_all_accepts_every_passing_series_of_a_study(tmp_path: Path) -> Non
     manifest = store.read_manifest(cfg.dest)
     assert set(manifest["scan_id"]) == {pseudo.series(uids[0]), pseudo.series(uids[1])}
     assert summary["rejected"] == {"localizer": 1} and summary["studies_seen"] == 1
+
+
+def long_head(lps):
+    """The test head stretched front to back: 85 / 0.65 = 130.8 mm semi-axis, a 262 mm long head (the canonical
+    grid of these tests covers 192 mm), no table."""
+    from dicom_factory import head_phantom
+
+    return head_phantom(lps * np.array([1.0, 0.65, 1.0]), table=False, marker=False)
+
+
+LONG = SeriesSpec(rows=100)  # 300 mm along LPS y (rows run posterior), so the whole long head is scanned
+
+
+def test_the_cropped_extent_of_the_head_is_recorded_per_axis(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, qc=RULES.model_copy(update={"max_crop_mm": None}))  # record, never reject
+    write_series(cfg.src / "normal", SeriesSpec(), patient_id="PID-CROP-0001")
+    write_series(cfg.src / "long", LONG, long_head, patient_id="PID-CROP-0002")
+    summary = run_ingest(cfg)
+    assert summary["accepted"] == 2
+    manifest = store.read_manifest(cfg.dest)
+    crops = {row["src_shape"]: [row[c] for c in store.CROP_COLUMNS] for _, row in manifest.iterrows()}
+    normal, long = crops['[64, 72, 32]'], crops['[64, 100, 32]']
+    assert normal == [0.0, 0.0, 0.0]  # a 170 mm head (and its table, cut off by the head localisation) fits
+    # The head is 262 mm long; the localisation's box spans 255 mm (pixel centres 3 mm apart, its in-plane opening
+    # trims the one-pixel-wide tip row at each end): 255 - 192 = 63 mm cut along y (anterior-posterior); x, z fit.
+    assert long == [0.0, 63.0, 0.0], long
+    assert manifest[list(store.CROP_COLUMNS)].dtypes.tolist() == [np.dtype("float64")] * 3
+
+
+def test_a_head_cropped_beyond_max_crop_mm_is_rejected_with_its_reason(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path, qc=RULES.model_copy(update={"max_crop_mm": None}))
+    write_series(cfg.src / "long", LONG, long_head, patient_id="PID-CROP-0003")
+    assert run_ingest(cfg)["accepted"] == 1  # recorded only
+    strict = cfg.model_copy(update={"qc": RULES.model_copy(update={"max_crop_mm": 40.0})})
+    summary = run_ingest(strict)  # the stored volume is judged again under the new rule, not reused blindly
+    assert summary["accepted"] == 0 and summary["rejected"] == {"head_cropped": 1}
+    (row,) = pd.read_csv(cfg.dest / store.REJECTS).to_dict("records")
+    assert row["reason"] == "head_cropped"
+    assert re.fullmatch(r"the head extends beyond the canonical grid by 6\d\.\d mm along y \(max_crop_mm 40; field "
+                        r"of view \[192\.0, 192\.0, 192\.0\] mm\)", row["message"]), row["message"]
+    assert not list((cfg.dest / store.VOLUMES).glob("*.npy"))  # no volume of a rejected series stays
+    fresh = make_cfg(tmp_path / "fresh", qc=RULES.model_copy(update={"max_crop_mm": 40.0}))
+    write_series(fresh.src / "long", LONG, long_head, patient_id="PID-CROP-0003")
+    assert run_ingest(fresh)["rejected"] == {"head_cropped": 1}  # converted, judged, never written
+    assert not list((fresh.dest / store.VOLUMES).glob("*.npy"))
+
+
+def test_cropped_mm_measures_the_head_box_outside_the_grid_edges() -> None:
+    from headct.config import PreprocessSpec
+    from headct.data.resample import canonical_affine, cropped_mm
+
+    spec = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)  # 192 mm from voxel edge to voxel edge
+    lo, hi = np.array([-50.0, -110.0, -96.0]), np.array([50.0, 110.0, 96.0])
+    affine = canonical_affine(spec, lo, hi)
+    np.testing.assert_allclose(cropped_mm(lo, hi, affine, spec.shape), [0.0, 28.0, 0.0])
+    shifted = affine.copy()
+    shifted[2, 3] += 10.0  # a grid not centred on the box (head_localisation "none"): what sticks out below
+    np.testing.assert_allclose(cropped_mm(lo, hi, shifted, spec.shape), [0.0, 28.0, 10.0])

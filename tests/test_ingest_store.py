@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -212,3 +213,97 @@ def test_interrupted_conversion_resumes_without_redoing_finished_volumes(tmp_pat
     assert not (cfg.dest / store.MANIFEST).exists() and (cfg.dest / store.JOURNAL).is_file()
     summary = run_ingest(cfg)
     assert (summary["accepted"], summary["reused"], summary["converted"]) == (3, 1, 2)
+
+
+def _interrupted_after_one_study(cfg, monkeypatch) -> None:
+    """Three studies; the run dies while converting the second: the journal holds the first one's row."""
+    from headct.data import ingest as ingest_module
+
+    for i in range(3):
+        write_series(cfg.src / f"p{i}", SeriesSpec(n_slices=8, centre=(0.0, 0.0, 1.5 * i)), patient_id=f"PIDJRN{i:05d}")
+    real, calls = ingest_module.convert_study, []
+
+    def dies_on_second(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(ingest_module, "convert_study", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_ingest(cfg)
+    monkeypatch.undo()
+    assert len((cfg.dest / store.JOURNAL).read_text().splitlines()) == 1
+
+
+def _ingest_printing(cfg) -> tuple[dict, str]:
+    import io
+
+    from rich.console import Console
+
+    from headct.data.ingest import ingest
+
+    out = io.StringIO()
+    summary = ingest(cfg, cfg.src.parent, Console(file=out, width=400)).summary
+    return summary, out.getvalue()
+
+
+def test_a_torn_last_journal_line_is_dropped_with_a_warning(tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path)
+    _interrupted_after_one_study(cfg, monkeypatch)
+    journal = cfg.dest / store.JOURNAL
+    with journal.open("a") as fh:
+        fh.write('{"scan_id": "ser_0123')  # killed in the middle of writing a row: no final newline
+    summary, printed = _ingest_printing(cfg)
+    assert (summary["accepted"], summary["reused"], summary["converted"]) == (3, 1, 2)
+    assert f"{journal}: dropped a torn last line (line 2" in printed
+
+
+@pytest.mark.parametrize("damage", ["garbage in the middle", "complete but malformed last line"])
+def test_any_other_malformed_journal_line_is_an_error_naming_the_file_and_line(
+    tmp_path: Path, monkeypatch, damage: str
+) -> None:
+    cfg = make_cfg(tmp_path)
+    _interrupted_after_one_study(cfg, monkeypatch)
+    journal = cfg.dest / store.JOURNAL
+    row = journal.read_text()
+    if damage == "garbage in the middle":
+        journal.write_text("not json at all\n" + row)
+        line = 1
+    else:
+        journal.write_text(row + '{"scan_id": "ser_0"}\n')  # parses, ends with a newline, lacks the facts
+        line = 2
+    with pytest.raises(InputError, match=rf"{journal}: line {line} is not a journal row"):
+        run_ingest(cfg)
+
+
+def test_an_unreadable_manifest_stops_ingest_naming_the_file(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "a", SeriesSpec(n_slices=8), patient_id="PIDMANIF01")
+    assert run_ingest(cfg)["accepted"] == 1
+    (cfg.dest / store.MANIFEST).write_bytes(b"PAR1 this is not a parquet file")
+    with pytest.raises(InputError, match=rf"{cfg.dest / store.MANIFEST}: the store's manifest is not a readable"):
+        run_ingest(cfg)
+
+
+def test_a_manifest_of_an_older_layout_is_converted_again_with_a_note(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "a", SeriesSpec(n_slices=8), patient_id="PIDMANIF02")
+    assert run_ingest(cfg)["accepted"] == 1
+    path = cfg.dest / store.MANIFEST
+    pd.read_parquet(path).drop(columns=["content_sha256"]).to_parquet(path, index=False)
+    summary, printed = _ingest_printing(cfg)
+    assert (summary["converted"], summary["reused"]) == (1, 0)
+    assert f"{path}: an older layout without ['content_sha256']; its volumes are converted again" in printed
+
+
+def test_journal_rows_of_an_older_layout_are_converted_again_with_a_note(tmp_path: Path, monkeypatch) -> None:
+    cfg = make_cfg(tmp_path)
+    _interrupted_after_one_study(cfg, monkeypatch)
+    journal = cfg.dest / store.JOURNAL
+    row = json.loads(journal.read_text())
+    journal.write_text(json.dumps({k: v for k, v in row.items() if k not in store.CROP_COLUMNS}) + "\n")
+    summary, printed = _ingest_printing(cfg)  # a journal written before the crop columns existed
+    assert (summary["accepted"], summary["reused"], summary["converted"]) == (3, 0, 3)
+    assert (f"{journal}: 1 row(s) of an older layout without ['crop_x_mm', 'crop_y_mm', 'crop_z_mm']; their "
+            "volumes are converted again") in " ".join(printed.split())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -85,7 +86,15 @@ def test_attention_weights_are_the_ones_sdpa_applies() -> None:
     assert torch.allclose(last.sum(-1), torch.ones(2, enc.num_heads, t), atol=1e-5)
     assert torch.allclose(explicit, fused, atol=1e-5)
     cls_to_patches = last[:, :, 0, enc.num_prefix_tokens:].mean(1).reshape(2, *enc.grid_of(x))
-    assert cls_to_patches.shape == (2, 4, 4, 4) and (cls_to_patches > 0).all()
+    assert cls_to_patches.shape == (2, 4, 4, 4)
+    # What SDPA applies, read off SDPA itself: attending over identity "values" returns its weights, row by row.
+    with torch.no_grad():
+        for block in enc.blocks[:-1]:
+            tokens = block(tokens)
+        attn = enc.blocks[-1].attn
+        q, k, _ = attn.qkv(enc.blocks[-1].norm1(tokens)).reshape(2, t, 3, enc.num_heads, -1).permute(2, 0, 3, 1, 4)
+        applied = torch.nn.functional.scaled_dot_product_attention(q, k, torch.eye(t).expand(2, enc.num_heads, t, t))
+    assert torch.allclose(last, applied, atol=1e-5)
 
 
 def test_patch_embedding_equals_the_conv3d_it_stores() -> None:
@@ -234,9 +243,10 @@ def test_tampered_weights_raise_naming_the_keys(tmp_path, tamper: str) -> None:
         state["head.weight"] = torch.zeros(2, 2)
         key = "head.weight"
     save_file(state, str(path / "model.safetensors"))
-    with pytest.raises(InputError, match=rf"{tamper}.*{key}|{key}") as err:
+    missing, unexpected = ([key], []) if tamper == "missing" else ([], [key])
+    with pytest.raises(InputError, match=re.escape(f"missing keys {missing}, unexpected keys {unexpected}, "
+                                                   "wrong shapes []")):
         load_model_dir(path)
-    assert key in str(err.value) and ("missing" if tamper == "missing" else "unexpected") in str(err.value)
 
 
 def test_model_dir_with_another_arch_is_refused(tmp_path) -> None:

@@ -101,13 +101,32 @@ def test_chain_produces_every_stage_output(chain: Path) -> None:
     ):
         assert (chain / rel).is_file(), rel
     metrics = json.loads((chain / "reports/pretrain/metrics.json").read_text())
-    assert metrics["heldout_loss_start"] > 0 and metrics["heldout_loss_end"] > 0
-    results = (chain / "reports/report/results.md").read_text()
-    assert "AUROC" in results
-    # every job is one MLflow run
-    with sqlite3.connect(chain / "mlflow.db") as db:
-        names = {r[0] for r in db.execute("SELECT name FROM runs")}
-    assert {"synth", "ingest", "split", "pretrain", "probe", "report"} <= names
+    assert metrics["heldout_loss_end"] < metrics["heldout_loss_start"]  # pre-training learned something
+    # The report's probe table gives, for every probed label and model, the probe's own test AUROC.
+    probe = json.loads((chain / "reports/probe/metrics.json").read_text())
+    models = [m for m in probe if m != "skipped"]
+    lines = (chain / "reports/report/results.md").read_text().splitlines()
+    start = lines.index("## Linear probe (frozen features, test split)")
+    first = next(i for i in range(start, len(lines)) if lines[i].startswith("| label |"))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    columns = [c.strip() for c in lines[first].strip("|").split("|")]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in lines[first + 2:end])}
+    assert set(rows) == set(probe[models[0]]) and rows  # every probed label, no other
+    names = {"pretrained": "AUROC pre-trained MAE", "random_init": "AUROC random init",
+             "hu_histogram": "AUROC HU histogram"}
+    for model in models:
+        column = columns.index(names[model])
+        for label, cells in rows.items():
+            assert cells[column].split()[0] == f"{probe[model][label]['auroc']:.3f}", (model, label, cells)
+    # every job is one MLflow run, read through MLflow's client (not its private tables)
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{chain / 'mlflow.db'}")
+    experiments = client.search_experiments()
+    runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
+    names = {r.info.run_name for r in runs if r.info.status == "FINISHED"}
+    assert {"synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "report"} <= names
 
 
 def test_second_repro_runs_nothing_and_probe_change_reruns_only_downstream(chain: Path) -> None:

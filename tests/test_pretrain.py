@@ -3,60 +3,20 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from headct.config import JobContext, PreprocessSpec, PretrainConfig, TrackingConfig
+from headct.config import PretrainConfig
 from headct.data.augment import augment_hu
 from headct.data.volumes import StepBatchSampler, VolumeDataset, epoch_order
 from headct.errors import InputError
 from headct.train.engine import NonFiniteLossError, step_generator, train
-from tests.store_helpers import write_store
+from tests.pretrain_helpers import SIZE, ctx_for, make_cfg, make_project
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
-
-SIZE = 32
-
-
-def make_project(root: Path, n_scans: int = 16) -> Path:
-    """A store of n_scans 32^3 int16 volumes (air, skull shell, brain, a blob), 2 scans per patient, and a
-    split: train 8 scans, val 4, test = an unreadable file (the job must never open it)."""
-    rng = np.random.default_rng(0)
-    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, SIZE)] * 3, indexing="ij"))
-    rows, volumes, patients = [], {}, {}
-    for i in range(n_scans):
-        dist = np.sqrt(((g - rng.uniform(-0.1, 0.1, (3, 1, 1, 1))) ** 2).sum(0))
-        vol = np.where(dist < 0.75, 1000.0, -1024.0)
-        vol[dist < 0.65] = 35.0
-        vol += rng.normal(0, 5, vol.shape)
-        scan = f"ser_{i:016x}"
-        volumes[scan], patients[scan] = vol.astype(np.int16), f"pat_{i // 2:016x}"
-        rows.append(f"data/store/t/volumes/{scan}.npy,{scan},pat_{i // 2:016x},{i % 3 == 0:d}\n")
-    write_store(root / "data/store/t", volumes, patients, PreprocessSpec(shape=(SIZE, SIZE, SIZE), spacing_mm=6.0))
-    splits = root / "data/splits/t"
-    splits.mkdir(parents=True)
-    header = "img_path,scan_id,patient_id,ICH\n"
-    (splits / "train.csv").write_text(header + "".join(rows[:8]))
-    (splits / "val.csv").write_text(header + "".join(rows[8:12]))
-    (splits / "test.csv").write_text("this is not a split file\n")
-    (splits / "split.json").write_text(json.dumps({"store": "data/store/t", "seed": 0}))
-    return root
-
-
-def make_cfg(root: Path, **kw) -> PretrainConfig:
-    base = dict(splits=root / "data/splits/t", model_dir=root / "models/mae", checkpoint_dir=root / "ckpt",
-                report_dir=root / "reports/pretrain", arch="tiny", patch_size=16, batch_size=2, samples=16,
-                lr=1e-3, eval_volumes=2, log_every=2, checkpoint_every=100, threads=1)
-    return PretrainConfig(**{**base, **kw})
-
-
-def ctx_for(root: Path) -> JobContext:
-    return JobContext(root=root, tracking=TrackingConfig(uri=f"sqlite:///{root}/mlflow.db", experiment="test"))
 
 
 @pytest.fixture
@@ -146,6 +106,50 @@ def test_non_finite_loss_aborts_naming_the_step_before_any_checkpoint_of_it() ->
     assert logged == []
 
 
+@pytest.mark.parametrize("start", [0.0, 0.04])
+def test_the_weight_decay_schedule_drives_the_decayed_group_even_from_zero(start: float) -> None:
+    """DINO's weight decay rises by cosine from `pretrain.weight_decay`; a start of 0 must rise too. The groups
+    are told apart by their "decay" mark, never by their current value."""
+    from headct.train.engine import adamw
+    from headct.train.schedules import dino_weight_decay
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 1))
+    optimizer = adamw(model, lr=1e-2, weight_decay=start)
+    assert [g["decay"] for g in optimizer.param_groups] == [True, False]
+    seen = []
+
+    def loss_fn(batch: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        seen.append([g["weight_decay"] for g in optimizer.param_groups])  # what this step's update uses
+        return model(batch).square().mean()
+
+    total = 5
+    train(model, optimizer, iter(torch.randn(total, 2, 4)), loss_fn, start_step=0, total_steps=total,
+          lr_at=lambda s: 1e-2, wd_at=lambda s: dino_weight_decay(s, total, start, 0.4))
+    assert seen == [[pytest.approx(dino_weight_decay(s, total, start, 0.4)), 0.0] for s in range(total)]
+    assert seen[-1][0] == pytest.approx(0.4)
+    bare = torch.optim.AdamW([{"params": list(model.parameters()), "weight_decay": 0.1}])  # built by hand, unmarked
+    with pytest.raises(ValueError, match="param group 0 has no 'decay' mark"):
+        train(model, bare, iter(torch.randn(1, 2, 4)), loss_fn, start_step=0, total_steps=1, lr_at=lambda s: 1e-2,
+              wd_at=lambda s: 0.1)
+
+
+
+def test_resuming_a_checkpoint_written_before_groups_were_marked_keeps_the_marks() -> None:
+    from headct.train.checkpoint import restore, rng_state
+    from headct.train.engine import adamw
+
+    model = torch.nn.Linear(4, 2)
+    optimizer = adamw(model, lr=1e-3, weight_decay=0.0)
+    saved = optimizer.state_dict()
+    for group in saved["param_groups"]:
+        del group["decay"]  # as an optimizer state saved before the "decay" mark existed
+    state = {"model": model.state_dict(), "optimizer": saved, "rng": rng_state(), "step": 3}
+    fresh = adamw(model, lr=1e-3, weight_decay=0.0)
+    assert restore(state, model, fresh) == 3
+    assert [g["decay"] for g in fresh.param_groups] == [True, False]
+
+
 # ------------------------------------------------------------------------------------------------ job
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
@@ -177,14 +181,22 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
     assert not set(data.heldout_ids) & set(data.train_ids)  # the check runs on volumes never trained on
     assert len(data.train_ids) == 8 + 4 - 2  # train + the rest of val
     assert len(load_data(make_cfg(project, use_val=False), ctx_for(project)).train_ids) == 8
-    with sqlite3.connect(project / "mlflow.db") as db:
-        runs = db.execute("SELECT run_uuid FROM runs WHERE name = 'pretrain' AND status = 'FINISHED'").fetchall()
-        keys = {r[0] for r in db.execute("SELECT DISTINCT key FROM metrics WHERE run_uuid = ?", runs[0])}
-    assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "heldout_loss"} <= keys
-    assert list(project.glob(f"mlartifacts/**/{runs[0][0]}/artifacts/model/model.safetensors"))
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=ctx_for(project).tracking.uri)
+    experiment = client.get_experiment_by_name(ctx_for(project).tracking.experiment)
+    run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'",
+                             order_by=["attributes.start_time ASC"])[0]  # the fixture's run, the first
+    assert run.info.status == "FINISHED"
+    registered = client.get_model_version(out["registered"]["name"], out["registered"]["version"])
+    assert registered.tags["run_id"] == run.info.run_id  # the registered version points at this run
+    assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "heldout_loss"} <= set(run.data.metrics)
+    heldout = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "heldout_loss")]
+    assert sorted(heldout) == [(0, pytest.approx(metrics["heldout_loss_start"])),
+                               (8, pytest.approx(metrics["heldout_loss_end"]))]
+    assert "model/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
     # A reconstruction PNG every `figure_every` steps (4 of 8: the end one is the report's own figure).
-    (snapshot,) = project.glob(f"mlartifacts/**/{runs[0][0]}/artifacts/figures/step_*.png")
-    assert snapshot.name == "step_0000004.png" and snapshot.stat().st_size > 1000
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/step_0000004.png"]
 
 
 def test_finished_run_is_registered_as_champion_pyfunc_that_embeds_like_load_encoder(
@@ -245,9 +257,16 @@ def test_resumed_run_repeats_the_uninterrupted_one(
     with pytest.raises(Interrupted):
         run(cfg, ctx_for(root))
     monkeypatch.undo()
+    (interrupted,) = (root / "ckpt_b").glob("*/last.pt")
+    first = checkpoint.load_checkpoint(interrupted)["extra"]  # what the killed invocation had done
+    assert first["samples"] == 3 * 2
     out = run(cfg, ctx_for(root))
     assert out["resumed_from_step"] == 3 and out["samples"] == 16
-    assert out["seconds"] > 0  # training time of both invocations, not only the resumed one
+    # Time and samples add up over both invocations (5 more steps of 2), and the report gives those totals.
+    total = checkpoint.load_checkpoint(next((root / "ckpt_b").glob("*/complete.pt")))["extra"]
+    assert total["samples"] == first["samples"] + 5 * 2 and total["seconds"] > first["seconds"]
+    assert out["seconds"] == round(total["seconds"], 2)
+    assert out["volumes_per_s"] == round(total["samples"] / total["seconds"], 2)
 
     (a_path,) = (root / "ckpt").glob("*/complete.pt")  # finished runs are kept as complete.pt, never resumed
     (b_path,) = (root / "ckpt_b").glob("*/complete.pt")
@@ -285,21 +304,71 @@ def test_changed_config_trains_afresh_and_a_foreign_checkpoint_is_refused(traine
 DINO_SMALL = {"out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "local_crops": 2, "local_size": 16}
 
 
+def dino_cfg(root: Path, tag: str, **kw) -> PretrainConfig:
+    return make_cfg(root, method="dino", dino=DINO_SMALL, checkpoint_dir=root / f"ckpt_{tag}",
+                    model_dir=root / f"models/{tag}", report_dir=root / f"reports/{tag}", register_as=None, **kw)
+
+
+@pytest.fixture(scope="module")
+def dino_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """One DINO job run (8 steps of 2 on 16 scans), shared by the DINO job tests."""
+    from pipelines.pretrain import run
+
+    root = make_project(tmp_path_factory.mktemp("dino") / "proj", n_scans=16)
+    return root, run(dino_cfg(root, "a"), ctx_for(root))
+
+
+def dino_task(cfg: PretrainConfig, state: dict | None = None):
+    """The DinoTask of `cfg` at the job's seeded initial weights, or with a checkpoint's model `state`."""
+    from headct.models.vit import build_encoder
+    from headct.train.pretext import DinoTask
+
+    torch.manual_seed(cfg.seed)
+    encoder = build_encoder({"name": cfg.arch, "img_size": [SIZE] * 3, "patch_size": cfg.patch_size, "in_chans": 3,
+                             "num_registers": cfg.num_registers})
+    task = DinoTask(cfg, encoder, torch.device("cpu"), 0, total_steps=8, steps_per_epoch=5)
+    if state is not None:
+        task.model.load_state_dict(state, strict=True)
+    return task
+
+
+def test_dino_start_and_end_heldout_losses_are_scored_with_the_same_centre(dino_run: tuple[Path, dict]) -> None:
+    """The champion rule compares heldout_loss_start with heldout_loss_end. DINO's loss is centred and training
+    moves the centre away from 0, so both ends must be scored with one centre (the final one): the start is the
+    seeded initial model scored at the end."""
+    import headct.train.checkpoint as checkpoint
+    from pipelines.pretrain import load_data
+
+    root, whole = dino_run
+    cfg = dino_cfg(root, "a")
+    data = load_data(cfg, ctx_for(root))
+    hu = VolumeDataset(data.heldout_paths, data.heldout_ids).load_all()
+    final = checkpoint.load_checkpoint(next((root / "ckpt_a").glob("*/complete.pt")))
+    centre = final["model"]["loss_fn.center"]
+    assert centre.abs().max() > 0  # training moved it from its zero start
+
+    initial = dino_task(cfg)
+    zero_centred = initial.heldout_loss(hu)  # what the start was scored with before: a zero centre
+    with torch.no_grad():
+        initial.model.loss_fn.center.copy_(centre)
+    assert whole["heldout_loss_start"] == pytest.approx(initial.heldout_loss(hu), rel=1e-5)
+    assert whole["heldout_loss_start"] != pytest.approx(zero_centred, rel=1e-3)
+    assert whole["heldout_loss_end"] == pytest.approx(dino_task(cfg, final["model"]).heldout_loss(hu), rel=1e-5)
+
+
 def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dino_run: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import headct.train.checkpoint as checkpoint
     from headct.models.model_dir import load_model_dir
     from headct.train.distributed import weights_digest
     from pipelines.pretrain import run
 
-    root = make_project(tmp_path / "proj", n_scans=16)
+    root, whole = dino_run
 
     def cfg(tag: str, **kw) -> PretrainConfig:
-        return make_cfg(root, method="dino", dino=DINO_SMALL, checkpoint_dir=root / f"ckpt_{tag}",
-                        model_dir=root / f"models/{tag}", report_dir=root / f"reports/{tag}", register_as=None, **kw)
+        return dino_cfg(root, tag, **kw)
 
-    whole = run(cfg("a"), ctx_for(root))
     assert whole["method"] == "dino" and whole["steps"] == 8
     assert (root / "reports/a/dino_views.png").stat().st_size > 1000
     encoder, config = load_model_dir(root / "models/a")
@@ -320,7 +389,8 @@ def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
     student = {k.removeprefix("student.encoder."): v for k, v in a["model"].items() if k.startswith("student.encoder.")}
     assert all(torch.equal(encoder.state_dict()[k], teacher[k]) for k in teacher)
     assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
-    assert weights_digest(encoder)
+    # The reported digest is the digest of the final weights (student, teacher, centre), not just any digest.
+    assert whole["weights_sha256"] == weights_digest(dino_task(cfg("a"), a["model"]).model)
     assert whole["heldout_feature_spread"] > 1e-3  # above the collapse line (pretext.COLLAPSE_SPREAD)
 
 

@@ -17,22 +17,7 @@ from headct.eval.probe import LabelData, probe_label
 from pipelines import probe as probe_job
 from pipelines import report as report_job
 from tests.conftest import runs_of
-from tests.store_helpers import write_store
-
-TINY_ARCH = {
-    "name": "tiny",
-    "img_size": [16, 16, 16],
-    "patch_size": 8,
-    "in_chans": 3,
-    "embed_dim": 32,
-    "depth": 1,
-    "num_heads": 2,
-}
-WINDOWS = [
-    {"name": "brain", "level": 40, "width": 80},
-    {"name": "subdural", "level": 80, "width": 200},
-    {"name": "bone", "level": 600, "width": 2800},
-]
+from tests.probe_helpers import TINY_ARCH, WINDOWS, write_splits_and_model, write_volumes
 
 
 def synthetic(n: int, signal: float, seed: int, d: int = 8) -> LabelData:
@@ -112,34 +97,6 @@ def test_one_min_positives_rule_counts_known_positives_and_negatives_of_any_colu
 
 
 # --------------------------------------------------------------------------------------------- features (ViT)
-def write_volumes(store: Path, n: int, shape=(16, 16, 16)) -> list[Path]:
-    """A canonical store of n random int16 volumes ser_0000 .. (manifest, preprocess.json); returns their paths."""
-    rng = np.random.default_rng(0)
-    volumes = {f"ser_{i:04d}": rng.integers(-1024, 1500, size=shape).astype(np.int16) for i in range(n)}
-    return write_store(store, volumes)
-
-
-def write_splits_and_model(root: Path, rows: list[dict], store: Path | None = None) -> None:
-    """train/val/test.csv from rows (each with a "split" key) and a tiny seeded model directory at root/model,
-    trained (so its config says) on the preprocessing of `store` (default root/store)."""
-    import torch
-
-    from headct.models.model_dir import save_model_dir
-    from headct.models.vit import build_encoder
-
-    frame = pd.DataFrame(rows)
-    for split, part in frame.groupby("split"):
-        part.drop(columns="split").to_csv(root / f"{split}.csv", index=False)
-    torch.manual_seed(1)
-    config = {
-        "windows": WINDOWS,
-        "preprocess": json.loads(((store or root / "store") / "preprocess.json").read_text()),
-        "method": "mae",
-        "provenance": {},
-    }
-    save_model_dir(root / "model", build_encoder(TINY_ARCH), config)
-
-
 def test_features_are_batch_independent_and_the_encoder_stays_frozen(tmp_path: Path) -> None:
     import torch
 
@@ -226,9 +183,13 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
     (tmp_path / "model/config.json").write_text(json.dumps({**config, "preprocess": {"version": "v2"}}))
     version = json.loads((tmp_path / "store/preprocess.json").read_text())["version"]
     with pytest.raises(
-        InputError, match=rf"preprocess\.json: preprocessing version {version} differs from the model's v2"
+        InputError, match=rf"preprocess\.json: preprocessing version {version} differs from the model's v2.*"
+                          r"or set probe\.allow_preprocess_mismatch: true"
     ):
         probe_job.run(cfg, JobContext(root=tmp_path))
+    # ... unless the user says so explicitly: then it probes, with a warning naming both versions.
+    allowed = cfg.model_copy(update={"allow_preprocess_mismatch": True, "report_dir": tmp_path / "reports/allowed"})
+    assert probe_job.run(allowed, job_ctx)["labels_probed"] == 1
 
 
 # ------------------------------------------------------------------------------------------------ report job

@@ -13,7 +13,8 @@ ingested with the command line at the default grid (96^3 at 2 mm). Checks, measu
   inside the head: mean |difference| under 2 HU;
 - no patient tag, UID or source folder name reaches any output but the local linkage file.
 Left/right cannot be checked on this symmetric anatomy (the synthetic marker tests in test_ingest.py do that).
-The whole module skips, with the reason, when the package cannot be fetched (no apt, no network).
+When the package cannot be fetched (no apt, no network) the whole module skips with the reason, except in CI
+(environment variable CI set, as `.ci/run` does), where every test here fails with it.
 """
 
 from __future__ import annotations
@@ -43,10 +44,7 @@ class Ingested:
 
 @pytest.fixture(scope="module")
 def ct() -> real_ct.RealCT:
-    try:
-        return real_ct.cranium()
-    except real_ct.Unavailable as exc:
-        pytest.skip(f"real head CT (Debian package {real_ct.PACKAGE}) unavailable: {exc}")
+    return real_ct.for_tests()  # skips with the reason outside CI; in CI a CT that cannot be had is a failure
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +247,30 @@ def test_no_identifying_value_leaves_the_linkage_file(sources: dict[str, Path], 
         assert not leaked, f"{path.relative_to(dicom_route.project)} holds {leaked}"
         checked += 1
     assert checked >= 6, "expected the store (volume, manifest, rejects, labels, preprocess), reports, MLflow files"
+
+
+@pytest.mark.parametrize("ci", [None, "1"])
+def test_an_unavailable_ct_skips_outside_ci_and_fails_in_ci(tmp_path: Path, ci: str | None) -> None:
+    """A test session that cannot fetch the CT (no apt-get on PATH, an empty cache): outside CI the real-CT tests
+    skip with the reason; with CI set they fail with it, so CI cannot pass without the real-anatomy checks."""
+    import os
+    import subprocess
+
+    (tmp_path / "test_uses_ct.py").write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})\n"
+        "import real_ct\n\n"
+        "def test_needs_the_ct():\n"
+        "    real_ct.for_tests()\n")
+    env = {k: v for k, v in os.environ.items() if k != real_ct.CI_ENV}
+    env.update({"PATH": str(tmp_path / "no-tools"), real_ct.CACHE_ENV: str(tmp_path / "cache"),
+                **({real_ct.CI_ENV: ci} if ci else {})})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rsf", "-p", "no:cacheprovider",
+                           str(tmp_path / "test_uses_ct.py")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    reason = f"real head CT (Debian package {real_ct.PACKAGE}) unavailable: `apt-get` not found"
+    out = " ".join(proc.stdout.split())
+    if ci is None:
+        assert proc.returncode == 0 and "1 skipped" in out and reason in out, out
+    else:
+        assert proc.returncode == 1 and "1 failed" in out and reason in out and "CI is set" in out, out

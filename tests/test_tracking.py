@@ -54,6 +54,41 @@ def test_job_run_logs_params_metrics_children_and_artifacts(tmp_path: Path) -> N
     assert os.environ.get("MLFLOW_TRACKING_URI") != cfg.uri
 
 
+def test_provenance_records_whether_tracked_files_differ_from_the_commit(tmp_path: Path) -> None:
+    """A real repository: clean, an untracked file (still clean), a changed tracked file, a staged change."""
+    import mlflow
+
+    from headct.tracking import git_dirty, git_state
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    assert git_state(repo) == {"git_commit": None}  # not a repository: nothing to be dirty against
+    assert git_dirty(repo) is None
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=repo,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / "code.py").write_text("x = 1\n")
+    git("add", "code.py")
+    git("commit", "-qm", "first")
+    head = git("rev-parse", "HEAD")
+    assert git_state(repo) == {"git_commit": head, "git_dirty": False}
+    (repo / "notes.txt").write_text("untracked\n")
+    assert git_state(repo)["git_dirty"] is False
+    (repo / "code.py").write_text("x = 2\n")
+    assert git_state(repo) == {"git_commit": head, "git_dirty": True}
+    git("add", "code.py")  # staged, not committed: still not the commit's code
+    assert git_state(repo)["git_dirty"] is True
+
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="git")
+    with job_run(cfg, "probe", Params().probe, repo) as run:
+        pass
+    tags = mlflow.MlflowClient(tracking_uri=cfg.uri).get_run(run.run_id).data.tags
+    assert (tags["git.commit"], tags["git.dirty"]) == (head, "true")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

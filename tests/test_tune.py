@@ -12,7 +12,7 @@ import yaml
 
 from headct.config import JobContext, TuneConfig, load_params
 from tests.conftest import REPO, runs_of
-from tests.test_finetune import finetune_cfg, make_labelled_project
+from tests.finetune_helpers import finetune_cfg, make_labelled_project
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 

@@ -73,10 +73,19 @@ def test_indices_select_blocks_like_timm_and_nlc_gives_tokens() -> None:
     assert torch.equal(nlc[0].transpose(1, 2).reshape(2, 192, 4, 4, 4), every[1])
 
 
-@pytest.mark.parametrize("indices", [0, 5, -1, [4], [-5], [], [0.5], "1", True])
-def test_out_of_range_indices_are_refused_with_the_valid_range(indices) -> None:
+LAST_N = r"asks for the last n blocks; n must be in 1\.\.4$"
+BLOCKS = r"a non-empty list of ints in \[-4, 3\] for this 4-block encoder, got "
+
+
+@pytest.mark.parametrize("indices, message", [
+    (0, LAST_N), (5, LAST_N), (-1, LAST_N), ([4], BLOCKS + r"\[4\]"), ([-5], BLOCKS + r"\[-5\]"),
+    ([], BLOCKS + r"\[\]"), ([0.5], BLOCKS + r"\[0\.5\]"),
+    ("1", r"indices must be an int, a list of block indices or None, got '1'"),
+    (True, r"indices must be an int, a list of block indices or None, got True"),
+])
+def test_out_of_range_indices_are_refused_with_the_valid_range(indices, message: str) -> None:
     enc = encoder()
-    with pytest.raises(ValueError, match=r"indices|blocks"):
+    with pytest.raises(ValueError, match=message):
         enc.forward_intermediates(torch.rand(1, 3, 16, 16, 16), indices=indices)
 
 

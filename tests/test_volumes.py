@@ -76,6 +76,37 @@ def test_a_scan_made_with_another_recipe_than_the_store_says_is_refused(store: P
         load_volume(store / "volumes/ser_0001.npy")
 
 
+def _split_of(store: Path) -> Path:
+    """A split folder whose split.json names `store` (relative to its parent, the project root)."""
+    split = store.parent / "splits"
+    split.mkdir()
+    (split / "split.json").write_text(json.dumps({"store": store.name, "seed": 0}))
+    return split
+
+
+@pytest.mark.parametrize("preprocess, problem", [
+    ({"version": "v2"}, rf"preprocess\.json: preprocessing version {SPEC.version} differs from the model's v2 "
+                        r"\(models/m/config\.json\)"),
+    ({"shape": [16, 16, 16]}, r"models/m/config\.json: no preprocess version recorded"),  # e.g. imported weights
+    (None, r"models/m/config\.json: no preprocess version recorded"),
+])
+def test_a_model_not_made_for_the_store_is_refused_unless_explicitly_allowed(
+    store: Path, capsys: pytest.CaptureFixture, preprocess: dict | None, problem: str
+) -> None:
+    from headct.data.volumes import check_preprocessing
+
+    split, source = _split_of(store), Path("models/m/config.json")
+    config = {} if preprocess is None else {"preprocess": preprocess}
+    with pytest.raises(InputError, match=problem + r".*or set probe\.allow_preprocess_mismatch: true"):
+        check_preprocessing(split, store.parent, config, source, setting="probe.allow_preprocess_mismatch")
+    warned = check_preprocessing(split, store.parent, config, source, allow_mismatch=True,
+                                 setting="probe.allow_preprocess_mismatch")
+    assert warned is not None and warned.endswith("going on because probe.allow_preprocess_mismatch is true")
+    assert "warning: " in capsys.readouterr().err
+    same = {"preprocess": {**SPEC.model_dump(mode="json"), "version": SPEC.version}}
+    assert check_preprocessing(split, store.parent, same, source) is None
+
+
 def test_class_balanced_draws_are_a_function_of_the_step_and_favour_the_rare_class() -> None:
     from headct.data.volumes import WeightedStepSampler, class_balanced_weights
 

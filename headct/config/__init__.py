@@ -42,7 +42,7 @@ from headct.config.evaluate import (
     ReportConfig,
     RetrievalConfig,
 )
-from headct.config.finetune import FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.finetune import MAX_ATTENTION_HEADS, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.loader import (
     ConfigError,
     find_project_root,
@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_WINDOWS",
     "LABELS",
     "CompareConfig",
+    "MAX_ATTENTION_HEADS",
     "ConfigError",
     "DinoConfig",
     "ExplainConfig",

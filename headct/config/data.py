@@ -108,6 +108,13 @@ class QcRules(Section):
     criteria_csv: Path | None = None
     # Selection preference (not a rejection): slice thickness within this range ranks higher.
     thickness_range_mm: tuple[float, float] = (0.5, 5.0)
+    # The canonical grid (shape x spacing, 192 mm by default) is centred on the head's bounding box; a longer head
+    # loses the excess. More than this many mm cut along any axis -> `head_cropped` (None: record, never reject).
+    # The cropped extent per axis is in the manifest (crop_x_mm, crop_y_mm, crop_z_mm). Measured at 192 mm, all
+    # along y (face to occiput): the real adult head CT of the tests 28.1 mm; the synthetic demo up to 36.6 mm
+    # (60 patients at the demo's resolution; 34.8 mm over 400 at the quick profile's), so 50 mm passes normal
+    # heads and stops a box that is not a head (a head holder or body part fused to it, a whole-body scan).
+    max_crop_mm: float | None = Field(50.0, ge=0.0)
 
     @field_validator("kernel_allow", "kernel_deny", "description_deny")
     @classmethod

@@ -40,6 +40,9 @@ class ProbeConfig(Section):
     # A feature cache written by `headct extract`: probe every model cached there (pool, batch_size and device
     # are then unused). None: embed here with model_dir and its random-init twin.
     features: Path | None = None
+    # Use a model whose recorded preprocessing version is missing or differs from the split's store (a warning
+    # instead of an error): an explicit choice, e.g. for imported weights made on an equivalent recipe.
+    allow_preprocess_mismatch: bool = False
     # Per-arm variant selection on val (needs `features`): the cache's variants (pool x block, see
     # `extract.pools`/`blocks`) are grouped by arm (pretrained, each random-init seed, hu_histogram, externals);
     # each arm keeps the variant with the highest mean val AUROC over these labels and is probed and scored on
@@ -83,6 +86,9 @@ class ExtractConfig(Section):
     # `random_init.s<s>`. None: (seed,).
     random_init_seeds: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(None, min_length=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Use a model or external encoder whose recorded preprocessing version (config.json's, or `preprocess["version"]`
+    # of the encoder) is missing or differs from the split's store: a warning instead of an error.
+    allow_preprocess_mismatch: bool = False
 
     @field_validator("external")
     @classmethod

@@ -9,6 +9,8 @@ from pydantic import Field, field_validator, model_validator
 
 from headct.config.base import Label, Section
 
+MAX_ATTENTION_HEADS = 64  # bound of finetune.attention_heads (the job also needs it to divide the encoder width)
+
 
 class FinetuneConfig(Section):
     """End-to-end fine-tuning of an encoder + head on the split's labels; best epoch chosen on val AUROC.
@@ -33,7 +35,8 @@ class FinetuneConfig(Section):
     labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
     min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
     pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
-    attention_heads: int = Field(4, ge=1, le=64)
+    # heads of the attentive head: must divide the encoder width (checked by the job before training)
+    attention_heads: int = Field(4, ge=1, le=MAX_ATTENTION_HEADS)
     epochs: int = Field(5, ge=1)
     batch_size: int = Field(8, ge=1)
     accum_steps: int = Field(1, ge=1)
@@ -59,6 +62,9 @@ class FinetuneConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", json_schema_extra={"trajectory": False})
     threads: int | None = Field(None, ge=1, json_schema_extra={"trajectory": False})
     amp: Literal["auto", "bf16", "off"] = "auto"
+    # Fine-tune a model directory whose recorded preprocessing version is missing or differs from the split's store
+    # (a warning instead of an error); allows a run, changes nothing in it.
+    allow_preprocess_mismatch: bool = Field(False, json_schema_extra={"trajectory": False})
 
     @field_validator("labels", mode="before")
     @classmethod

@@ -9,9 +9,10 @@ format registered there) and never branches on one itself.
 2. select: group by study/series key, QC every series against `ingest.qc`, rank the valid ones of each study
    (`headct.data.selection`, where the reason codes and the preference order are documented); with `--shard`
    only the studies of that shard go on.
-3. convert: per study the best series (or, with `keep: all`, every valid one): pixels -> HU -> canonical grid ->
-   `volumes/<scan_id>.npy`, in worker processes capped by memory (`headct.data.parallel`); when its pixels turn
-   out unusable the next-ranked series is tried. A volume already converted with the same preprocess version
+3. convert (`headct.data.convert`): per study the best series (or, with `keep: all`, every valid one): pixels ->
+   HU -> canonical grid -> `volumes/<scan_id>.npy`, in worker processes capped by memory (`headct.data.parallel`);
+   when its pixels turn out unusable or the grid crops too much of the head (`qc.max_crop_mm`) the next-ranked
+   series is tried. A volume already converted with the same preprocess version
    (manifest or journal of an interrupted run) is reused, not re-converted.
 4. deduplicate: accepted series with the same pixel content or SOP instances keep one copy (`headct.data.dedup`).
 5. write: manifest, rejects, labels (joined by `headct.data.label_sources`), preprocess.json (DEST, or
@@ -41,15 +42,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from headct.config.base import PreprocessSpec
 from headct.config.data import IngestConfig
 from headct.data import dedup, formats, label_sources, parallel, shards, store
+from headct.data.convert import convert_study, crop_problem
 from headct.data.criteria import read_criteria
 from headct.data.discovery import Discovery, drop_repeated_instances, group_series, list_files, read_headers
-from headct.data.formats import SourceDataError
 from headct.data.identity import Pseudonymizer, load_key
 from headct.data.label_sources.base import ScanKeys, scan_keys
-from headct.data.resample import NoHeadError, to_canonical
 from headct.data.selection import qc_series, rank_series, slice_thickness_mm, why_not_selected
 from headct.data.series import Series, StackGeometry
 from headct.errors import InputError
@@ -73,52 +72,9 @@ class SeriesRecord:
 
 
 @dataclass(frozen=True)
-class Attempt:
-    """The outcome of converting one candidate series (returned from a worker process)."""
-
-    scan_id: str
-    reason: str | None  # None: converted
-    message: str  # safe for rejects.csv
-    terminal: str  # may name the source folder: for the user's terminal only
-    volume: dict[str, Any] | None  # affine (16 floats), spacing_mm, volume_sha256
-
-
-@dataclass(frozen=True)
 class IngestResult:
     summary: dict[str, Any]  # counts (JSON-able, pseudonymous)
     manifest_rows: list[dict[str, Any]]
-
-
-Candidate = tuple[str, Series, StackGeometry, "dict[str, Any] | None"]  # scan_id, series, geometry, reusable facts
-
-
-def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path) -> list[Attempt]:
-    """Convert the first usable candidate of one study (best first); one Attempt per candidate tried.
-    A candidate with reusable facts (converted by an earlier run) is taken as it is."""
-    attempts = []
-    for scan_id, series, geometry, previous in candidates:
-        if previous is not None:
-            attempts.append(Attempt(scan_id, None, "reused", "", previous))
-            break
-        try:
-            hu = formats.of(series).load_hu(series, geometry, float(spec.pad_hu))
-            content = dedup.content_sha256(hu, geometry)
-            volume, affine = to_canonical(hu, geometry, spec)
-            del hu  # the source stack is the largest allocation: free it before writing
-        except SourceDataError as exc:  # unreadable pixels, values not HU: the format names the reason code
-            attempts.append(Attempt(scan_id, exc.reason, exc.why, str(exc), None))
-            continue
-        except NoHeadError as exc:
-            folder = series.first.path.parent
-            attempts.append(Attempt(scan_id, "empty_volume", str(exc), f"{folder}: {exc}", None))
-            continue
-        sha = store.write_volume(dest, scan_id, volume)
-        spacing = spec.spacing_mm if spec.fit == "isotropic" else None  # stretch: per axis, see the affine
-        facts = {"affine": [float(v) for v in affine.ravel()], "spacing_mm": spacing, "volume_sha256": sha,
-                 "content_sha256": content}
-        attempts.append(Attempt(scan_id, None, "ok", "", facts))
-        break
-    return attempts
 
 
 def _progress(console: Console) -> Progress:
@@ -186,6 +142,7 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
         "preprocess_version": cfg.preprocess.version, "volume_sha256": facts["volume_sha256"],
         "source_format": formats.of(record.series).source_format,
         "content_sha256": facts["content_sha256"], "instances_id": record.instances_id,
+        **dict(zip(store.CROP_COLUMNS, facts["crop_mm"], strict=True)),
     }
 
 
@@ -202,13 +159,14 @@ def _convert(studies: dict[str, list[SeriesRecord]], previous: dict[str, dict], 
         for group in groups:
             if not group:
                 continue
-            if group[0].scan_id in previous:  # the preferred series is already in the store: no task at all
-                accepted[group[0].scan_id] = previous[group[0].scan_id]
+            first = previous.get(group[0].scan_id)
+            if first is not None and crop_problem(first["crop_mm"], cfg.preprocess, cfg.qc.max_crop_mm) is None:
+                accepted[group[0].scan_id] = first  # the preferred series is already in the store: no task at all
                 reused.add(group[0].scan_id)
                 continue
             largest = max([largest] + [parallel.series_bytes(r.series, cfg.preprocess) for r in group])
             tasks.append(([(r.scan_id, r.series, r.geometry, previous.get(r.scan_id)) for r in group],
-                          cfg.preprocess, cfg.dest))
+                          cfg.preprocess, cfg.dest, cfg.qc.max_crop_mm))
     in_flight = 1
     if tasks:
         in_flight, why = parallel.choose_workers(cfg.workers, largest)
@@ -319,10 +277,14 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     label_rows = label_sources.load(cfg)  # read first: a wrong labels file should fail before any work
     if cfg.qc.criteria_csv is not None:
         read_criteria(cfg.qc.criteria_csv)  # likewise: a bad criteria file fails now, naming itself
+
+    def warn(message: str) -> None:
+        console.print(f"[yellow]{message}")
+
     if key is None:
-        key, _ = load_key(cfg.demo_key, warn=lambda message: console.print(f"[yellow]{message}"))
+        key, _ = load_key(cfg.demo_key, warn=warn)
     pseudo = Pseudonymizer(key)
-    previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables) if tables.is_dir() else {}
+    previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables, warn) if tables.is_dir() else {}
     readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
 
     # spawned workers start with the default formats: hand them this process's (one registered by a caller too)
@@ -367,6 +329,8 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
         "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
         "duplicates": duplicates,
         "studies_without_volume": len(studies) - len({row["study_id"] for row in manifest}),
+        # accepted scans whose head the grid cut along some axis (by at most qc.max_crop_mm; mm in the manifest)
+        "heads_cropped": sum(any(row[c] > 0 for c in store.CROP_COLUMNS) for row in manifest),
         "converted": len(manifest) - len(reused & {row["scan_id"] for row in manifest}),
         "reused": len(reused & {row["scan_id"] for row in manifest}),
         "nifti_exported": exported,

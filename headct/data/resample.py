@@ -118,13 +118,36 @@ def resample(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray, shape:
     return out
 
 
-def to_canonical(hu: np.ndarray, geometry: StackGeometry, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Source HU stack (N, rows, cols) float32 -> (canonical int16 HU volume (X, Y, Z), 4x4 RAS affine)."""
+def cropped_mm(lo: np.ndarray, hi: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """Per RAS axis (x, y, z), mm of the head box [lo, hi] that lies outside the canonical grid (its field of view,
+    voxel edge to voxel edge: shape x spacing). 0 where the head fits; with `fit: isotropic` the grid is centred
+    on the box, so this is the head's length beyond the field of view, shared between both ends."""
+    spacing = np.diag(affine)[:3]
+    first = affine[:3, 3] - spacing / 2
+    last = affine[:3, 3] + spacing * (np.asarray(shape, float) - 0.5)
+    return np.maximum(first - lo, 0.0) + np.maximum(hi - last, 0.0)
+
+
+def to_canonical(hu: np.ndarray, geometry: StackGeometry, spec: PreprocessSpec
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source HU stack (N, rows, cols) float32 -> (canonical int16 HU volume (X, Y, Z), 4x4 RAS affine, mm of the
+    head cropped by the grid per axis (`cropped_mm`)).
+
+    The cropped extent is measured on the head box (threshold localisation) whatever `head_localisation` says: with
+    "none" the grid is centred on the whole stack, and the head may still stick out of it (no head: nothing
+    cropped)."""
     lo_hu, hi_hu = spec.clip_hu
     if lo_hu < _INT16.min or hi_hu > _INT16.max or lo_hu >= hi_hu:
         raise InputError(f"preprocess.clip_hu={list(spec.clip_hu)} must be increasing and within int16")
     lo, hi = head_box_ras(hu, geometry, spec.head_localisation)
     affine = canonical_affine(spec, lo, hi)
+    if spec.head_localisation == "threshold":
+        crop = cropped_mm(lo, hi, affine, spec.shape)
+    else:
+        try:
+            crop = cropped_mm(*head_box_ras(hu, geometry, "threshold"), affine, spec.shape)
+        except NoHeadError:
+            crop = np.zeros(3)
     volume = resample(hu, geometry, affine, spec.shape, float(spec.pad_hu))
     np.clip(volume, lo_hu, hi_hu, out=volume)
-    return np.rint(volume).astype(np.int16), affine
+    return np.rint(volume).astype(np.int16), affine, crop

@@ -32,6 +32,8 @@ format's `load_hu` raises SourceDataError with the code):
     unreadable             pixel data cannot be decoded or has no rescale slope/intercept
     not_hu                 a NIfTI whose values are not HU (no air below -500, or bright voxels beyond 3100)
     empty_volume           no voxel above the head threshold (nothing to centre on)
+    head_cropped           the canonical grid cuts more than `max_crop_mm` of the head along an axis
+                           (`headct.data.convert`; the cropped mm per axis are in the manifest either way)
     no_patient_key         the series has no patient key (no PatientID, or no folder under SRC)
     duplicate              the same SOP instances or the same pixel content as an accepted series (named)
 And for the valid series that lost:

@@ -11,7 +11,8 @@
 
 While an ingest runs, finished manifest rows are also appended to `<store>/.ingest-journal.jsonl` (pseudonyms
 only), so an interrupted run can resume without re-converting; the journal is removed once the manifest is
-written.
+written. A torn last journal line (the process died while writing it) is dropped with a warning; any other
+malformed line, or a manifest that cannot be read, stops the run with an InputError naming the file.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import io
 import json
 import os
 import threading
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +43,13 @@ PREPROCESS = "preprocess.json"
 JOURNAL = ".ingest-journal.jsonl"
 NIFTI = "nifti"
 
+# mm of the head's bounding box outside the canonical grid along RAS x, y, z (0: the head fits; headct.data.convert)
+CROP_COLUMNS = ("crop_x_mm", "crop_y_mm", "crop_z_mm")
 MANIFEST_COLUMNS = (
     "scan_id", "study_id", "patient_id", "patient_key_source", "volume", "affine", "spacing_mm", "src_shape",
     "src_spacing_mm", "slice_thickness_mm", "tilt_deg", "kvp", "kernel", "manufacturer", "body_part",
     "series_description", "n_slices", "preprocess_version", "volume_sha256", "source_format", "content_sha256",
-    "instances_id",
+    "instances_id", *CROP_COLUMNS,
 )
 REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
 
@@ -112,6 +117,8 @@ def write_manifest(store: Path, rows: list[dict[str, Any]]) -> None:
     frame = pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS))
     frame["spacing_mm"] = frame["spacing_mm"].astype("float64")
     frame["n_slices"] = frame["n_slices"].astype("int64")
+    for column in CROP_COLUMNS:
+        frame[column] = frame[column].astype("float64")
     for column in ("source_format", "content_sha256", "instances_id"):
         frame[column] = frame[column].fillna("").astype(str)
     with atomic_path(store / MANIFEST) as tmp:
@@ -204,25 +211,80 @@ def store_index(store: Path) -> StoreIndex:
 
 
 # ------------------------------------------------------------------------------------------------- resume
-def converted_rows(store: Path, version: str, tables: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256, content_sha256) of volumes already converted
+# What resuming needs from an earlier run's row. Every journal row has the first seven (a line without them is
+# damage); a manifest or journal row of an older layout (without the crop columns, say) is not reused: its
+# volume is made again, with a note.
+JOURNAL_COLUMNS = ("scan_id", "volume", "preprocess_version", "volume_sha256", "content_sha256", "affine",
+                   "spacing_mm")
+RESUME_COLUMNS = (*JOURNAL_COLUMNS, *CROP_COLUMNS)
+
+
+def _manifest_rows(path: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rows of an earlier run's manifest for resuming. An unreadable file is an InputError naming it (it is never
+    ignored: a store whose manifest cannot be read is not one ingest may quietly overwrite)."""
+    try:
+        frame = pd.read_parquet(path)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: the store's manifest is not a readable parquet file ({exc}); move it aside or "
+                         "delete the store to ingest again from scratch") from None
+    missing = [c for c in RESUME_COLUMNS if c not in frame.columns]
+    if missing:
+        warn(f"{path}: an older layout without {missing}; its volumes are converted again")
+        return []
+    return frame.to_dict("records")
+
+
+def _journal_rows(path: Path, warn: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Rows of an interrupted run's journal. Only the LAST line may be malformed, and only when it is torn (no
+    final newline: the process died while writing it); it is dropped with a warning. Any other malformed line is
+    an InputError naming the file and the line."""
+    text = path.read_text(errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""  # "" when the file ends with a newline (every row complete)
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        row = _journal_row(line)
+        if row is None:
+            raise InputError(f"{path}: line {number} is not a journal row ({line[:60]!r}); the journal is "
+                             "damaged: delete it to convert the unfinished volumes again")
+        rows.append(row)
+    if torn:
+        row = _journal_row(torn)
+        if row is None:
+            warn(f"{path}: dropped a torn last line (line {len(lines) + 1}, cut short by an interrupted run); "
+                 "that volume is converted again")
+        else:
+            rows.append(row)
+    older = [row for row in rows if any(c not in row for c in RESUME_COLUMNS)]
+    if older:
+        missing = sorted({c for row in older for c in RESUME_COLUMNS if c not in row})
+        warn(f"{path}: {len(older)} row(s) of an older layout without {missing}; their volumes are converted again")
+    return [row for row in rows if all(c in row for c in RESUME_COLUMNS)]
+
+
+def _journal_row(line: str) -> dict[str, Any] | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and all(c in row for c in JOURNAL_COLUMNS) else None
+
+
+def converted_rows(store: Path, version: str, tables: Path | None = None,
+                   warn: Callable[[str], None] = warnings.warn) -> dict[str, dict[str, Any]]:
+    """Volume facts (affine as 16 floats, spacing_mm, volume_sha256, content_sha256, crop_mm) of volumes converted
     with preprocess `version` whose .npy still exists, from the manifest and the journal of an interrupted run.
-    `tables` is where the manifest and journal live (a shard's folder), `store` where the volumes are."""
+    `tables` is where the manifest and journal live (a shard's folder), `store` where the volumes are; `warn`
+    receives the notes (an older manifest layout, a torn last journal line). InputError for an unreadable
+    manifest or a malformed journal line other than a torn last one."""
     tables = tables or store
     rows: dict[str, dict[str, Any]] = {}
     if (tables / MANIFEST).is_file():
-        try:  # a manifest of an older layout is not an error here: its volumes are simply made again
-            for row in read_manifest(tables).to_dict("records"):
-                rows[row["scan_id"]] = row
-        except InputError:
-            pass
+        for row in _manifest_rows(tables / MANIFEST, warn):
+            rows[row["scan_id"]] = row
     journal = tables / JOURNAL
     if journal.is_file():
-        for line in journal.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                continue
+        for row in _journal_rows(journal, warn):
             rows[row["scan_id"]] = row
     facts = {}
     for scan_id, row in rows.items():
@@ -237,6 +299,7 @@ def converted_rows(store: Path, version: str, tables: Path | None = None) -> dic
                 "spacing_mm": None if spacing is None or spacing != spacing else float(spacing),  # NaN: stretch
                 "volume_sha256": row["volume_sha256"],
                 "content_sha256": row["content_sha256"],
+                "crop_mm": [float(row[column]) for column in CROP_COLUMNS],
             }
     return facts
 

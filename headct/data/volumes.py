@@ -134,21 +134,38 @@ def split_store(split_dir: Path, root: Path) -> Path:
     return store_of_volume(Path(root) / train["img_path"].iloc[0])
 
 
-def check_preprocessing(split_dir: Path, root: Path, model_config: dict[str, Any], config_path: Path) -> None:
-    """The store behind a split (`split_store`) must have been made with the model's preprocessing recipe;
-    InputError naming both versions otherwise."""
+def check_preprocessing(split_dir: Path, root: Path, model_config: dict[str, Any], source: Path | str, *,
+                        allow_mismatch: bool = False, setting: str = "allow_preprocess_mismatch") -> str | None:
+    """The store behind a split (`split_store`) must have been made with the model's preprocessing recipe: the
+    version recorded in `model_config["preprocess"]` (a model directory's config.json, or an external encoder's
+    `preprocess` mapping), read from `source` (named in messages).
+
+    A model with no recorded version, or with another version than the store's, is an InputError naming both and
+    `setting`, the override. With `allow_mismatch` (the user's explicit choice) the same message is printed as a
+    warning instead and returned; the job goes on (each volume is still checked against the model's grid).
+    Returns None when the versions match."""
     from headct.data.store import read_preprocess
 
     store = split_store(split_dir, root)
-    model_version = model_config.get("preprocess", {}).get("version")
-    if model_version is None:
-        raise InputError(f"{config_path}: no preprocess version; cannot check it against {store / PREPROCESS}")
     store_version = read_preprocess(store)["version"]
-    if store_version != model_version:
-        raise InputError(
-            f"{store / PREPROCESS}: preprocessing version {store_version} differs from the model's {model_version} "
-            f"({config_path}); re-ingest with the model's preprocess spec"
-        )
+    preprocess = model_config.get("preprocess")
+    model_version = preprocess.get("version") if isinstance(preprocess, dict) else None
+    if model_version is not None and str(model_version) == store_version:
+        return None
+    if model_version is None:
+        problem = (f"{source}: no preprocess version recorded, so nothing says the model was trained on volumes "
+                   f"like those of {store / PREPROCESS} (version {store_version})")
+    else:
+        problem = (f"{store / PREPROCESS}: preprocessing version {store_version} differs from the model's "
+                   f"{model_version} ({source})")
+    if not allow_mismatch:
+        raise InputError(f"{problem}; re-ingest with the model's preprocess spec, or set {setting}: true to use "
+                         "it anyway")
+    from rich.console import Console
+
+    message = f"{problem}; going on because {setting} is true"
+    Console(stderr=True).print(f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    return message
 
 
 # ----------------------------------------------------------------------------------------------- datasets

@@ -2,8 +2,9 @@
 
 Protocol (also in docs/contracts.md, "External encoders"): a factory named as `"pkg.module:factory"` (importable
 from the environment `headct` runs in), called with no arguments, returns an object with
-  * `preprocess`: a mapping with at least `"shape"`: [X, Y, Z] voxels, the canonical grid it expects
-    (optionally `"spacing_mm"` and `"version"`, recorded in the cache's provenance);
+  * `preprocess`: a mapping with `"shape"`: [X, Y, Z] voxels, the canonical grid it expects, and `"version"`: the
+    store preprocessing version it was made for (recorded in the cache's provenance; `headct extract` refuses a
+    missing or different one unless `extract.allow_preprocess_mismatch`), optionally `"spacing_mm"`;
   * `embed(hu_volumes)`: (B, X, Y, Z) int16 Hounsfield-unit numpy array (RAS+, the store's canonical volumes,
     air = -1024) -> (B, D) float numpy array, the same D for every call. Windowing, normalisation and resizing
     are the encoder's own business.

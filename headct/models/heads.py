@@ -42,9 +42,10 @@ class LinearHead(nn.Module):
         return self.linear(self.norm(pooled))
 
 
-def _heads_for(dim: int, wanted: int) -> int:
-    """The largest head count <= wanted that divides dim (MultiheadAttention needs dim % heads == 0)."""
-    return next(h for h in range(max(1, min(wanted, dim)), 0, -1) if dim % h == 0)
+def head_counts(dim: int, most: int | None = None) -> list[int]:
+    """The attention head counts a token width `dim` allows (MultiheadAttention needs dim % heads == 0), up to
+    `most`."""
+    return [h for h in range(1, min(dim, most or dim) + 1) if dim % h == 0]
 
 
 class AttentivePoolHead(nn.Module):
@@ -53,13 +54,17 @@ class AttentivePoolHead(nn.Module):
     Args:
         dim: token width D.
         n_outputs: logits (labels).
-        num_heads: attention heads wanted; reduced to the largest count dividing D.
+        num_heads: attention heads; must divide D (ValueError naming the allowed counts otherwise: a count
+            quietly lowered would train another model than the one asked for).
     """
 
     def __init__(self, dim: int, n_outputs: int, num_heads: int = 4) -> None:
         super().__init__()
+        if num_heads < 1 or dim % num_heads:
+            raise ValueError(f"num_heads={num_heads} does not divide the token width {dim}; allowed: "
+                             f"{head_counts(dim)}")
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.attention = nn.MultiheadAttention(dim, _heads_for(dim, num_heads), batch_first=True)
+        self.attention = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.linear = nn.Linear(dim, n_outputs)
         nn.init.trunc_normal_(self.query, std=0.02)

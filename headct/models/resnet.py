@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 DEPTHS: tuple[str, ...] = ("resnet10", "resnet18")
+EMBED_DIM = 512  # channels of the last stage of MONAI's basic-block ResNets: the token width D
 
 
 class ResNetBackbone(nn.Module):
@@ -31,7 +32,7 @@ class ResNetBackbone(nn.Module):
 
         self.net = getattr(resnet, name)(spatial_dims=3, n_input_channels=in_chans, feed_forward=False)
         self.arch: dict[str, Any] = {"name": name, "in_chans": in_chans}
-        self.embed_dim = 512
+        self.embed_dim = EMBED_DIM
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B, 1 + N, 512): global average first, then the last feature map's positions."""

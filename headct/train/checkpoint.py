@@ -88,7 +88,11 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
     """Load model, optimizer and RNG states from `state` (strict); returns the global step to continue from."""
     model.load_state_dict(state["model"], strict=True)
-    optimizer.load_state_dict(state["optimizer"])
+    marks = [group.get("decay") for group in optimizer.param_groups]
+    optimizer.load_state_dict(state["optimizer"])  # torch replaces each group's settings with the saved ones
+    for group, mark in zip(optimizer.param_groups, marks, strict=True):
+        if mark is not None:  # a checkpoint written before groups were marked: keep the builder's mark
+            group.setdefault("decay", mark)
     set_rng_state(state["rng"])
     return int(state["step"])
 

@@ -75,10 +75,12 @@ def adamw(
     ~20 steps instead of ~1,000 follows the gradient scale within the few hundred steps of a fine-tuning run
     (whose gradients change scale when a frozen backbone is released) and keeps an update bounded when a rare
     large gradient follows many small ones.
-    groups: parameter groups (each with "params", "weight_decay" and optionally "lr_scale", which the loop
-    multiplies into the schedule's lr: backbone vs head, or layer-wise decay). None: weight decay only on weight
-    matrices; norms, biases, position tables and tokens (anything 1-D or named in ``model.no_weight_decay()``)
-    are not decayed. Group 0 decays, group 1 not.
+    groups: parameter groups (each with "params", "weight_decay", "decay" and optionally "lr_scale", which the
+    loop multiplies into the schedule's lr: backbone vs head, or layer-wise decay). None: weight decay only on
+    weight matrices; norms, biases, position tables and tokens (anything 1-D or named in
+    ``model.no_weight_decay()``) are not decayed. Group 0 decays, group 1 not.
+    "decay" marks the groups a weight-decay schedule (`train`'s wd_at) drives; it is set here and by the group
+    builders, never inferred from the value, so a schedule that starts at 0 (weight_decay: 0) still rises.
     """
     if groups is None:
         skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
@@ -87,7 +89,8 @@ def adamw(
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+                  {"params": no_decay, "weight_decay": 0.0, "decay": False}]
     device_type = next(model.parameters()).device.type
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=device_type in ("cpu", "cuda"))
 
@@ -110,6 +113,14 @@ class TrainStats:
     @property
     def data_wait_fraction(self) -> float:
         return self.data_seconds / self.seconds if self.seconds > 0 else 0.0
+
+
+def _decays(group: dict[str, Any], index: int) -> bool:
+    """Whether a weight-decay schedule drives this param group: its "decay" mark (ValueError without one)."""
+    if "decay" not in group:
+        raise ValueError(f"optimizer param group {index} has no 'decay' mark, so a weight-decay schedule cannot "
+                         "tell whether it decays (build groups with engine.adamw or train.param_groups)")
+    return bool(group["decay"])
 
 
 def _split(batch: Any, parts: int) -> list[Any]:
@@ -173,7 +184,7 @@ def train(
         compute_loss: (micro-batch, global step, micro index) -> scalar loss; owns device transfer,
             augmentation and the model call, and seeds its randomness with `step_generator`.
         lr_at, wd_at: schedules of the global step; a param group's lr is lr_at(step) times its "lr_scale"
-            (1 when absent); wd applies to the decayed param groups only.
+            (1 when absent); wd applies to the groups marked "decay" (see `adamw`) only.
         accum_steps: split each batch into this many micro-batches, one backward each, one optimizer step.
         save_checkpoint: called on rank 0 with (completed steps, this call's stats so far) every
             `checkpoint_every` steps and at the end, after the sync point has checked the losses.
@@ -205,9 +216,9 @@ def train(
         t_data = time.perf_counter() - t0
 
         lr = lr_at(step)
-        for group in optimizer.param_groups:
+        for index, group in enumerate(optimizer.param_groups):
             group["lr"] = lr * group.get("lr_scale", 1.0)
-            if wd_at is not None and group["weight_decay"] > 0:
+            if wd_at is not None and _decays(group, index):
                 group["weight_decay"] = wd_at(step)
 
         parts = _split(batch, accum_steps)

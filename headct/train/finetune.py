@@ -63,8 +63,9 @@ def param_groups(
 
     Args:
         backbone_groups: groups of the backbone's parameters, e.g. from a layer-wise lr decay function, each with
-            "params" and optionally "lr_scale" (a multiplier of backbone_lr, default 1) and "weight_decay"
-            (default `weight_decay`). None: the backbone's weight matrices (decayed) and the rest (not decayed).
+            "params" and optionally "lr_scale" (a multiplier of backbone_lr, default 1), "weight_decay"
+            (default `weight_decay`) and "decay" (default: True unless the group sets a weight_decay of 0).
+            None: the backbone's weight matrices (decayed) and the rest (not decayed).
     The head is always split into decayed weight matrices and undecayed norms/biases/queries. Every trainable
     parameter must be in exactly one group (ValueError naming the strays otherwise).
     """
@@ -74,12 +75,14 @@ def param_groups(
         part = "backbone" if name.startswith("backbone.") else "head"
         if part == "head" or backbone_groups is None:
             split.setdefault((part, param.ndim > 1 and name not in skip), []).append(param)
-    groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "part": part,
+    groups = [{"params": params, "weight_decay": weight_decay if decay else 0.0, "decay": decay, "part": part,
                "lr_scale": backbone_lr if part == "backbone" else head_lr}
               for (part, decay), params in split.items()]
     for group in backbone_groups or []:
-        groups.append({**group, "params": list(group["params"]), "part": "backbone",
-                       "weight_decay": group.get("weight_decay", weight_decay),
+        own = group.get("weight_decay", weight_decay)
+        groups.append({**group, "params": list(group["params"]), "part": "backbone", "weight_decay": own,
+                       # a group taking the section's decay is a decayed group whatever its value (0 included)
+                       "decay": group.get("decay", "weight_decay" not in group or own > 0),
                        "lr_scale": backbone_lr * group.get("lr_scale", 1.0)})
     grouped = Counter(id(p) for g in groups for p in g["params"])
     names = {id(p): name for name, p in model.named_parameters()}

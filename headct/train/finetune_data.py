@@ -67,24 +67,64 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
     from headct.data.store import read_preprocess
     from headct.data.volumes import split_store
 
+    check_attention_heads(cfg)  # a setting that cannot work: refused before any data is read
     train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
     shared = set(train["patient_id"]) & set(val["patient_id"])
     if shared:
         raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both train.csv and val.csv")
     labels, skipped = choose_labels(cfg, train, val)
     preprocess = read_preprocess(split_store(cfg.splits, root))
+    if cfg.arch == "vit":  # the encoder must have been trained on the store's recipe (before any training)
+        from headct.data.volumes import check_preprocessing
+        from headct.models.model_dir import CONFIG, read_config
+
+        check_preprocessing(cfg.splits, root, read_config(cfg.model_dir), cfg.model_dir / CONFIG,
+                            allow_mismatch=cfg.allow_preprocess_mismatch, setting="finetune.allow_preprocess_mismatch")
     return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
+
+
+def backbone_width(cfg: Any) -> tuple[int, str]:
+    """(token width D of the backbone `cfg` asks for, where that width comes from), without reading weights."""
+    if cfg.arch != "vit":
+        from headct.models.resnet import EMBED_DIM
+
+        return EMBED_DIM, f"the {cfg.arch}"
+    from headct.models.model_dir import CONFIG, read_config
+    from headct.models.vit import build_encoder
+
+    arch = read_config(cfg.model_dir)["arch"]
+    width = arch.get("embed_dim")
+    if width is None:  # a size's default width
+        try:
+            width = build_encoder(arch).embed_dim
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{cfg.model_dir / CONFIG}: unusable arch ({exc})") from None
+    return int(width), str(cfg.model_dir / CONFIG)
+
+
+def check_attention_heads(cfg: Any) -> None:
+    """With `pool: attentive` the head count must divide the encoder width: ConfigError (exit 2) naming the key,
+    the width and the allowed counts, before any training (the head refuses it too; never lowered quietly)."""
+    from headct.config.finetune import MAX_ATTENTION_HEADS
+    from headct.errors import ConfigError
+    from headct.models.heads import head_counts
+
+    if cfg.pool != "attentive":
+        return
+    width, source = backbone_width(cfg)
+    if width % cfg.attention_heads:
+        raise ConfigError(f"finetune.attention_heads={cfg.attention_heads} does not divide the encoder width "
+                          f"{width} ({source}); allowed: {head_counts(width, MAX_ATTENTION_HEADS)}")
 
 
 def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list[Any], dict[str, Any]]:
     """A fresh classifier (seeded) -> (classifier, HU windows, preprocess spec for its directory). A ViT's model
-    directory must have been trained on the store's preprocessing (`check_preprocessing`)."""
+    directory was checked against the store's preprocessing by `load_data`."""
     import torch
 
     from headct.config.base import DEFAULT_WINDOWS
-    from headct.data.volumes import check_preprocessing
     from headct.models.heads import Classifier
-    from headct.models.model_dir import CONFIG, load_model_dir, read_config
+    from headct.models.model_dir import load_model_dir, read_config
     from headct.models.resnet import ResNetBackbone
     from headct.models.vit import build_encoder
 
@@ -99,7 +139,6 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
         else:
             config = read_config(cfg.model_dir)
             backbone = build_encoder(config["arch"])
-        check_preprocessing(cfg.splits, root, config, cfg.model_dir / CONFIG)
         backbone.set_drop_path_rate(cfg.drop_path_rate)  # no parameters: the weights load the same
         windows, preprocess = config["windows"], config["preprocess"]
     classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)

@@ -80,8 +80,8 @@ def param_groups(
         base_lr: if given, each group also gets ``lr = base_lr * lr_scale`` (so the scales hold without a
             schedule); a schedule must re-apply them each step (``set_lrs``).
     Returns:
-        groups with keys params, weight_decay, lr_scale, name ("<layer>/decay" or "<layer>/no_decay"), part
-        ("head" or "body"); layers in the order of ``named_parameters``, the decayed group of each first.
+        groups with keys params, weight_decay, decay (True for the decayed group: what a weight-decay schedule
+        drives), lr_scale, name ("<layer>/decay" or "<layer>/no_decay"), part ("head" or "body"); layers in the order of ``named_parameters``, the decayed group of each first.
     """
     if layer_decay is not None and not 0.0 < layer_decay <= 1.0:
         raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay}")
@@ -118,8 +118,8 @@ def param_groups(
         decay = param.ndim > 1 and name not in skip and name.rsplit(".", 1)[-1] not in _TABLE_LEAVES
         key = f"{stem}/{'decay' if decay else 'no_decay'}"
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "lr_scale": scale,
-                           "name": key, "part": "head" if in_head is not None else "body"}
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0, "decay": decay,
+                           "lr_scale": scale, "name": key, "part": "head" if in_head is not None else "body"}
             if base_lr is not None:
                 groups[key]["lr"] = base_lr * scale
         groups[key]["params"].append(param)

@@ -36,9 +36,14 @@ class PretextTask(Protocol):
     method: str
     model: nn.Module  # what the optimizer trains (unwrapped); DDP/compile wrap it in the job
     encoder: ViT3D  # what the model directory keeps
+    # True when the held-out loss depends on state that training moves besides the weights (DINO's centre): the
+    # job then scores the start at the END, on the seeded initial weights with the final state
+    # (`heldout_loss_of_initial`), so that start and end measure the same loss; False: at step 0.
+    start_scored_at_end: bool
 
     def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor: ...
     def heldout_loss(self, hu: torch.Tensor) -> float: ...
+    def heldout_loss_of_initial(self, initial: PretextTask, hu: torch.Tensor) -> float: ...
     def after_backward(self, step: int) -> None: ...
     def after_update(self, step: int) -> None: ...
     def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path | None: ...
@@ -57,6 +62,7 @@ class MaeTask:
     """
 
     method = "mae"
+    start_scored_at_end = False  # the masked-patch MSE depends on the weights and the fixed masks only
 
     def __init__(self, cfg: Any, encoder: ViT3D, device: torch.device, rank: int = 0) -> None:
         from headct.models.mae import MAE
@@ -91,6 +97,9 @@ class MaeTask:
         self.model.train(was_training)
         return total / len(hu)
 
+    def heldout_loss_of_initial(self, initial: PretextTask, hu: torch.Tensor) -> float:
+        return initial.heldout_loss(hu)
+
     def after_backward(self, step: int) -> None:
         return None
 
@@ -120,10 +129,14 @@ class DinoTask:
     Schedules are pure functions of the global step: teacher temperature warm-up, teacher momentum (cosine to 1),
     and the head's last layer frozen for the first `freeze_last_layer_epochs` epochs. The saved encoder is the
     teacher's (the EMA network DINO evaluates); the held-out loss is the DINO cross-entropy on fixed crops of the
-    held-out volumes at the final teacher temperature, without moving the centre.
+    held-out volumes at the final teacher temperature, centred by the current centre without moving it. The
+    centre is part of the loss and training moves it (from 0), so the start of a run is scored at the end with the
+    final centre (`heldout_loss_of_initial`): a zero-centre start against a trained-centre end would compare two
+    different losses (the registry's champion rule compares them).
     """
 
     method = "dino"
+    start_scored_at_end = True
 
     def __init__(
         self, cfg: Any, encoder: ViT3D, device: torch.device, rank: int, total_steps: int, steps_per_epoch: int
@@ -192,6 +205,15 @@ class DinoTask:
             total += out["dino"].item() * len(chunk)
         self.model.train(was_training)
         return total / len(hu)
+
+    @torch.no_grad()
+    def heldout_loss_of_initial(self, initial: PretextTask, hu: torch.Tensor) -> float:
+        """The held-out loss of `initial` (a task built from the same seed: the run's starting weights) scored
+        with this task's centre, i.e. the same loss as this task's `heldout_loss`."""
+        if not isinstance(initial, DinoTask):
+            raise TypeError(f"a DINO start is scored by a DinoTask, got {type(initial).__name__}")
+        initial.model.loss_fn.center.copy_(self.model.loss_fn.center)
+        return initial.heldout_loss(hu)
 
     @torch.no_grad()
     def feature_spread(self, hu: torch.Tensor) -> float:
