@@ -53,3 +53,21 @@ def write_splits_and_model(root: Path, rows: list[dict], store: Path | None = No
         "provenance": {},
     }
     save_model_dir(root / "model", build_encoder(TINY_ARCH), config)
+
+
+def make_project(root: Path) -> None:
+    """48 scans, 2 per patient sharing the label; train 12 patients (6 positive), val 6, test 6; a tiny model dir."""
+    paths = write_volumes(root / "store", 48)
+    rows = []
+    for i, path in enumerate(paths):
+        rows.append(
+            {
+                "split": "train" if i < 24 else "val" if i < 36 else "test",
+                "img_path": path.relative_to(root).as_posix(),
+                "scan_id": path.stem,
+                "patient_id": f"pat_{i // 2:04d}",
+                "ICH": (i // 2) % 2,
+                "EDH": int(i in (0, 1, 24, 36)),
+            }
+        )
+    write_splits_and_model(root, rows)

@@ -13,8 +13,7 @@ import pytest
 from headct.config import ExtractConfig, FewshotConfig, ProbeConfig
 from headct.errors import InputError
 from headct.eval.feature_cache import arms_of, read_cache, variant_of
-from tests.test_extract import make_project
-from tests.test_probe import TINY_ARCH, WINDOWS, write_volumes
+from tests.probe_helpers import TINY_ARCH, WINDOWS, make_project, write_volumes
 
 ARCH2 = {**TINY_ARCH, "depth": 2, "num_registers": 1}  # two blocks, and a register to drop
 

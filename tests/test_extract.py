@@ -16,7 +16,7 @@ from headct.errors import InputError
 from headct.eval import PREDICTION_COLUMNS
 from headct.eval.feature_cache import FeatureSet, read_cache, write_feature_set, write_index
 from tests.conftest import runs_of
-from tests.probe_helpers import write_splits_and_model, write_volumes
+from tests.probe_helpers import make_project
 
 EXTERNAL = """
 import numpy as np
@@ -107,24 +107,6 @@ def test_external_protocol_is_checked(external_module: str) -> None:
         load_external(f"{external_module}:nope")
     with pytest.raises(InputError, match="expected 'pkg.module:factory'"):
         load_external(external_module)
-
-
-def make_project(root: Path) -> None:
-    """48 scans, 2 per patient sharing the label; train 12 patients (6 positive), val 6, test 6; a tiny model dir."""
-    paths = write_volumes(root / "store", 48)
-    rows = []
-    for i, path in enumerate(paths):
-        rows.append(
-            {
-                "split": "train" if i < 24 else "val" if i < 36 else "test",
-                "img_path": path.relative_to(root).as_posix(),
-                "scan_id": path.stem,
-                "patient_id": f"pat_{i // 2:04d}",
-                "ICH": (i // 2) % 2,
-                "EDH": int(i in (0, 1, 24, 36)),
-            }
-        )
-    write_splits_and_model(root, rows)
 
 
 def test_extract_then_probe_fewshot_and_retrieval_read_the_cache(
