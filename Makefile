@@ -43,8 +43,9 @@ demo-slow: setup ## The slow profile (params-slow.yaml) in build/demo-slow/, the
 	  --set finetune.init=random --set finetune.out_dir=models/resnet18 \
 	  --set finetune.report_dir=reports/finetune-resnet18 --set finetune.tuned_params=null
 
-evidence: setup ## The evidence benchmark for SEED=N (params-evidence.yaml) -> benchmarks/evidence/seed-N.json
+evidence: ## The evidence benchmark for SEED=N (params-evidence.yaml) -> benchmarks/evidence/seed-N.json
 	@test -n "$(SEED)" || { echo "usage: make evidence SEED=N (declared evidence seeds: 11 and 12; EVIDENCE_ARGS=--quick for a check run)"; exit 2; }
+	@$(MAKE) --no-print-directory setup
 	$(PY) scripts/evidence.py --seed $(SEED) $(EVIDENCE_ARGS)
 
 test: setup ## Run the test suite (fast set; `slow` excluded)
