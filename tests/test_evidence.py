@@ -116,3 +116,11 @@ def test_a_bad_profile_stops_before_any_stage_runs(tmp_path: Path, capsys: pytes
     profile.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "evidence"}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws)]) == 1
     assert "no `evidence:` section" in capsys.readouterr().err
+
+
+def test_a_failing_stage_is_named_with_its_log(tmp_path: Path) -> None:
+    evidence_runner = runner()
+    stage = evidence_runner.Stage("oops", ["python", "scripts/no_such_script.py"])
+    with pytest.raises(evidence_runner.EvidenceError, match=r"stage oops failed \(exit 2\).*logs/oops\.log"):
+        evidence_runner.run_stage(stage, tmp_path, evidence_runner.environment())
+    assert "no_such_script.py" in (tmp_path / "logs/oops.log").read_text()
