@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
-	bench-ingest bench-gpu-pretrain demo-slow
+	bench-ingest bench-gpu-pretrain demo-slow evidence
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,6 +42,11 @@ demo-slow: setup ## The slow profile (params-slow.yaml) in build/demo-slow/, the
 	cd build/demo-slow && $(abspath $(VENV))/bin/headct finetune --set finetune.arch=resnet18 \
 	  --set finetune.init=random --set finetune.out_dir=models/resnet18 \
 	  --set finetune.report_dir=reports/finetune-resnet18 --set finetune.tuned_params=null
+
+evidence: ## The evidence benchmark for SEED=N (params-evidence.yaml) -> benchmarks/evidence/seed-N.json
+	@test -n "$(SEED)" || { echo "usage: make evidence SEED=N (declared evidence seeds: 11 and 12; EVIDENCE_ARGS=--quick for a check run)"; exit 2; }
+	@$(MAKE) --no-print-directory setup
+	$(PY) scripts/evidence.py --seed $(SEED) $(EVIDENCE_ARGS)
 
 test: setup ## Run the test suite (fast set; `slow` excluded)
 	$(PY) -m pytest

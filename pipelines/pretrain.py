@@ -1,4 +1,4 @@
-"""`headct pretrain`: MAE or DINO pre-training of a 3D ViT on the train (+ val) patients of a split, never test.
+"""`headct pretrain`: MAE or DINO pre-training of a 3D ViT on the train (+ val, + pool) patients of a split, never test.
 
 Recipe: read the split and the store's preprocessing spec -> hold out a fixed set of val patients for the
 held-out check -> build encoder + pretext model (headct/train/pretext.py) -> resume from a compatible checkpoint
@@ -8,6 +8,8 @@ loss) -> model directory (encoder only) + metrics.json + figures -> MLflow -> re
 
 The held-out patients are excluded from pre-training even when `use_val` is true, so the start/end loss
 compares the model on volumes it has never seen; the rest of val is pre-trained on when `use_val` is true.
+With `pool` true and a split that has a pool.csv (`split.labelled_train`), its scans are pre-trained on too (their
+labels are never read); a pool patient found in val or test stops the job.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def heldout_patients(val: Any, n_volumes: int, seed: int) -> list[str]:
 
 def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
     """Training and held-out volumes from the split files, and the store's preprocessing spec."""
-    from headct.data.splits import path_for_files, read_split, store_of_split
+    from headct.data.splits import has_pool, path_for_files, read_pool, read_split, store_of_split
     from headct.data.store import read_preprocess
 
     store = store_of_split(cfg.splits, ctx.root)
@@ -66,6 +68,9 @@ def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
     held = set(heldout_patients(val, cfg.eval_volumes, cfg.seed))
     heldout = val[val["patient_id"].isin(held)].sort_values("scan_id").head(cfg.eval_volumes)
     parts = [train, val[~val["patient_id"].isin(held)]] if cfg.use_val else [train]
+    pool = read_pool(cfg.splits) if cfg.pool and has_pool(cfg.splits) else None  # checked against every split
+    if pool is not None:
+        parts.append(pool)
     rows = [r for part in parts for r in part[["img_path", "scan_id", "patient_id"]].itertuples(index=False)]
     if not rows:
         raise InputError(f"{cfg.splits}: no training scans left after holding out {len(held)} val patients")
@@ -81,6 +86,8 @@ def load_data(cfg: PretrainConfig, ctx: JobContext) -> PretrainData:
         "val_in_training": cfg.use_val,
         "train_ids_sha256": hashlib.sha256("\n".join(train_ids).encode()).hexdigest(),
     }
+    if pool is not None:  # only then, so a split without a pool records exactly what it did before
+        provenance.update(pool_scans=len(pool), pool_patients=int(pool["patient_id"].nunique()))
     return PretrainData(
         [ctx.root / r.img_path for r in rows], train_ids,
         [ctx.root / p for p in heldout["img_path"]], list(heldout["scan_id"]), preprocess, provenance,
@@ -325,7 +332,9 @@ def _finish(
                     + (f", {cfg.num_registers} registers" if cfg.num_registers else "")
                     + f", {sum(p.numel() for p in task.encoder.parameters()) / 1e6:.2f} M parameters"),
         ("training scans / held-out scans", f"{len(data.train_paths)} / {len(data.heldout_paths)}"
-                                            + (" (val in training)" if cfg.use_val else "")),
+                                            + (" (val in training)" if cfg.use_val else "")
+                                            + (f" (pool: {data.provenance['pool_scans']})"
+                                               if "pool_scans" in data.provenance else "")),
         ("steps x batch x ranks", f"{total} x {cfg.batch_size} x {world_size}"
                                   + (f" (resumed at {start})" if start else "")),
         (f"held-out {task.metric_name()} start -> end", f"{start_loss:.4f} -> {end_loss:.4f}"),

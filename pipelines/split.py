@@ -1,6 +1,8 @@
 """Job `headct split`: canonical store -> patient-disjoint, stratified, seeded train/val/test split files.
 
-Outputs: `<cfg.out>/{train,val,test}.csv`, `<cfg.out>/split.json`, `<cfg.report_dir>/metrics.json`.
+Outputs: `<cfg.out>/{train,val,test}.csv`, `<cfg.out>/split.json`, `<cfg.report_dir>/metrics.json`; with
+`split.labelled_train`, also `<cfg.out>/pool.csv` (the train patients whose labels the evaluations never read:
+the pre-training pool).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ def run(cfg: SplitConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.io import write_json
 
     table = load_store_table(cfg.store)
-    split = make_split(table, cfg.fractions, cfg.seed)
-    summary = write_split(split, cfg.out, cfg.store, ctx.root, cfg.seed, cfg.fractions)
+    split = make_split(table, cfg.fractions, cfg.seed, cfg.counts, cfg.labelled_train)
+    summary = write_split(split, cfg.out, cfg.store, ctx.root, cfg.seed, cfg.fractions, cfg.counts,
+                          cfg.labelled_train)
     # DVC metrics: the same counts, so `dvc metrics diff` shows how a new seed or store moved them.
     metrics_path = cfg.report_dir / "metrics.json"
     write_json(metrics_path, {"seed": cfg.seed, **summary["counts"]})

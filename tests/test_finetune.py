@@ -285,6 +285,34 @@ def test_random_init_single_label_run_with_freezing_and_balanced_sampling(
     assert drawn == expected
 
 
+def test_the_ceiling_trains_on_train_and_pool_and_names_itself(tmp_path: Path, job_ctx: JobContext) -> None:
+    from headct.train.finetune_data import load_data
+    from pipelines import finetune as job
+
+    root = make_labelled_project(tmp_path / "proj", n_patients=16)  # patients 12-15 are in no split file
+    splits = root / "data/splits/t"
+    cfg = finetune_cfg(root, init="random", labels="ICH", epochs=1, checkpoint_dir=None,
+                       train_splits=["train", "pool"], out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
+    with pytest.raises(InputError, match=r"pool\.csv: file not found"):
+        load_data(cfg, root)
+    header = (splits / "train.csv").read_text().splitlines(keepends=True)[0]
+    make_row = lambda i: f"data/store/t/volumes/ser_{i:016x}.npy,ser_{i:016x},pat_{i:016x},{1 - i % 2},0\n"  # noqa: E731
+    (splits / "pool.csv").write_text(header + "".join(make_row(i) for i in range(12, 16)))
+    data = load_data(cfg, root)
+    assert list(data.train["scan_id"]) == [f"ser_{i:016x}" for i in (*range(6), *range(12, 16))]
+    assert list(load_data(finetune_cfg(root), root).train["scan_id"]) == [f"ser_{i:016x}" for i in range(6)]
+    result = job.run(cfg, JobContext(root=root, tracking=job_ctx.tracking))
+    assert result["model"] == "ceiling_random_init"
+    table = pd.read_csv(cfg.report_dir / "predictions.csv")
+    assert tuple(table.columns) == PREDICTION_COLUMNS and set(table["model"]) == {"ceiling_random_init"}
+    assert set(table["split"]) == {"val", "test"}  # the pool is trained on, never scored
+    with pytest.raises(ValueError, match="names a split twice"):
+        finetune_cfg(root, train_splits=["train", "train"])
+    (splits / "pool.csv").write_text(header + make_row(6))  # patient 6 is a val patient
+    with pytest.raises(InputError, match=r"in both val\.csv and pool\.csv"):
+        load_data(cfg, root)
+
+
 def test_tuned_file_sits_between_params_yaml_and_set(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n  backbone_lr: 0.25\n  epochs: 7\n")
     tuned = tmp_path / "params/tuned/finetune.yaml"

@@ -199,6 +199,31 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
     assert [a.path for a in client.list_artifacts(run.info.run_id, "figures")] == ["figures/step_0000004.png"]
 
 
+def test_pretraining_reads_the_pool_and_records_the_patients_it_trained_on(tmp_path: Path) -> None:
+    from headct.models.model_dir import read_config
+    from pipelines.pretrain import load_data, run
+
+    root = make_project(tmp_path / "proj", n_scans=20)  # scans 12-19 are not in the split files yet
+    splits = root / "data/splits/t"
+    header, *rows = (splits / "train.csv").read_text().splitlines(keepends=True)
+    make_row = lambda i: f"data/store/t/volumes/ser_{i:016x}.npy,ser_{i:016x},pat_{i // 2:016x},0\n"  # noqa: E731
+    (splits / "pool.csv").write_text(header + "".join(make_row(i) for i in range(12, 16)))
+    (splits / "test.csv").write_text(header + "".join(make_row(i) for i in range(16, 20)))
+    pool_ids = [f"ser_{i:016x}" for i in range(12, 16)]
+    train_ids = [r.split(",")[1] for r in rows]
+    data = load_data(make_cfg(root, use_val=False), ctx_for(root))
+    assert data.train_ids == train_ids + pool_ids  # train, then the pool; never val or test
+    assert data.provenance["pool_scans"] == 4 and data.provenance["pool_patients"] == 2
+    assert load_data(make_cfg(root, use_val=False, pool=False), ctx_for(root)).train_ids == train_ids
+    run(make_cfg(root, use_val=False, samples=4, register_as=None), ctx_for(root))
+    provenance = read_config(root / "models/mae")["provenance"]["data"]
+    assert provenance["train_scans"] == 12 and provenance["train_patients"] == 6 and provenance["pool_patients"] == 2
+    # A pool patient who is also a test patient would put an evaluation patient into pre-training: refused.
+    (splits / "pool.csv").write_text(header + "".join(make_row(i) for i in range(12, 17)))
+    with pytest.raises(InputError, match=r"pat_0{15}8.* in both test\.csv and pool\.csv"):
+        load_data(make_cfg(root, use_val=False), ctx_for(root))
+
+
 def test_finished_run_is_registered_as_champion_pyfunc_that_embeds_like_load_encoder(
     trained: tuple[Path, dict]
 ) -> None:

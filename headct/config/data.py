@@ -205,6 +205,13 @@ class SplitConfig(Section):
     store: Path = Path("data/store/synth")
     out: Path = Path("data/splits/synth")
     fractions: tuple[float, float, float] = (0.55, 0.15, 0.30)  # train, val, test
+    # Patients in val and test as absolute numbers instead of `fractions` (train gets the rest), e.g.
+    # {val: 100, test: 200}: a benchmark keeps its evaluation sets the same size whatever the store's size.
+    counts: dict[Literal["val", "test"], int] | None = None
+    # Train patients that keep their labels, drawn seeded and label-stratified from train; every other train
+    # patient goes to `pool.csv`, the unlabelled pre-training pool (pretrain.pool). None: all of train is
+    # labelled and no pool.csv is written (the split is then byte-identical to one made without this setting).
+    labelled_train: int | None = Field(None, ge=1)
     seed: int = Field(0, ge=0)
     report_dir: Path = Path("reports/split")
 
@@ -214,3 +221,16 @@ class SplitConfig(Section):
         if any(f <= 0 for f in v) or abs(sum(v) - 1.0) > 1e-6:
             raise ValueError(f"train/val/test fractions must be positive and sum to 1, got {list(v)}")
         return v
+
+    @field_validator("counts")
+    @classmethod
+    def _both_counts(cls, v: dict[str, int] | None) -> dict[str, int] | None:
+        if v is not None and (set(v) != {"val", "test"} or any(n < 1 for n in v.values())):
+            raise ValueError(f"counts needs val and test, each >= 1 patient (e.g. {{val: 100, test: 200}}), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _fractions_or_counts(self) -> SplitConfig:
+        if self.counts is not None and "fractions" in self.model_fields_set:
+            raise ValueError("set either fractions or counts, not both (with counts, train gets the rest)")
+        return self

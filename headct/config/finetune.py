@@ -33,6 +33,10 @@ class FinetuneConfig(Section):
     checkpoint_dir: Path | None = Field(Path("checkpoints/finetune"), json_schema_extra={"trajectory": False})
     tuned_params: Path | None = Field(Path("params/tuned/finetune.yaml"), json_schema_extra={"trajectory": False})
     labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
+    # The split files trained on: [train], or [train, pool] for the supervised ceiling (abundant labels of the
+    # same data: the pool's labels, which no other labelled-data job reads; pool.csv from split.labelled_train).
+    # With the pool, the predictions' model name is "ceiling_<model>" (e.g. ceiling_resnet18).
+    train_splits: list[Literal["train", "pool"]] = Field(default_factory=lambda: ["train"], min_length=1)
     min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
     pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
     # heads of the attentive head: must divide the encoder width (checked by the job before training)
@@ -70,6 +74,13 @@ class FinetuneConfig(Section):
     @classmethod
     def _one_label(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @field_validator("train_splits")
+    @classmethod
+    def _distinct_splits(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"train_splits names a split twice: {v}")
+        return v
 
     @model_validator(mode="after")
     def _accum_divides_batch(self) -> FinetuneConfig:

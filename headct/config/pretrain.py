@@ -52,6 +52,10 @@ class PretrainConfig(Section):
     # 64^3 demo: patch 16 gives 4^3 = 64 tokens; patch 8 (512 tokens, as FM-HCT at 96^3 / 12) is ~3x slower on CPU.
     patch_size: int = Field(16, ge=2, le=64)
     use_val: bool = True  # pre-train on train+val patients (never test)
+    # Also pre-train on the split's pool.csv (the unlabelled train patients of `split.labelled_train`) when the
+    # split has one; a split without a pool gives the same training scans either way. Not a trajectory setting:
+    # the run key already hashes the training scan ids, which say whether the pool was read.
+    pool: bool = Field(True, json_schema_extra={"trajectory": False})
     mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
     norm_pix_loss: bool = False
     decoder_dim: int | None = Field(None, ge=6)  # None: half the encoder width

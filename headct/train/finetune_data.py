@@ -1,7 +1,8 @@
 """What a fine-tuning run trains, on what, and the call that trains it: shared by `headct finetune` and every
 `headct tune` trial, so both read the data, choose the labels and build the model the same way.
 
-Data: train and val of the split (never test), the labels to train (the job's `labels`, each needing
+Data: train (or the splits `train_splits` names: train and pool for the supervised ceiling) and val of the split
+(never test), the labels to train (the job's `labels`, each needing
 `min_positives` positives and negatives in train and val, `headct.eval.labels.skip_reason`) and the preprocessing
 spec of the split's store. Model: the pre-trained encoder of `model_dir`, its seeded random-init twin, or a MONAI
 3D ResNet from scratch, with a fresh head (`headct.models.heads.Classifier`). Heavy libraries are imported inside.
@@ -30,10 +31,10 @@ class FinetuneData:
 
 
 def model_name(cfg: Any) -> str:
-    """The `model` column of the predictions: pretrained, random_init, or the ResNet's name."""
-    if cfg.arch != "vit":
-        return cfg.arch
-    return "pretrained" if cfg.init == "pretrained" else "random_init"
+    """The `model` column of the predictions: pretrained, random_init, or the ResNet's name; prefixed with
+    `ceiling_` when trained on the pool's labels too (the supervised ceiling, e.g. ceiling_resnet18)."""
+    name = cfg.arch if cfg.arch != "vit" else "pretrained" if cfg.init == "pretrained" else "random_init"
+    return f"ceiling_{name}" if "pool" in cfg.train_splits else name
 
 
 def targets_of(frame: Any, labels: list[str]) -> np.ndarray:
@@ -63,15 +64,20 @@ def choose_labels(cfg: Any, train: Any, val: Any) -> tuple[list[str], dict[str, 
 def load_data(cfg: Any, root: Any) -> FinetuneData:
     """Train and val (never test) of `cfg.splits` (a FinetuneConfig), the labels to train and the preprocessing
     spec of the split's store."""
-    from headct.data.splits import read_split
+    import pandas as pd
+
+    from headct.data.splits import read_pool, read_split
     from headct.data.store import read_preprocess
     from headct.data.volumes import split_store
 
     check_attention_heads(cfg)  # a setting that cannot work: refused before any data is read
-    train, val = read_split(cfg.splits, "train"), read_split(cfg.splits, "val")
+    parts = [read_pool(cfg.splits) if name == "pool" else read_split(cfg.splits, name) for name in cfg.train_splits]
+    train = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
+    val = read_split(cfg.splits, "val")
     shared = set(train["patient_id"]) & set(val["patient_id"])
     if shared:
-        raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both train.csv and val.csv")
+        raise InputError(f"{cfg.splits}: {len(shared)} patient(s) in both {' + '.join(cfg.train_splits)} and "
+                         "val.csv")
     labels, skipped = choose_labels(cfg, train, val)
     preprocess = read_preprocess(split_store(cfg.splits, root))
     if cfg.arch == "vit":  # the encoder must have been trained on the store's recipe (before any training)

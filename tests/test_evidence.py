@@ -1,0 +1,126 @@
+"""scripts/evidence.py (`make evidence SEED=N`): the profile, the derived seeds, and the runner end to end on a tiny
+profile (workspace, every stage with this checkout's code, the result JSON, --resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from headct.config.loader import load_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def runner():
+    """scripts/evidence.py as a module (registered first: its dataclass looks itself up in sys.modules)."""
+    if "evidence_runner" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("evidence_runner", REPO / "scripts" / "evidence.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["evidence_runner"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["evidence_runner"]
+
+
+TINY = {
+    "tracking": {"experiment": "evidence-test"},
+    "synth": {"n_patients": 30, "matrix": 64, "pixel_mm": 3.6, "extra_series_fraction": 0.0, "workers": 1},
+    "ingest": {"demo_key": True, "workers": 1, "qc": {"min_slices": 8},
+               "preprocess": {"shape": [32, 32, 32], "spacing_mm": 6.0}},
+    "split": {"counts": {"val": 8, "test": 8}, "labelled_train": 8},
+    "pretrain": {"patch_size": 16, "use_val": False, "batch_size": 4, "samples": 8, "eval_volumes": 2,
+                 "log_every": 1, "register_as": None},
+    "extract": {"batch_size": 8},
+    "probe": {"features": "data/features/synth", "bootstrap": 20},
+    "fewshot": {"shots": [1], "seeds": 2},
+    "tune": {"n_trials": 1, "epochs": 1, "n_startup_trials": 1, "pruner_startup_trials": 1},
+    "finetune": {"epochs": 1, "batch_size": 4, "bootstrap": 20, "labels": ["ICH"]},
+    "evidence": {
+        "seeds": [11, 12], "labels": ["ICH", "IPH"],
+        "ceiling": {"arch": "vit", "init": "random", "train_splits": ["train", "pool"], "epochs": 1,
+                    "tuned_params": None, "out_dir": "models/ceiling", "report_dir": "reports/ceiling"},
+        "finetune_arms": True, "arms": {"random_init": {"init": "random"}},
+    },
+}
+
+
+def test_the_profile_declares_its_seeds_and_labels_and_is_valid_in_both_sizes(tmp_path: Path) -> None:
+    evidence_runner = runner()
+    text = (REPO / "params-evidence.yaml").read_text()
+    assert "evidence seeds: 11 and 12" in text and "reported labels: ICH (primary), IPH, MassEffect, SDH, SAH" in text
+    for quick in (False, True):
+        tree, evidence = evidence_runner.load_profile(REPO / "params-evidence.yaml", quick)
+        assert evidence["seeds"] == [11, 12] and evidence["labels"] == ["ICH", "IPH", "MassEffect", "SDH", "SAH"]
+        derived = evidence_runner.derive_seeds(tree, 11)
+        assert {"synth.seed", "split.seed", "pretrain.seed", "extract.seed", "probe.seed", "finetune.seed",
+                "tune.seed"} <= set(derived) and set(derived.values()) == {11}
+        path = tmp_path / f"params-{quick}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        params, _ = load_params(params_file=path, root=tmp_path)
+        assert params.pretrain.use_val is False and params.pretrain.pool and params.synth.seed == 11
+        ceiling = evidence_runner._sets("finetune", evidence["ceiling"])
+        load_params(params_file=path, root=tmp_path, overrides=ceiling[1::2])  # the ceiling's settings are valid
+    tree, _ = evidence_runner.load_profile(REPO / "params-evidence.yaml", False)
+    counts, labelled = tree["split"]["counts"], tree["split"]["labelled_train"]
+    pool = tree["synth"]["n_patients"] - counts["val"] - counts["test"] - labelled
+    assert pool >= 10 * labelled  # the setting foundation models exist for
+
+
+def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_path: Path) -> None:
+    evidence_runner = runner()
+    profile, ws, out = tmp_path / "profile.yaml", tmp_path / "ws", tmp_path / "seed-5.json"
+    profile.write_text(yaml.safe_dump(TINY))
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["status"] == "ok" and result["seed"] == 5 and not result["declared_seed"]
+    assert result["git"]["commit"] and isinstance(result["git"]["dirty"], bool)
+    assert list(result["stages"]) == ["synth", "ingest", "split", "learnability", "pretrain", "extract", "probe",
+                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init"]
+    assert all(stage["seconds"] > 0 for stage in result["stages"].values())
+    # The workspace's params.yaml: the profile without the runner's section, every seed = N.
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    assert "evidence" not in params and params["synth"]["seed"] == params["split"]["seed"] == 5
+    assert result["seeds"]["pretrain.seed"] == 5
+    found = result["results"]
+    assert found["data"]["patients"] == {"train": 8, "val": 8, "test": 8, "pool": 6}
+    assert json.loads((ws / "reports/pretrain/metrics.json").read_text())["train_scans"] == 14  # train + pool
+    probe = found["probe"]
+    assert {"pretrained", "random_init", "hu_histogram"} <= set(probe)
+    assert all(0.0 <= probe[m]["ICH"]["auroc"] <= 1.0 for m in ("pretrained", "random_init", "hu_histogram"))
+    assert "ICH" in found["fewshot"]["pretrained"]
+    ceiling = found["finetune"]["ceiling"]
+    assert ceiling["model"] == "ceiling_random_init" and 0.0 <= ceiling["test"]["ICH"]["auroc"] <= 1.0
+    assert found["finetune"]["random_init"]["model"] == "random_init"
+    assert "hu_histogram" in found["learnability"]
+    # --resume reruns nothing that finished, and refuses a workspace made from other settings.
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
+                                 "--resume"]) == 0
+    again = json.loads(out.read_text())
+    assert all(stage["resumed"] for stage in again["stages"].values()) and again["results"] == found
+    assert evidence_runner.main(["--seed", "6", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
+                                 "--resume"]) == 1
+
+
+def test_a_bad_profile_stops_before_any_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    evidence_runner = runner()
+    bad = {**TINY, "evidence": {**TINY["evidence"], "ceiling": {"arch": "resnet99"}}}
+    profile, ws = tmp_path / "profile.yaml", tmp_path / "ws"
+    profile.write_text(yaml.safe_dump(bad))
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws),
+                                 "--out", str(tmp_path / "x.json")]) == 1
+    assert "finetune.arch" in capsys.readouterr().err and not (ws / "logs").exists()
+    profile.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "evidence"}))
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws)]) == 1
+    assert "no `evidence:` section" in capsys.readouterr().err
+
+
+def test_a_failing_stage_is_named_with_its_log(tmp_path: Path) -> None:
+    evidence_runner = runner()
+    stage = evidence_runner.Stage("oops", ["python", "scripts/no_such_script.py"])
+    with pytest.raises(evidence_runner.EvidenceError, match=r"stage oops failed \(exit 2\).*logs/oops\.log"):
+        evidence_runner.run_stage(stage, tmp_path, evidence_runner.environment())
+    assert "no_such_script.py" in (tmp_path / "logs/oops.log").read_text()
