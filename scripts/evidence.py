@@ -152,8 +152,7 @@ def plan(evidence: dict[str, Any], params: Any) -> list[Stage]:
             tune = _sets("tune", {"best_params": own["tuned_params"], "report_dir": f"reports/tune-{arm}"})
             stages.append(Stage(f"tune-{arm}", ["headct", "tune", *finetune, *tune]))
             stages.append(Stage(f"finetune-{arm}", ["headct", "finetune", *finetune]))
-    if (REPO / "pipelines" / "compare.py").is_file():
-        stages.append(Stage("compare", ["headct", "compare"]))
+    stages.append(Stage("compare", ["headct", "compare"]))
     return stages
 
 

@@ -79,7 +79,7 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert result["status"] == "ok" and result["seed"] == 5 and not result["declared_seed"]
     assert result["git"]["commit"] and isinstance(result["git"]["dirty"], bool)
     assert list(result["stages"]) == ["synth", "ingest", "split", "learnability", "pretrain", "extract", "probe",
-                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init"]
+                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init", "compare"]
     assert all(stage["seconds"] > 0 for stage in result["stages"].values())
     # The workspace's params.yaml: the profile without the runner's section, every seed = N.
     params = yaml.safe_load((ws / "params.yaml").read_text())

@@ -14,7 +14,7 @@ from headct.config.data import SplitConfig
 from headct.data.splits import SPLITS, load_store_table, make_split, read_pool, read_splits
 from headct.errors import InputError
 from pipelines import split as split_job
-from tests.test_split import make_store
+from tests.split_helpers import make_store
 
 
 def split_with(root: Path, out: str, **kw) -> Path:
