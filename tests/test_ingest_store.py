@@ -152,10 +152,12 @@ def test_merge_refuses_missing_shards_and_conflicting_duplicates(tmp_path: Path)
     dest = tmp_path / "store"
     linkage = tmp_path / "private" / "merged.csv"
     other = tmp_path / "other"
-    shutil.copytree(dest / "shards" / "1of2", other / "shards" / "1of2")
-    manifest = store.read_manifest(other / "shards" / "1of2")
+    # study UIDs are random, so either shard may hold no scan; copy one that holds some
+    full = next(name for name in ("1of2", "2of2") if len(store.read_manifest(dest / "shards" / name)))
+    shutil.copytree(dest / "shards" / full, other / "shards" / full)
+    manifest = store.read_manifest(other / "shards" / full)
     manifest.loc[0, "volume_sha256"] = "0" * 64  # the same scan, another volume
-    manifest.to_parquet(other / "shards" / "1of2" / store.MANIFEST)
+    manifest.to_parquet(other / "shards" / full / store.MANIFEST)
     with pytest.raises(InputError, match="conflicting duplicates"):
         shards.merge([dest, other], linkage)
     shutil.rmtree(dest / "shards" / "2of2")
@@ -192,24 +194,8 @@ def test_worker_count_is_capped_by_memory() -> None:
 
 def test_interrupted_conversion_resumes_without_redoing_finished_volumes(tmp_path: Path, monkeypatch) -> None:
     """Killed mid-way through converting (after the first study): the journal keeps the finished one."""
-    from headct.data import ingest as ingest_module
-
     cfg = make_cfg(tmp_path)
-    for i in range(3):
-        write_series(cfg.src / f"p{i}", SeriesSpec(n_slices=8, centre=(0.0, 0.0, 1.5 * i)), patient_id=f"PIDRES{i:05d}")
-    real = ingest_module.convert_study
-    calls = []
-
-    def dies_on_second(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(ingest_module, "convert_study", dies_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        run_ingest(cfg)
-    monkeypatch.undo()
+    _interrupted_after_one_study(cfg, monkeypatch)
     assert not (cfg.dest / store.MANIFEST).exists() and (cfg.dest / store.JOURNAL).is_file()
     summary = run_ingest(cfg)
     assert (summary["accepted"], summary["reused"], summary["converted"]) == (3, 1, 2)

@@ -41,6 +41,7 @@ from headct.config.evaluate import (
     ProbeConfig,
     ReportConfig,
     RetrievalConfig,
+    Shots,
 )
 from headct.config.finetune import MAX_ATTENTION_HEADS, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.loader import (
@@ -78,6 +79,7 @@ __all__ = [
     "ReportConfig",
     "RetrievalConfig",
     "Section",
+    "Shots",
     "SplitConfig",
     "SynthConfig",
     "TrackingConfig",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, field_validator, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, field_validator, model_validator
 
 from headct.config.base import Label, Section
 
@@ -56,6 +56,13 @@ class ProbeConfig(Section):
         return self
 
 
+def _positive_shots(v: tuple[int, ...]) -> tuple[int, ...]:
+    if any(k < 1 for k in v):
+        raise ValueError(f"every K must be >= 1, got {list(v)}")
+    return tuple(sorted(set(v)))
+
+
+Shots = Annotated[tuple[int, ...], AfterValidator(_positive_shots)]  # few-shot K values: >= 1, sorted, unique
 ModelName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
 
 
@@ -115,20 +122,13 @@ class FewshotConfig(Section):
     report_dir: Path = Path("reports/fewshot")
     models: list[ModelName] | None = None  # None: every model in the cache
     labels: list[Label] | None = None  # None: every canonical label present in the split files
-    shots: tuple[int, ...] = Field((1, 2, 4, 8, 16), min_length=1)  # K values
+    shots: Shots = Field((1, 2, 4, 8, 16), min_length=1)  # K values
     seeds: int = Field(5, ge=1, le=1000)  # seeds 0 .. seeds-1 (each a different patient draw)
     c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)  # chosen on val AUROC per fit
     min_positives: int = Field(2, ge=1)  # in val and test; fewer -> label skipped with a message
     # Per-arm variant selection on val, at each K on its own (as probe.select_by): per arm, the variant with the
     # highest val AUROC averaged over these labels and the seeds is kept and reported under the arm's name.
     select_by: list[Label] | None = Field(None, min_length=1)
-
-    @field_validator("shots")
-    @classmethod
-    def _positive_shots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"every K must be >= 1, got {list(v)}")
-        return tuple(sorted(set(v)))
 
 
 class RetrievalConfig(Section):
@@ -172,7 +172,7 @@ class CompareConfig(Section):
     report_dir: Path = Path("reports/compare")
     primary: Label = "ICH"
     labels: list[Label] = Field(default_factory=list)  # secondary labels, declared before any result is seen
-    shots: tuple[int, ...] = Field((8, 16), min_length=1)  # few-shot K compared (a K not predicted is skipped)
+    shots: Shots = Field((8, 16), min_length=1)  # few-shot K compared (a K not predicted is skipped)
     model: ModelName = "pretrained"
     # The random-init arms; None: every model named `random_init` or `random_init.s<seed>`. The best of them
     # (highest test AUROC, the conservative choice) is the one compared.
@@ -188,13 +188,6 @@ class CompareConfig(Section):
     stratum_labels: list[Label] = Field(default_factory=lambda: ["ICH"])  # labels whose positives are stratified
     bootstrap: int = Field(1000, ge=10)  # patient (and seed) bootstrap resamples
     seed: int = Field(0, ge=0)
-
-    @field_validator("shots")
-    @classmethod
-    def _positive_shots(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        if any(k < 1 for k in v):
-            raise ValueError(f"every K must be >= 1, got {list(v)}")
-        return tuple(sorted(set(v)))
 
     @model_validator(mode="after")
     def _one_ceiling(self) -> CompareConfig:

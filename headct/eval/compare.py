@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from headct.eval.metrics import auroc, bootstrap_weights, weighted_auroc
+from headct.eval.metrics import UsableDraws, auroc, percentile_interval, weighted_auroc
 
 
 @dataclass
@@ -105,45 +105,27 @@ def bootstrap_aurocs(
     if not (y == 1).any() or not (y == 0).any():
         raise ValueError("AUROC needs positives and negatives")
     point = {m: float(np.mean([auroc(y, s) for s in scores])) for m, scores in paired.scores.items()}
-    _, group_index = np.unique(paired.groups, return_inverse=True)
-    n_groups = int(group_index.max()) + 1
     rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_resamples, 4_000_000 // max(len(y), 1)))  # as metrics.patient_bootstrap: bounded memory
+    draws = UsableDraws(y, paired.groups, n_resamples, rng, max_draw_factor)
     parts: dict[str, list[np.ndarray]] = {m: [] for m in paired.scores}
-    n_valid = n_redrawn = 0
-    while n_valid < n_resamples and n_valid + n_redrawn < max_draw_factor * n_resamples:
-        w = bootstrap_weights(group_index, n_groups, min(chunk, n_resamples - n_valid), rng)
-        usable = ((w * (y == 1)).sum(axis=1) > 0) & ((w * (y == 0)).sum(axis=1) > 0)
-        n_redrawn += int((~usable).sum())
-        w = w[usable]
-        n_valid += len(w)
-        if not len(w):
-            continue
+    for w in draws:
         # With one seed nothing is drawn, so the patient draws match metrics.patient_bootstrap's.
         drawn = rng.integers(0, n_seeds, size=(len(w), n_seeds)) if n_seeds > 1 else np.zeros((len(w), 1), int)
         for model, scores in paired.scores.items():
             per_seed = np.stack([weighted_auroc(y, s, w) for s in scores], axis=1)  # (R, S)
             parts[model].append(np.take_along_axis(per_seed, drawn, axis=1).mean(axis=1))
     samples = {m: np.concatenate(p) if p else np.zeros(0) for m, p in parts.items()}
-    return BootstrapAurocs(point, samples, n_valid, n_redrawn, n_seeds)
-
-
-def interval(samples: np.ndarray) -> tuple[float | None, float | None]:
-    """Percentile 95% interval; (None, None) under 10 replicates."""
-    if len(samples) < 10:
-        return None, None
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return float(low), float(high)
+    return BootstrapAurocs(point, samples, draws.n_valid, draws.n_redrawn, n_seeds)
 
 
 def model_auroc(boot: BootstrapAurocs, model: str) -> dict[str, Any]:
-    low, high = interval(boot.samples[model])
+    low, high = percentile_interval(boot.samples[model])
     return {"auroc": boot.point[model], "low": low, "high": high}
 
 
 def paired_difference(boot: BootstrapAurocs, a: str, b: str) -> dict[str, Any]:
     """AUROC_a - AUROC_b with its paired 95% interval; `above_zero` when the lower bound is > 0."""
-    low, high = interval(boot.samples[a] - boot.samples[b])
+    low, high = percentile_interval(boot.samples[a] - boot.samples[b])
     return {"diff": boot.point[a] - boot.point[b], "low": low, "high": high,
             "above_zero": low is not None and low > 0}
 

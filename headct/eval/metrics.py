@@ -9,7 +9,7 @@ loop over resamples; the weighted formulas equal scikit-learn's with `sample_wei
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,6 +119,42 @@ def bootstrap_weights(
     return counts[:, group_index].astype(np.float64)
 
 
+class UsableDraws:
+    """Iterate chunks of patient-bootstrap weights (R, n_scans) in which both classes occur, until `n_resamples`
+    usable ones were drawn or `max_draw_factor * n_resamples` draws in all; `n_valid` / `n_redrawn` count them.
+
+    Draws come from `rng` lazily, one chunk per step, so a caller may draw from the same generator between chunks
+    (the few-shot comparison draws its seeds there). Chunks bound memory to about 32 MB per array.
+    """
+
+    def __init__(self, y: np.ndarray, groups: np.ndarray, n_resamples: int, rng: np.random.Generator,
+                 max_draw_factor: int = 10) -> None:
+        self.y, self.n_resamples, self.rng, self.max_draw_factor = y, n_resamples, rng, max_draw_factor
+        _, self.group_index = np.unique(np.asarray(groups), return_inverse=True)
+        self.n_valid = self.n_redrawn = 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        y, n_resamples = self.y, self.n_resamples
+        n_groups = int(self.group_index.max()) + 1
+        chunk = max(1, min(n_resamples, 4_000_000 // max(len(y), 1)))
+        while self.n_valid < n_resamples and self.n_valid + self.n_redrawn < self.max_draw_factor * n_resamples:
+            w = bootstrap_weights(self.group_index, n_groups, min(chunk, n_resamples - self.n_valid), self.rng)
+            usable = ((w * (y == 1)).sum(axis=1) > 0) & ((w * (y == 0)).sum(axis=1) > 0)
+            self.n_redrawn += int((~usable).sum())
+            w = w[usable]
+            self.n_valid += len(w)
+            if len(w):
+                yield w
+
+
+def percentile_interval(samples: np.ndarray) -> tuple[float | None, float | None]:
+    """Percentile 95% interval of bootstrap replicates; (None, None) under 10 of them."""
+    if len(samples) < 10:
+        return None, None
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return float(low), float(high)
+
+
 @dataclass
 class BootstrapResult:
     """Percentile 95% intervals per metric; `None` bounds when fewer than 10 usable resamples."""
@@ -146,33 +182,18 @@ def patient_bootstrap(
             `max_draw_factor * n_resamples` draws in all (the result reports how many were redrawn).
     """
     y, score = _as_binary(y), np.asarray(score, dtype=np.float64)
-    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
-    n_groups = int(group_index.max()) + 1
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_resamples, 4_000_000 // max(len(y), 1)))  # bound memory to ~32 MB per array
+    draws = UsableDraws(y, groups, n_resamples, np.random.default_rng(seed), max_draw_factor)
     parts: dict[str, list[np.ndarray]] = {name: [] for name in METRICS}
-    n_valid = n_redrawn = 0
-    while n_valid < n_resamples and n_valid + n_redrawn < max_draw_factor * n_resamples:
-        w = bootstrap_weights(group_index, n_groups, min(chunk, n_resamples - n_valid), rng)
-        usable = ((w * (y == 1)).sum(axis=1) > 0) & ((w * (y == 0)).sum(axis=1) > 0)
-        n_redrawn += int((~usable).sum())
-        w = w[usable]
-        n_valid += len(w)
-        if len(w):
-            sens, spec = _weighted_rates(y, score, threshold, w)
-            parts["auroc"].append(weighted_auroc(y, score, w))
-            parts["ap"].append(weighted_average_precision(y, score, w))
-            parts["sensitivity"].append(sens)
-            parts["specificity"].append(spec)
-    result = BootstrapResult(n_valid=n_valid, n_redrawn=n_redrawn)
+    for w in draws:
+        sens, spec = _weighted_rates(y, score, threshold, w)
+        parts["auroc"].append(weighted_auroc(y, score, w))
+        parts["ap"].append(weighted_average_precision(y, score, w))
+        parts["sensitivity"].append(sens)
+        parts["specificity"].append(spec)
+    result = BootstrapResult(n_valid=draws.n_valid, n_redrawn=draws.n_redrawn)
     for name, chunks in parts.items():
-        values = np.concatenate(chunks) if chunks else np.zeros(0)
-        result.samples[name] = values
-        if len(values) >= 10:
-            low, high = np.percentile(values, [2.5, 97.5])
-            result.intervals[name] = (float(low), float(high))
-        else:
-            result.intervals[name] = (None, None)
+        result.samples[name] = np.concatenate(chunks) if chunks else np.zeros(0)
+        result.intervals[name] = percentile_interval(result.samples[name])
     return result
 
 
