@@ -26,6 +26,17 @@ def test_train_step_benchmark_runs_both_models_at_tiny_size() -> None:
     assert abs(params[0] - params[1]) / params[0] < 0.01, rows
 
 
+def test_evidence_step_speed_runs_every_model_at_tiny_size() -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks/evidence/step_speed.py"), "mae8", "vit16", "resnet10", "--img", "32",
+         "--batch", "2", "--threads", "1", "--repeats", "1"],
+        capture_output=True, text=True, check=False, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [line.split()[0] for line in out.stdout.splitlines() if "volumes/s" in line]
+    assert rows == ["reference", "mae8", "vit16", "resnet10"], out.stdout
+
+
 def test_gpu_pretrain_benchmark_smoke_runs_mae_and_dino_on_cpu_with_torch_alone(tmp_path: Path) -> None:
     import json
 
