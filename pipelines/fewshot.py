@@ -82,7 +82,7 @@ def _select(
     record: dict[str, Any] = {"select_by": list(cfg.select_by), "skipped": skipped, "arms": {a: {} for a in arms}}
     for k in cfg.shots:
         draws = {label: [sample_shots(next(iter(data[label].values()))["train"], k, seed, label)
-                         for seed in range(cfg.seeds)] for label in usable}
+                         for seed in cfg.draw_seeds] for label in usable}
         labels_k = [label for label in usable if draws[label][0].index is not None]
         for arm, variants in arms.items():
             val: dict[str, dict[str, float]] = {v: {} for v in variants}
@@ -125,7 +125,7 @@ def _evaluate(
             skipped[label] = reason
             continue
         for k in cfg.shots:
-            samples = [sample_shots(first["train"], k, seed, label) for seed in range(cfg.seeds)]
+            samples = [sample_shots(first["train"], k, seed, label) for seed in cfg.draw_seeds]
             if samples[0].index is None:
                 rprint(f"[yellow]skip {label} K={k}:[/] {samples[0].reason}")
                 skipped_shots.setdefault(label, {})[str(k)] = str(samples[0].reason)

@@ -95,7 +95,7 @@ def _seed_fields(model: type, prefix: str) -> Iterator[tuple[str, str, Any]]:
             yield from _seed_fields(type(default), f"{prefix}{name}.")
         elif name == "seed" or name.endswith("_seed"):
             yield f"{prefix}{name}", "one", default
-        elif name.endswith("_seeds") and isinstance(default, list | tuple):
+        elif name.endswith("_seeds") and (default is None or isinstance(default, list | tuple)):
             yield f"{prefix}{name}", "list", default
 
 
@@ -113,9 +113,13 @@ def derive_seeds(tree: dict[str, Any], seed: int) -> dict[str, Any]:
                 raise EvidenceError(f"profile: {'.'.join(parents)} must be a section")
         if kind == "one":
             value: Any = seed
+        elif node.get(leaf) is None and default is None:
+            continue  # an optional seed list the profile leaves off (e.g. extract.random_init_seeds)
         else:
+            # The first is N itself, so the twin named `random_init` (extract.seed = N) is among them; the others
+            # 1000 N + i, apart from every other derived seed.
             length = len(node.get(leaf) or default)
-            value = [1000 * seed + i for i in range(length)]
+            value = [seed] + [1000 * seed + i for i in range(1, length)]
         node[leaf] = derived[path] = value
     return derived
 

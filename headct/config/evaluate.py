@@ -123,12 +123,18 @@ class FewshotConfig(Section):
     models: list[ModelName] | None = None  # None: every model in the cache
     labels: list[Label] | None = None  # None: every canonical label present in the split files
     shots: Shots = Field((1, 2, 4, 8, 16), min_length=1)  # K values
-    seeds: int = Field(5, ge=1, le=1000)  # seeds 0 .. seeds-1 (each a different patient draw)
+    seeds: int = Field(5, ge=1, le=1000)  # number of patient draws per K and label
+    seed: int = Field(0, ge=0)  # the draws use seeds seed .. seed + seeds - 1 (each a different patient draw)
     c_grid: tuple[float, ...] = Field((0.01, 0.1, 1.0, 10.0), min_length=1)  # chosen on val AUROC per fit
     min_positives: int = Field(2, ge=1)  # in val and test; fewer -> label skipped with a message
     # Per-arm variant selection on val, at each K on its own (as probe.select_by): per arm, the variant with the
     # highest val AUROC averaged over these labels and the seeds is kept and reported under the arm's name.
     select_by: list[Label] | None = Field(None, min_length=1)
+
+    @property
+    def draw_seeds(self) -> range:
+        """The seeds of the patient draws, one per repetition."""
+        return range(self.seed, self.seed + self.seeds)
 
 
 class RetrievalConfig(Section):
