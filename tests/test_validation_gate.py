@@ -262,3 +262,21 @@ def test_the_rule_reads_the_interval_and_the_positives() -> None:
         "not validated (no val figures recorded)")
     with pytest.raises(InputError, match="x/config.json: `performance` must be an object"):
         judge({"labels": ["ICH"], "performance": [1]}, rule, "x/config.json")
+
+
+def test_docs_contracts_name_the_recorded_figures_and_the_predict_json_keys(
+    trained: tuple[Path, dict, str], study: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import re
+
+    from headct.eval.validation_gate import FIGURES
+    from tests.conftest import REPO
+
+    text = (REPO / "docs/contracts.md").read_text()
+    documented = re.search(r"FIGURES = \{([^}]*)\}", text).group(1)
+    assert {k.strip() for k in documented.split(",")} == set(FIGURES)
+    _, out = predict_cli(tmp_path, monkeypatch, study, trained[0] / "models/classifier")
+    schema = text[text.index("`headct predict STUDY"):text.index("## Ingest reason codes")]
+    finding_keys = {k for f in out["results"][0]["findings"].values() for k in f}
+    for key in {*out, *out["classifier"], *out["gate"], *out["results"][0], *finding_keys}:
+        assert f'"{key}"' in schema, key

@@ -138,7 +138,7 @@ def finding(probability: float, threshold: float, verdict: Verdict) -> dict[str,
     """One finding of `headct predict`'s JSON: a decision (`positive`) only when the label is validated, else null."""
     p, t = float(probability), _number(threshold)
     out = {"probability": round(p, 4), "threshold": None if t is None else round(t, 4),
-           "validated": verdict.validated, "positive": (t is not None and p >= t) if verdict.validated else None,
+           "validated": verdict.validated, "positive": p >= t if verdict.validated and t is not None else None,
            "validation": verdict.val}
     if not verdict.validated:
         out["not_validated_because"] = verdict.reason
