@@ -5,8 +5,10 @@ Recipe: read train and val (test is read only at the very end) -> keep the label
 its random-init twin, or a MONAI 3D ResNet from scratch) -> fine-tune on the one training engine, scoring
 val every epoch (one MLflow metric step per epoch) -> restore the best epoch -> thresholds by Youden's J on val
 per label -> read test and score it once -> metrics with patient-bootstrap 95% CIs, predictions CSV, ROC
-plot, classifier directory. Data, model and loop are library code (headct/train/finetune_data.py,
-headct/train/finetune.py), shared with `headct tune`.
+plot, classifier directory whose config.json records what validation earned per label (`performance`: val AUROC
+and operating point with CIs, and test's; the validation gate of headct/eval/validation_gate.py reads it) ->
+registered as a new MLflow model version of `register_as`, described by that gate. Data, model and loop are
+library code (headct/train/finetune_data.py, headct/train/finetune.py), shared with `headct tune`.
 
 Outputs: cfg.out_dir (the classifier directory: model.safetensors + config.json, loaded by
 `headct.models.classifier_dir.load_classifier`), cfg.report_dir/{metrics.json, predictions.csv, roc.png,
@@ -189,7 +191,9 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         })
         mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
                            **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
-                           **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()}})
+                           **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()},
+                           **{f"val_auroc_low.{k}": e["val"]["auroc_low"] for k, e in performance["labels"].items()
+                              if e["val"]["auroc_low"] is not None}})
         for path in outputs:
             mlrun.log_artifact(path, "finetune")
         mlrun.log_artifacts(cfg.out_dir, "classifier")
