@@ -11,4 +11,8 @@ def __getattr__(name: str):  # lazy: `import headct` stays light, `headct.load_e
         from headct import encoder
 
         return getattr(encoder, name)
+    if name in ("load_classifier", "FindingClassifier"):
+        from headct import classifier
+
+        return getattr(classifier, name)
     raise AttributeError(f"module 'headct' has no attribute {name!r}")

@@ -9,7 +9,9 @@ embeddings (mean of the patch tokens).
 Promotion rule: a version becomes `champion` when its run finished (a diverged run raises before it gets here),
 its held-out loss at the end is below the one at the start and (DINO) it has not collapsed; the pre-training job
 decides and passes `promote`. Newer qualifying runs take the alias over.
-Imported only by the pre-training job, after tracking has pointed MLflow at the store.
+Fine-tuned classifiers are registered by `headct.classifier_registry` (its own module, so neither stage's code
+deps include the other's model code). Imported only by the pre-training job, after tracking has pointed MLflow at
+the store.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from typing import Any
 import mlflow
 import mlflow.pyfunc
 import numpy as np
+
+from headct.tracking import PACKAGE, pyfunc_requirements
 
 CHAMPION = "champion"
 
@@ -38,12 +42,6 @@ class EncoderPyfunc(mlflow.pyfunc.PythonModel):
         return self.encoder.embed(np.asarray(model_input))
 
 
-def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "numpy")]
-
-
 def register_encoder(
     model_dir: Path, name: str, grid: list[int], embed_dim: int, promote: bool, tags: dict[str, str]
 ) -> dict[str, Any]:
@@ -51,8 +49,6 @@ def register_encoder(
     `champion` alias to it when `promote`. Returns {name, version, champion}."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
-
-    import headct
 
     signature = ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.int16), (-1, *grid))]),
@@ -64,7 +60,7 @@ def register_encoder(
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
         info = mlflow.pyfunc.log_model(
             name="encoder", python_model=EncoderPyfunc(), artifacts={"model_dir": str(model_dir)},
-            code_paths=[str(Path(headct.__file__).parent)], pip_requirements=_requirements(), signature=signature,
+            code_paths=[str(PACKAGE)], pip_requirements=pyfunc_requirements(), signature=signature,
             registered_model_name=name,
         )
     version = str(info.registered_model_version)

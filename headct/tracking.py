@@ -25,6 +25,17 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_?key|pseudonym_key)", re.IGNORECASE)
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@\s]+)@", re.I)
 _MAX_PARAM_CHARS = 6000
+# The headct package folder, shipped with every registered pyfunc (code_paths). Found from this file, not by
+# `import headct`, whose lazy attributes (load_encoder, load_classifier) would tie a registering stage's code deps
+# (scripts/dvc_deps.py) to both public surfaces.
+PACKAGE = Path(__file__).resolve().parent
+
+
+def pyfunc_requirements() -> list[str]:
+    """pip requirements of a registered headct pyfunc: the installed torch, safetensors and numpy."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "numpy")]
 
 
 def redact(value: str) -> str:

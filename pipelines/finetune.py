@@ -5,8 +5,10 @@ Recipe: read train and val (test is read only at the very end) -> keep the label
 its random-init twin, or a MONAI 3D ResNet from scratch) -> fine-tune on the one training engine, scoring
 val every epoch (one MLflow metric step per epoch) -> restore the best epoch -> thresholds by Youden's J on val
 per label -> read test and score it once -> metrics with patient-bootstrap 95% CIs, predictions CSV, ROC
-plot, classifier directory. Data, model and loop are library code (headct/train/finetune_data.py,
-headct/train/finetune.py), shared with `headct tune`.
+plot, classifier directory whose config.json records what validation earned per label (`performance`: val AUROC
+and operating point with CIs, and test's; the validation gate of headct/eval/validation_gate.py reads it) ->
+registered as a new MLflow model version of `register_as`, described by that gate. Data, model and loop are
+library code (headct/train/finetune_data.py, headct/train/finetune.py), shared with `headct tune`.
 
 Outputs: cfg.out_dir (the classifier directory: model.safetensors + config.json, loaded by
 `headct.models.classifier_dir.load_classifier`), cfg.report_dir/{metrics.json, predictions.csv, roc.png,
@@ -40,22 +42,28 @@ def _label_rows(frame: Any, label: str, scores: np.ndarray, split: str, model: s
 
 def evaluate(
     cfg: FinetuneConfig, ctx: JobContext, data: Any, classifier: Any, windows: list[Any], shape: Any,
-) -> tuple[dict[str, Any], Any, dict[str, float]]:
-    """Thresholds on val, then test read and scored ONCE -> (metrics, predictions frame, thresholds)."""
+) -> tuple[dict[str, Any], Any, dict[str, float], dict[str, Any]]:
+    """Thresholds on val, then test read and scored ONCE -> (metrics, predictions frame, thresholds, performance
+    record for config.json: val AUROC and operating point with patient-bootstrap CIs, and test's where scored)."""
     import pandas as pd
 
     from headct.data.splits import read_split
     from headct.eval.features import score_volumes
     from headct.eval.metrics import evaluate_binary, youden_threshold
+    from headct.eval.validation_gate import performance_record
 
     val_probs = score_volumes(classifier, [ctx.root / p for p in data.val["img_path"]], windows,
                               cfg.eval_batch_size, shape, "val")
     thresholds, rows, metrics = {}, [], {"labels": {}, "skipped": dict(data.skipped)}
+    val_metrics = {}
     for j, label in enumerate(data.labels):
         part, val_rows = _label_rows(data.val, label, val_probs[:, j], "val", data.model_name, 0.0, cfg.seed)
         thresholds[label] = youden_threshold(part.y, part.x[:, 0])
         val_rows["threshold"] = thresholds[label]
         rows.append(val_rows)
+        # What validation earned (the gate of `headct predict`): AUROC and the operating point, with CIs.
+        val_metrics[label] = evaluate_binary(part.y, part.x[:, 0], part.patient_id, thresholds[label],
+                                             cfg.bootstrap, cfg.seed)
     test = read_split(cfg.splits, "test")  # the one read of test, after every choice is made
     leaked = set(test["patient_id"]) & (set(data.train["patient_id"]) | set(data.val["patient_id"]))
     if leaked:
@@ -74,7 +82,8 @@ def evaluate(
             continue
         metrics["labels"][label] = evaluate_binary(part.y, part.x[:, 0], part.patient_id, thresholds[label],
                                                    cfg.bootstrap, cfg.seed)
-    return metrics, pd.concat(rows, ignore_index=True), thresholds
+    performance = performance_record(val_metrics, metrics["labels"], cfg.bootstrap)
+    return metrics, pd.concat(rows, ignore_index=True), thresholds, performance
 
 
 def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, history: list[Any]) -> list[Path]:
@@ -128,10 +137,13 @@ def run_identity(cfg: FinetuneConfig) -> dict[str, Any]:
 
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     import torch
+    from rich.console import Console
+    from rich.markup import escape
 
     from headct import tracking
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
+    from headct.eval.validation_gate import GateRule, describe, judge
     from headct.models.classifier_dir import save_classifier
     from headct.run_identity import run_key
     from headct.train.checkpoint import load_for_resume, save_checkpoint
@@ -156,14 +168,12 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
 
         if resume is not None:
-            from rich.console import Console
-
             Console().print(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
         classifier, windows, preprocess, fitted = train_classifier(
             cfg, ctx.root, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
             on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
         shape = preprocess.get("shape") or data.preprocess.get("shape")
-        metrics, table, thresholds = evaluate(cfg, ctx, data, classifier, windows, shape)
+        metrics, table, thresholds, performance = evaluate(cfg, ctx, data, classifier, windows, shape)
         best = fitted.history[fitted.best_epoch]
         metrics.update(model=data.model_name, mode=MODE, best_epoch=fitted.best_epoch,
                        best_val_auroc=best["val_auroc"], best_val_auroc_mean=fitted.best_val_auroc,
@@ -173,7 +183,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         outputs = _write_reports(cfg, metrics, table, fitted.history)
         save_classifier(cfg.out_dir, classifier, {
             "labels": data.labels, "thresholds": thresholds, "windows": list(windows), "preprocess": preprocess,
-            "init": data.model_name, "best_epoch": fitted.best_epoch,
+            "init": data.model_name, "best_epoch": fitted.best_epoch, "performance": performance,
             "provenance": {**tracking.git_state(ctx.root), "run_id": mlrun.run_id,
                            "splits": path_for_files(cfg.splits, ctx.root),
                            "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
@@ -181,15 +191,28 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         })
         mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
                            **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
-                           **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()}})
+                           **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()},
+                           **{f"val_auroc_low.{k}": e["val"]["auroc_low"] for k, e in performance["labels"].items()
+                              if e["val"]["auroc_low"] is not None}})
         for path in outputs:
             mlrun.log_artifact(path, "finetune")
         mlrun.log_artifacts(cfg.out_dir, "classifier")
+        verdicts = judge({"labels": data.labels, "performance": performance}, GateRule())
+        metrics["registered"] = None
+        if cfg.register_as:
+            from headct.classifier_registry import register_classifier
+
+            metrics["registered"] = register_classifier(
+                cfg.out_dir, cfg.register_as, list(shape), data.labels, describe(verdicts, GateRule()),
+                tags={"run_id": mlrun.run_id, "model": data.model_name,
+                      "validated_labels": ",".join(k for k, v in verdicts.items() if v.validated)})
     # Finished: kept for inspection, never resumed (a re-run after a code change trains again).
     if checkpoint is not None and checkpoint.is_file():
         checkpoint.replace(checkpoint.with_name("complete.pt"))
     _print_table(metrics)
+    Console().print(escape(describe(verdicts, GateRule())))  # the gate under predict's defaults
     return {"resumed_after_epoch": None if resume is None else int(resume["extra"]["epoch"]) + 1,
             "model": data.model_name, "labels": data.labels, "best_epoch": fitted.best_epoch,
             "best_val_auroc_mean": fitted.best_val_auroc, "mean_test_auroc": metrics["mean_test_auroc"],
-            "classifier_dir": str(cfg.out_dir)}
+            "classifier_dir": str(cfg.out_dir), "registered": metrics["registered"],
+            "validated_labels": [k for k, v in verdicts.items() if v.validated]}

@@ -60,5 +60,5 @@ def finetune_cfg(root: Path, **kw) -> FinetuneConfig:
     base = dict(splits=root / "data/splits/t", model_dir=root / "models/mae", out_dir=root / "models/classifier",
                 report_dir=root / "reports/finetune", checkpoint_dir=root / "ckpt", tuned_params=None,
                 epochs=2, batch_size=2, backbone_lr=1e-4, head_lr=1e-2, warmup_frac=0.0, bootstrap=20,
-                min_positives=1, threads=1, eval_batch_size=4)
+                min_positives=1, threads=1, eval_batch_size=4, register_as=None)
     return FinetuneConfig(**{**base, **kw})

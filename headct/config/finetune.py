@@ -32,6 +32,9 @@ class FinetuneConfig(Section):
     # last epoch's state (atomic); None: none kept
     checkpoint_dir: Path | None = Field(Path("checkpoints/finetune"), json_schema_extra={"trajectory": False})
     tuned_params: Path | None = Field(Path("params/tuned/finetune.yaml"), json_schema_extra={"trajectory": False})
+    # MLflow registered model the classifier becomes a version of (description: the validation gate's summary under
+    # predict's default gate); None: not registered
+    register_as: str | None = Field("headct-classifier", json_schema_extra={"trajectory": False})
     labels: list[Label] | None = None  # None: every label column of train.csv; one label = a single-label run
     # The split files trained on: [train], or [train, pool] for the supervised ceiling (abundant labels of the
     # same data: the pool's labels, which no other labelled-data job reads; pool.csv from split.labelled_train).
@@ -137,10 +140,15 @@ class TuneConfig(Section):
 
 
 class PredictConfig(Section):
-    """`headct predict STUDY`: one study through ingest QC and a fine-tuned classifier, to the terminal."""
+    """`headct predict STUDY`: one study through ingest QC and a fine-tuned classifier, to the terminal; decisions
+    only for labels the validation gate passes (the others show their probability and val AUROC, no decision)."""
 
     study: Path | None = None  # a DICOM folder or a NIfTI file (the positional argument)
     classifier_dir: Path = Path("models/classifier")
     keep: Literal["best", "all"] = "best"  # score the preferred series, or every series passing QC
     out: Path | None = None  # also write the result as JSON here (one-off ids only)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # The validation gate (headct/eval/validation_gate.py): a finding gets a decision only when its val AUROC's
+    # patient-bootstrap 95% CI lower bound is above min_auroc_low and val held >= min_val_positives positives.
+    min_auroc_low: float = Field(0.7, ge=0.0, lt=1.0)
+    min_val_positives: int = Field(20, ge=1)
