@@ -55,8 +55,8 @@ def _nifti(src: Path, name: str, make: Callable[[Path], None]) -> str:
 def _nifti_with(value: float) -> Callable[[Path], None]:
     """A float32 NIfTI in HU with `value` at one voxel that a sampled check (every 4th voxel) never visits."""
     def make(path: Path) -> None:
-        image = nifti_of(SMALL)
-        hu = np.asarray(image.dataobj, np.float32)
+        image = nifti_of(SMALL)  # in memory: dataobj holds the stored values, scl_slope/scl_inter not applied
+        hu = np.asarray(image.dataobj, np.float32) * SMALL.slope + SMALL.intercept  # valid HU but for one voxel
         hu[1, 1, 5] = value
         nib.save(nib.Nifti1Image(hu, image.affine), path)
     return make

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 from rich.console import Console
@@ -28,13 +29,15 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, nifti_of, write_series  # noqa: E402
 from hostile_corpus import CASES, GOOD, OTHER, SMALL, folder, write_corpus  # noqa: E402
-from ingest_helpers import make_cfg, run_ingest  # noqa: E402
+from ingest_helpers import RULES, make_cfg, run_ingest  # noqa: E402
+from toy_format import ToyFormat, write_toy  # noqa: E402
 
 from headct.config import IngestConfig  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.guards import shown, verdict  # noqa: E402
 from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, read_linkage  # noqa: E402
 from headct.data.ingest import ingest  # noqa: E402
+from headct.data.series import Series, SliceHeader  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
@@ -296,3 +299,102 @@ def test_a_read_only_dest_is_refused_before_anything_is_written(shared_tmp: Path
     assert code == 1, output[-3000:]
     assert output.startswith(f"ingest destination {dest} cannot be written (Permission denied)"), output
     assert list(dest.iterdir()) == [] and list((shared_tmp / "private").iterdir()) == []
+
+
+def test_the_nan_case_is_valid_ct_but_for_its_one_voxel(tmp_path: Path) -> None:
+    """The not_finite cases isolate the fault: the same file with that voxel finite is ingested."""
+    from hostile_corpus import _nifti_with
+
+    cfg = make_cfg(tmp_path)
+    cfg.src.mkdir()
+    _nifti_with(0.0)(cfg.src / "finite.nii.gz")
+    assert run_ingest(cfg)["accepted"] == 1
+
+
+# ---------------------------------------------------------------------------------------- header checks
+CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def _headers(**change) -> Series:
+    """Headers only: a 12-slice axial stack 5 mm apart; `change` sets fields on every slice (a callable: per k)."""
+    from dataclasses import replace
+
+    base = SliceHeader(path=Path("/x/0"), study_uid="1.2", series_uid="1.2.3", patient_id="p", modality="CT",
+                       image_type=("ORIGINAL", "PRIMARY", "AXIAL"), sop_class_uid=CT, rows=40, cols=36,
+                       pixel_spacing=(4.0, 4.0), orientation=(1.0, 0, 0, 0, 1.0, 0), position=(0.0, 0.0, 0.0),
+                       frames=1, slice_thickness=5.0, kernel="H30s", kvp=120.0, manufacturer="", body_part="",
+                       series_description="HEAD", contrast_agent="", rescale=(1.0, -1024.0), pixel_bytes=2880,
+                       pixel_bytes_needed=2880)
+    slices = []
+    for k in range(12):
+        fields = {"path": Path(f"/x/{k}"), "position": (0.0, 0.0, 5.0 * k)}
+        fields.update({key: value(k) if callable(value) else value for key, value in change.items()})
+        slices.append(replace(base, **fields))
+    return Series("1.2", "1.2.3", tuple(slices))
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"position": lambda k: (0.0, float("inf"), 5.0 * k)}, "invalid_header"),
+    ({"slice_thickness": float("nan")}, "invalid_header"),
+    ({"orientation": (1.0, 0.0, 0.0, 0.2, 0.98, 0.0)}, "invalid_header"),  # 11.5 degrees off perpendicular
+    ({"pixel_spacing": (4.0, -4.0)}, "invalid_header"),
+    ({"rows": 0}, "invalid_header"),
+    ({"pixel_bytes": lambda k: 0 if k == 7 else 2880}, "no_pixel_data"),
+    ({"rows": 9000, "pixel_bytes": None}, "too_large"),
+    ({"rows": 9000, "pixel_bytes_needed": 9000 * 36 * 2}, "pixel_data_mismatch"),
+    ({"orientation": (1.0, 0.0, 0.0, 0.0005, 0.9999999, 0.0)}, None),  # decimal-string rounding: accepted
+    ({"orientation": (2.0, 0.0, 0.0, 0.0, 2.0, 0.0)}, None),  # not unit length: normalised, as before
+    ({"pixel_bytes": None, "pixel_bytes_needed": None}, None),  # compressed: nothing to compare
+    ({"pixel_bytes": 4000}, None),  # more than needed (trailing padding byte, say): fine
+])
+def test_header_checks_run_before_any_arithmetic(change: dict, reason: str | None) -> None:
+    from headct.data.selection import qc_series
+
+    result = qc_series(_headers(**change), RULES)
+    assert result.reason == reason, result.message
+    if reason is not None:
+        assert result.path is not None and "/x/" not in result.message  # the file: terminal only
+
+
+# ---------------------------------------------------------------------------- the unforeseen exception
+class BuggyFormat(ToyFormat):
+    """The toy format with a bug in its QC for one series and in its pixel reader for another."""
+
+    name = "buggy"
+
+    def header_qc(self, series: Series, rules, criteria):
+        if series.series_uid == "BUG-QC":
+            raise KeyError(f"a bug, quoting {series.first.path}")
+        return super().header_qc(series, rules, criteria)
+
+    def load_hu(self, series: Series, geometry, pad_hu: float):
+        if series.series_uid == "BUG-LOAD":
+            raise IndexError(f"a bug, quoting {series.first.path}")
+        return super().load_hu(series, geometry, pad_hu)
+
+
+def test_an_unforeseen_exception_is_that_series_reject(tmp_path: Path) -> None:
+    from dicom_factory import head_phantom, slice_positions, voxel_lps
+
+    from headct.data import formats
+
+    cfg = make_cfg(tmp_path)
+    spec = SeriesSpec(**{**SMALL.__dict__})
+    positions = slice_positions(spec)
+    hu = np.stack([np.rint(head_phantom(voxel_lps(spec, p))) for p in positions])
+    for uid in ("OK", "BUG-QC", "BUG-LOAD"):
+        write_toy(cfg.src / f"t-{uid}.json", hu + len(uid), study=f"S-{uid}", series=uid, patient="TOY-PAT-0001",
+                  origin_lps=tuple(positions[0]), spacing_mm=(spec.slice_step, *spec.pixel_spacing))
+    formats.register(BuggyFormat())
+    try:
+        summary, terminal = ingest_capturing(cfg)
+    finally:
+        formats.unregister("buggy")
+    assert summary["accepted"] == 1 and summary["rejected"] == {"internal_error": 2}
+    rejects = pd.read_csv(cfg.dest / store.REJECTS).set_index("series_id")
+    assert rejects.loc[PSEUDO.series("BUG-QC"), "message"].startswith("QC failed unexpectedly (KeyError)")
+    assert rejects.loc[PSEUDO.series("BUG-LOAD"), "message"].startswith("conversion failed unexpectedly (IndexError)")
+    assert str(cfg.src) not in (cfg.dest / store.REJECTS).read_text()
+    lines = [line for line in terminal.splitlines() if "(internal_error)" in line]
+    assert len(lines) == 2 and all("a bug, quoting" in line for line in lines), terminal
+    assert_nothing_half_written(cfg.dest)
