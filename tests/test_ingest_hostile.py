@@ -398,3 +398,15 @@ def test_an_unforeseen_exception_is_that_series_reject(tmp_path: Path) -> None:
     lines = [line for line in terminal.splitlines() if "(internal_error)" in line]
     assert len(lines) == 2 and all("a bug, quoting" in line for line in lines), terminal
     assert_nothing_half_written(cfg.dest)
+
+
+def test_a_report_folder_that_is_a_file_is_refused_first(tmp_path: Path, job_ctx) -> None:
+    from pipelines.ingest import run
+
+    cfg = make_cfg(tmp_path)
+    write_series(cfg.src / "s", SMALL)
+    cfg.report_dir.parent.mkdir(parents=True, exist_ok=True)
+    cfg.report_dir.write_text("a file")
+    with pytest.raises(InputError, match="ingest report folder .* is a file"):
+        run(cfg, job_ctx)
+    assert not cfg.dest.exists() and not cfg.linkage.exists()  # refused before the store was written
