@@ -92,6 +92,9 @@ CASES: dict[str, tuple[str, Callable[[Path, str], str]]] = {
         ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 3])))),
     "huge_compressed": ("too_large", _huge_compressed),
     "no_pixel_data": ("no_pixel_data", lambda s, n: _dicom(s, n, _on_slice(6, _drop_pixels))),
+    # deflated: the header read cannot tell, so it is found when the pixels are read
+    "no_pixel_data_deflated": ("no_pixel_data", lambda s, n: _dicom(s, n, _on_slice(6, _drop_pixels), SeriesSpec(
+        **{**SMALL.__dict__, "transfer_syntax": "deflate"}))),
     "nifti_nan": ("not_finite", lambda s, n: _nifti(s, n, _nifti_with(NAN))),
     "nifti_inf": ("not_finite", lambda s, n: _nifti(s, n, _nifti_with(float("inf")))),
     "nifti_corrupt_gzip": ("unreadable", lambda s, n: _nifti(s, n, _corrupt_gzip)),
