@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pydicom
-from dicom_factory import SeriesSpec, nifti_of, write_series
+from dicom_factory import SeriesSpec, nifti_of, write_enhanced, write_series
 from pydicom.uid import generate_uid
 
 SMALL = SeriesSpec(n_slices=12, rows=40, cols=36, pixel_spacing=(4.0, 4.0))  # 55 mm of coverage: passes RULES
@@ -75,6 +75,15 @@ def _huge_compressed(src: Path, name: str) -> str:
                   SeriesSpec(**{**SMALL.__dict__, "transfer_syntax": "rle"}))
 
 
+def _enhanced_truncated(src: Path, name: str) -> str:
+    """An Enhanced CT object (all frames in one file) whose PixelData stops half-way."""
+    path = write_enhanced(src / name / "enhanced.dcm", SMALL, patient_id=f"PID-{name}")
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+    ds.save_as(path)
+    return str(ds.SeriesInstanceUID)
+
+
 NAN = float("nan")
 # case -> (reason code, writer(src, name) -> series key)
 CASES: dict[str, tuple[str, Callable[[Path, str], str]]] = {
@@ -90,6 +99,7 @@ CASES: dict[str, tuple[str, Callable[[Path, str], str]]] = {
                                                                                       Columns=65535)(ds))),
     "truncated_slice": ("pixel_data_mismatch", lambda s, n: _dicom(s, n, _on_slice(4, lambda ds: setattr(
         ds, "PixelData", ds.PixelData[: len(ds.PixelData) // 3])))),
+    "enhanced_truncated": ("pixel_data_mismatch", _enhanced_truncated),
     "huge_compressed": ("too_large", _huge_compressed),
     "no_pixel_data": ("no_pixel_data", lambda s, n: _dicom(s, n, _on_slice(6, _drop_pixels))),
     # deflated: the header read cannot tell, so it is found when the pixels are read
