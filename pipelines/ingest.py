@@ -69,8 +69,9 @@ def loggable_params(cfg: IngestConfig, root: Path) -> dict[str, Any]:
     return params
 
 
-_TABLE_ROWS = ("studies_seen", "series_seen", "accepted", "converted", "reused", "duplicates", "files_dicom",
-               "files_nifti", "files_dicomdir", "files_repeated", "files_unreadable", "unlabelled_scans",
+_TABLE_ROWS = ("studies_seen", "series_seen", "accepted", "converted", "reused", "duplicates", "series_broken",
+               "files_dicom", "files_nifti", "files_dicomdir", "files_repeated", "files_unreadable",
+               "folders_unreadable", "unlabelled_scans",
                "label_keys_unmatched", "label_rows_duplicated", "label_values_conflicting", "label_scans_partial",
                "shards", "duplicates_across_shards")
 
@@ -107,23 +108,30 @@ def _log(cfg: IngestConfig, ctx: JobContext, summary: dict[str, Any], artifacts:
 def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
     from rich.console import Console
 
+    from headct.data.guards import verdict, writable_folder
     from headct.data.ingest import ingest
     from headct.data.shards import SHARDS
     from headct.data.store import MANIFEST, REJECTS
     from headct.data.store_meta import write_store_meta
+    from headct.errors import InputError
     from headct.io import write_json
 
+    tables = cfg.dest / SHARDS / cfg.shard.replace("/", "of") if cfg.shard else cfg.dest
+    report_dir = tables / "reports" if cfg.shard else cfg.report_dir  # shards never share a report file
+    if not cfg.shard:  # a shard's report folder lies in DEST, which ingest checks
+        writable_folder(report_dir, "ingest report folder")  # before any work, not after the store is written
     result = ingest(cfg, ctx.root, Console(stderr=True))
     write_store_meta(cfg, ctx.root)  # the generator's truth.csv, if any -> DEST/meta.csv (pseudonymous)
     summary = result.summary
-    tables = cfg.dest / SHARDS / cfg.shard.replace("/", "of") if cfg.shard else cfg.dest
-    report_dir = tables / "reports" if cfg.shard else cfg.report_dir  # shards never share a report file
     metrics_path = report_dir / "metrics.json"
     write_json(metrics_path, summary)
     sheet = write_contact_sheet(cfg.dest, result.manifest_rows[: cfg.contact_sheet_volumes],
                                 report_dir / CONTACT_SHEET)
     _log(cfg, ctx, summary, [tables / MANIFEST, tables / REJECTS, metrics_path, sheet], "ingest")
     _print_table(summary)
+    failed = verdict(summary, cfg.max_reject_fraction)
+    if failed:  # the store and reports stay (they say why); the exit code tells DVC and scripts
+        raise InputError(failed)
     return summary
 
 

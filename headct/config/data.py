@@ -168,6 +168,10 @@ class IngestConfig(Section):
     # DEST/shards/<K>of<N>/; `headct ingest merge DEST` joins the shards. None: the whole source.
     shard: str | None = None
     export_nifti: bool = False  # also write DEST/nifti/<scan_id>.nii.gz (the canonical volume with its affine)
+    # The job exits non-zero (after writing the store and reports) when more than this fraction of the series
+    # found were rejected as broken (headct.data.guards.BROKEN: unreadable, invalid header, missing pixel data
+    # ...; series set aside by a QC rule or by selection do not count), or when no series was accepted.
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     contact_sheet_volumes: int = Field(8, ge=0, le=64)  # volumes shown in <report_dir>/contact_sheet.png
     report_dir: Path = Path("reports/ingest")
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headct.config.base import PreprocessSpec
-from headct.data import dedup, formats, store
+from headct.data import dedup, formats, guards, store
 from headct.data.formats import SourceDataError
 from headct.data.resample import NoHeadError, to_canonical
 from headct.data.series import Series, StackGeometry
@@ -31,8 +31,9 @@ class Attempt:
     scan_id: str
     reason: str | None  # None: converted
     message: str  # safe for rejects.csv
-    terminal: str  # may name the source folder: for the user's terminal only
+    terminal: str  # the details, for the user's terminal only (may quote source text), about `path`
     volume: dict[str, Any] | None  # affine (16 floats), spacing_mm, volume_sha256, content_sha256, crop_mm
+    path: Path | None = None  # the source file or folder at fault (ingest names it relative to SRC)
 
 
 Candidate = tuple[str, Series, StackGeometry, "dict[str, Any] | None"]  # scan_id, series, geometry, reusable facts
@@ -62,8 +63,7 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path,
             if problem is None:
                 attempts.append(Attempt(scan_id, None, "reused", "", previous))
                 break
-            attempts.append(Attempt(scan_id, "head_cropped", problem, f"{series.first.path.parent}: {problem}",
-                                    None))
+            attempts.append(Attempt(scan_id, "head_cropped", problem, problem, None, series.first.path.parent))
             continue
         try:
             hu = formats.of(series).load_hu(series, geometry, float(spec.pad_hu))
@@ -71,17 +71,20 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path,
             volume, affine, crop = to_canonical(hu, geometry, spec)
             del hu  # the source stack is the largest allocation: free it before writing
         except SourceDataError as exc:  # unreadable pixels, values not HU: the format names the reason code
-            attempts.append(Attempt(scan_id, exc.reason, exc.why, str(exc), None))
+            attempts.append(Attempt(scan_id, exc.reason, exc.why, exc.why, None, exc.path))
             continue
         except NoHeadError as exc:
-            folder = series.first.path.parent
-            attempts.append(Attempt(scan_id, "empty_volume", str(exc), f"{folder}: {exc}", None))
+            attempts.append(Attempt(scan_id, "empty_volume", str(exc), str(exc), None, series.first.path.parent))
+            continue
+        except Exception as exc:  # unforeseen: this series' reject (guards.unexpected), the next one is tried
+            reason, message = guards.unexpected("conversion", exc)
+            attempts.append(Attempt(scan_id, reason, message, f"{type(exc).__name__}: {exc}", None,
+                                    series.first.path.parent))
             continue
         crop_mm = [round(float(mm), 2) for mm in crop]
         problem = crop_problem(crop_mm, spec, max_crop_mm)
         if problem is not None:  # judged before writing: a rejected volume never reaches the store
-            attempts.append(Attempt(scan_id, "head_cropped", problem, f"{series.first.path.parent}: {problem}",
-                                    None))
+            attempts.append(Attempt(scan_id, "head_cropped", problem, problem, None, series.first.path.parent))
             continue
         sha = store.write_volume(dest, scan_id, volume)
         spacing = spec.spacing_mm if spec.fit == "isotropic" else None  # stretch: per axis, see the affine

@@ -29,18 +29,31 @@ class Discovery:
     index_files: int = 0  # media indexes (DICOMDIR): recognised and skipped (the images they list are read directly)
 
 
-def list_files(src: Path) -> list[Path]:
-    """Every file under `src`, recursively, in a deterministic order; linked folders are followed once."""
-    found, seen = [], set()
-    for folder, dirs, files in os.walk(src, followlinks=True):
+@dataclass(frozen=True)
+class Listing:
+    files: list[Path]
+    unreadable_folders: list[tuple[Path, str]]  # (folder, why) the walk could not open: for the terminal only
+
+
+def list_files(src: Path, exclude: tuple[Path, ...] = ()) -> Listing:
+    """Every file under `src`, recursively, in a deterministic order; linked folders are followed once; the
+    folders `exclude` (e.g. a DEST inside SRC) are left out; a folder that cannot be listed (permission
+    denied) is recorded with the reason instead of being skipped silently."""
+    found, unreadable, seen = [], [], set()
+    skip = {os.path.realpath(folder) for folder in exclude}
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((Path(exc.filename or src), exc.strerror or type(exc).__name__))
+
+    for folder, dirs, files in os.walk(src, followlinks=True, onerror=failed):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back to a folder already walked: stop the cycle
+        if real in seen or real in skip:  # a link back to a folder already walked (a cycle), or left out
             dirs.clear()
             continue
         seen.add(real)
         dirs.sort()
         found.extend(Path(folder) / name for name in sorted(files))
-    return found
+    return Listing(found, sorted(unreadable))
 
 
 def read_headers(paths: list[Path], src: Path | None = None) -> Discovery:

@@ -18,8 +18,12 @@ import hmac
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from headct.errors import InputError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 KEY_ENV = "HEADCT_PSEUDONYM_KEY"
 KEY_FILE_ENV = "HEADCT_PSEUDONYM_KEY_FILE"
@@ -76,7 +80,9 @@ class Pseudonymizer:
 
     def _digest(self, kind: str, value: str) -> str:
         # The kind is part of the message so a patient key equal to some UID never yields related ids.
-        mac = hmac.new(self._key, f"{kind}\x00{value.strip()}".encode(), hashlib.sha256)
+        # surrogateescape: a key made from a file name that is not UTF-8 (a NIfTI's path under SRC, read by
+        # Python as lone surrogates) hashes its raw bytes; any valid UTF-8 text encodes exactly as before
+        mac = hmac.new(self._key, f"{kind}\x00{value.strip()}".encode("utf-8", "surrogateescape"), hashlib.sha256)
         return f"{kind}_{mac.hexdigest()[:16]}"
 
     def patient(self, patient_key: str) -> str:
@@ -91,3 +97,26 @@ class Pseudonymizer:
     def instances(self, sop_instance_uids: list[str] | tuple[str, ...] | set[str]) -> str:
         """One id for a set of SOP instances: equal for the same instances exported twice under other names."""
         return self._digest("ins", "\n".join(sorted(set(sop_instance_uids))))
+
+
+# The linkage file (pseudonym <-> source keys and folders; local only, never shared) holds source folder names as
+# they are on disk: a name that is not valid UTF-8 (Python's lone surrogates) is written and read back as its raw
+# bytes (surrogateescape), in object columns (pandas' string dtype refuses surrogates), so such a name neither
+# stops the run nor is altered.
+LINKAGE_ERRORS = "surrogateescape"
+
+
+def write_linkage(path: Path, rows: pd.DataFrame | list[dict]) -> None:
+    import pandas as pd
+
+    from headct.io import atomic_path
+
+    frame = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows, dtype=object)
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, errors=LINKAGE_ERRORS)
+
+
+def read_linkage(path: Path) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors=LINKAGE_ERRORS)

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,16 +43,15 @@ from rich.progress import (
 )
 
 from headct.config.data import IngestConfig
-from headct.data import dedup, formats, label_sources, parallel, shards, store
+from headct.data import dedup, formats, guards, label_sources, parallel, shards, store
 from headct.data.convert import convert_study, crop_problem
 from headct.data.criteria import read_criteria
 from headct.data.discovery import Discovery, drop_repeated_instances, group_series, list_files, read_headers
-from headct.data.identity import Pseudonymizer, load_key
+from headct.data.identity import Pseudonymizer, load_key, write_linkage
 from headct.data.label_sources.base import ScanKeys, scan_keys
-from headct.data.selection import qc_series, rank_series, slice_thickness_mm, why_not_selected
+from headct.data.selection import QcResult, qc_series, rank_series, slice_thickness_mm, why_not_selected
 from headct.data.series import Series, StackGeometry
 from headct.errors import InputError
-from headct.io import atomic_path
 
 
 @dataclass
@@ -98,7 +97,7 @@ def _discover(files: list[Path], src: Path, run: Callable, progress: Progress, w
 
 
 def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
-          shard: shards.Shard | None) -> dict[str, list[SeriesRecord]]:
+          shard: shards.Shard | None, warn: Callable[[str], None]) -> dict[str, list[SeriesRecord]]:
     """QC every series (of this shard's studies); per study, the valid records ranked best first, then the
     rejected ones."""
     criteria = read_criteria(cfg.qc.criteria_csv) if cfg.qc.criteria_csv is not None else None
@@ -107,10 +106,19 @@ def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
         study_id = pseudo.study(series.study_uid)
         if shard is not None and not shard.holds(study_id):
             continue
-        qc = qc_series(series, cfg.qc, criteria)
-        # DICOM PatientID ("dicom"), the dataset's folder (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"), or the file
-        # itself ("self", a NIfTI): the format knows
-        key, source = formats.of(series).patient_key(series, cfg.patient_key, cfg.src)
+        try:
+            qc = qc_series(series, cfg.qc, criteria)
+            # DICOM PatientID ("dicom"), the dataset's folder (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"), or the
+            # file itself ("self", a NIfTI): the format knows
+            key, source = formats.of(series).patient_key(series, cfg.patient_key, cfg.src)
+        except Exception as exc:  # unforeseen: this series' reject (guards.unexpected), the run goes on
+            qc, key, source = QcResult(*guards.unexpected("QC", exc)), None, "dicom"
+            warn(f"series not used (internal_error): {guards.shown(series.first.path.parent, cfg.src)}: "
+                 f"{escape(f'{type(exc).__name__}: {exc}')}")
+        else:
+            if qc.reason in guards.BROKEN:  # a broken file is named (rule-based rejects are routine: rejects.csv)
+                warn(f"series not used ({qc.reason}): {guards.shown(qc.path or series.first.path.parent, cfg.src)}:"
+                     f" {escape(qc.message)}")
         sops = [s.sop_instance_uid for s in series.slices if s.sop_instance_uid]
         record = SeriesRecord(series, pseudo.series(series.series_uid), study_id, key,
                               pseudo.patient(key) if key else "", qc.reason, qc.message, qc.geometry, source,
@@ -185,7 +193,9 @@ def _convert(studies: dict[str, list[SeriesRecord]], previous: dict[str, dict], 
                         journal.append(_manifest_row(record, attempt.volume, cfg))
                 else:
                     record.reason, record.message = attempt.reason, attempt.message
-                    progress.console.print(f"[yellow]series not used ({attempt.reason}): {attempt.terminal}")
+                    where = guards.shown(attempt.path, cfg.src) if attempt.path is not None else ""
+                    progress.console.print(f"[yellow]series not used ({attempt.reason}): {where}: "
+                                           f"{escape(attempt.terminal)}")
             progress.advance(bar)
     return accepted, reused
 
@@ -264,15 +274,18 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     `if __name__ == "__main__":` guard (the `headct` command and `python -c` need nothing).
     """
     started = time.perf_counter()
-    if not cfg.src.is_dir():
-        raise InputError(f"ingest source {cfg.src} is not a folder")
-    files = list_files(cfg.src)
-    if not files:
-        raise InputError(f"ingest source {cfg.src} is empty")
     shard = shards.parse(cfg.shard)
     linkage = linkage_path(cfg, root)
     if shard is not None:
         linkage = shards.linkage_file(linkage, shard)
+    guards.check_paths(cfg.src, cfg.dest, {"linkage folder": linkage.parent})  # before anything is read
+    listing = list_files(cfg.src, exclude=(cfg.dest,))
+    for folder, why in listing.unreadable_folders:
+        console.print(f"[yellow]folder not read ({escape(why)}): {guards.shown(folder, cfg.src)}")
+    files = listing.files
+    if not files:
+        n = len(listing.unreadable_folders)
+        raise InputError(f"ingest source {cfg.src} is empty" + (f" ({n} folder(s) could not be read)" if n else ""))
     tables = shards.folder(cfg.dest, shard) if shard is not None else cfg.dest
     label_rows = label_sources.load(cfg)  # read first: a wrong labels file should fail before any work
     if cfg.qc.criteria_csv is not None:
@@ -291,15 +304,17 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     with _progress(console) as progress, parallel.pool(readers, formats.install, (formats.registered(),)) as run:
         found = _discover(files, cfg.src, run, progress, readers)
         for path, why in found.bad_files:
-            progress.console.print(f"[yellow]skipped {path}: {why}")
+            progress.console.print(f"[yellow]skipped {guards.shown(path, cfg.src)}: {escape(why)}")
         headers, repeated = drop_repeated_instances(found.headers)
         for path, kept in repeated:
-            progress.console.print(f"[yellow]skipped {path}: the same SOP instance as {kept}")
+            progress.console.print(f"[yellow]skipped {guards.shown(path, cfg.src)}: the same SOP instance as "
+                                   f"{guards.shown(kept, cfg.src)}")
         if not headers:
             names = ", ".join(f.name for f in formats.registered())
             raise InputError(f"no readable DICOM or NIfTI file under {cfg.src} ({len(files)} files looked at; "
                              f"formats tried: {names})")
-        studies = _plan(group_series(headers), cfg, pseudo, shard)
+        studies = _plan(group_series(headers), cfg, pseudo, shard, lambda text: progress.console.print(
+            f"[yellow]{text}"))
         accepted, reused = _convert(studies, previous, cfg, run, progress, tables)
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
@@ -313,8 +328,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     exported = store.export_nifti(cfg.dest, manifest) if cfg.export_nifti else 0
     # a shard shares volumes/ with the others, so only a whole run may clear what its manifest does not name
     orphans = store.remove_orphan_volumes(cfg.dest, {row["scan_id"] for row in manifest}) if shard is None else 0
-    with atomic_path(linkage) as tmp:
-        pd.DataFrame(linkage_rows).to_csv(tmp, index=False)
+    write_linkage(linkage, linkage_rows)
 
     summary = {
         "studies_seen": len(studies),
@@ -325,8 +339,10 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
         "files_repeated": len(repeated),
         "files_unreadable": len(found.bad_files),
         "files_other": found.other_files,
+        "folders_unreadable": len(listing.unreadable_folders),
         "accepted": len(manifest),
         "rejected": dict(sorted(Counter(r["reason"] for r in rejects).items())),
+        "series_broken": sum(r["reason"] in guards.BROKEN for r in rejects),  # see ingest.max_reject_fraction
         "duplicates": duplicates,
         "studies_without_volume": len(studies) - len({row["study_id"] for row in manifest}),
         # accepted scans whose head the grid cut along some axis (by at most qc.max_crop_mm; mm in the manifest)

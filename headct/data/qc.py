@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +28,7 @@ class QcResult:
     reason: str | None  # None: the series is usable
     message: str  # no paths or UIDs: this goes to rejects.csv
     geometry: StackGeometry | None = None
+    path: Path | None = None  # the file at fault, where one is (named on the terminal only, relative to SRC)
 
 
 def is_contrast(series: Series) -> bool:

@@ -16,6 +16,11 @@ every format run on the stack it returns; first failing check wins. DICOM (class
     too_few_slices         fewer images than `min_slices`
     missing_geometry       ImagePositionPatient / ImageOrientationPatient / PixelSpacing / Rows missing
     inconsistent_geometry  orientation, pixel spacing, rows or columns differ within the series
+    invalid_header         a geometry or rescale value not finite, a degenerate orientation, PixelSpacing <= 0
+                           (headct.data.header_checks, like the three below: before any arithmetic or allocation)
+    no_pixel_data          a file without PixelData
+    pixel_data_mismatch    a file's PixelData shorter than Rows x Columns x frames x BitsAllocated needs
+    too_large              Rows or Columns beyond header_checks.MAX_MATRIX
     duplicate_positions    two images at the same position along the slice normal (< 0.01 mm apart)
     non_axial              slice normal more than `max_oblique_deg` from the head-foot axis (sagittal/coronal);
                            within it the series is oblique, accepted and resampled
@@ -24,18 +29,25 @@ every format run on the stack it returns; first failing check wins. DICOM (class
     missing_slices         a gap wider than `max_gap_factor` times the median slice step (missing images)
     too_short              coverage along the slice normal below `min_coverage_mm`
 NIfTI files (`headct.data.formats.nifti`; no protocol checks: a NIfTI has no acquisition header):
-    not_3d                 not one 3D volume (4D, 2D); then `criteria` whenever a criteria CSV is set,
+    not_3d                 not one 3D volume (4D, 2D); then `too_large` for an axis beyond MAX_MATRIX,
+                           `criteria` whenever a criteria CSV is set,
                            `inconsistent_geometry` for an unusable affine, and the shared geometry checks
                            (too_few_slices, duplicate_positions ... too_short) on the stack the affine describes
 Found later, on the pixels of a chosen series (`headct.data.ingest`; the next-ranked series is tried then; a
 format's `load_hu` raises SourceDataError with the code):
-    unreadable             pixel data cannot be decoded or has no rescale slope/intercept
+    unreadable             pixel data cannot be decoded or has no rescale slope/intercept; NIfTI data that
+                           cannot be read (corrupt or truncated gzip)
+    no_pixel_data          a file without PixelData that the header read could not tell (a deflated file)
+    not_finite             a NIfTI with a NaN or infinite value anywhere (every voxel is checked)
     not_hu                 a NIfTI whose values are not HU (no air below -500, or bright voxels beyond 3100)
     empty_volume           no voxel above the head threshold (nothing to centre on)
     head_cropped           the canonical grid cuts more than `max_crop_mm` of the head along an axis
                            (`headct.data.convert`; the cropped mm per axis are in the manifest either way)
     no_patient_key         the series has no patient key (no PatientID, or no folder under SRC)
     duplicate              the same SOP instances or the same pixel content as an accepted series (named)
+At either stage, an exception no check foresaw (headct.data.guards.unexpected):
+    internal_error         the series' QC or conversion failed unexpectedly (the type in rejects.csv, the text
+                           on the terminal); the run goes on
 And for the valid series that lost:
     not_selected           passed QC, but another series of the same study was preferred (`keep: best`)
 

@@ -64,6 +64,10 @@ class SliceHeader:
     # why a multi-frame object could not be split into slices (no per-frame geometry), else ""
     frame_problem: str = ""
     transfer_syntax: str = ""  # DICOM TransferSyntaxUID of the file
+    # bytes the file's PixelData holds (0: no PixelData) and the bytes Rows x Columns x frames x samples x
+    # BitsAllocated needs; None where the format cannot tell (compressed or deflated data, no DICOM)
+    pixel_bytes: int | None = None
+    pixel_bytes_needed: int | None = None
     # the input format that read this header; "dicom" (classic per-slice DICOM) for headers built by hand
     format: str = "dicom"
     extra: Any = None  # the format's own facts (picklable), e.g. headct.data.formats.nifti.NiftiInfo

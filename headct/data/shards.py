@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from headct.data import dedup, store
+from headct.data.identity import read_linkage, write_linkage
 from headct.errors import InputError
 from headct.io import atomic_path, file_sha256, write_json
 
@@ -170,11 +171,10 @@ def _merge_linkage(linkage: Path, found: list[tuple[Path, Path, dict[str, Any]]]
     for _, _, info in found:
         path = linkage_file(linkage, Shard(info["k"], info["n"]))
         if path.is_file():
-            frames.append(pd.read_csv(path, dtype=str, keep_default_na=False))
+            frames.append(read_linkage(path))
     if not frames:
         return 0
     frame = pd.concat(frames).drop_duplicates("scan_id")
     frame.loc[frame["scan_id"].isin(list(duplicates)), "status"] = "duplicate"
-    with atomic_path(linkage) as tmp:
-        frame.to_csv(tmp, index=False)
+    write_linkage(linkage, frame)
     return len(frame)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from headct.config.data import IngestConfig
+from headct.data.identity import read_linkage
 from headct.data.label_sources.cq500 import patient_key_of_name
 from headct.data.synth import truth
 from headct.errors import InputError
@@ -66,7 +67,7 @@ def write_store_meta(cfg: IngestConfig, root: Path) -> Path | None:
     table = truth.read_truth(source)
     link = linkage_path(cfg, root)
     try:
-        linkage = pd.read_csv(link, dtype=str, keep_default_na=False)
+        linkage = read_linkage(link)
     except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise InputError(f"{link}: cannot read the linkage file to place {source}'s truth ({err})") from err
     meta = meta_table(table, linkage, cfg.src, cfg.preprocess.spacing_mm)

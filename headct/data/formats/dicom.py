@@ -9,15 +9,18 @@ Slices are grouped by (StudyInstanceUID, SeriesInstanceUID) and ordered by posit
 from __future__ import annotations
 
 import re
+import struct
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
 from pydicom.pixels import iter_pixels
 
 from headct.config.data import QcRules
-from headct.data import qc
+from headct.data import header_checks, qc
 from headct.data.criteria import Criteria
 from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError, top_folder_word
 from headct.data.qc import QcResult
@@ -28,12 +31,22 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1-.7.4
 _DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
 _DOSE_TEXT = re.compile(r"\bDOSE\b|PATIENT PROTOCOL|DOSE ?REPORT")
+_PIXEL_DATA = (0x7FE0, 0x0010)
+_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated (compressed) pixel data: fragments, no total length
+_LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT")  # 4-byte length
 
 
 class PixelDataError(SourceDataError):
     """A file of the chosen series whose pixels cannot be turned into HU (reason `unreadable`)."""
 
     reason = "unreadable"
+
+
+class NoPixelDataError(PixelDataError):
+    """A file of the chosen series without a PixelData element (reason `no_pixel_data`)."""
+
+    reason = "no_pixel_data"
 
 
 # ------------------------------------------------------------------------------------------------- headers
@@ -43,9 +56,54 @@ def has_dicom_preamble(probe: Probe) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
+def _parse(probe: Probe) -> tuple[pydicom.Dataset, int | None]:
+    with open(probe.path, "rb") as fp:
+        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        return ds, _pixel_data_bytes(fp, ds)
+
+
+def _pixel_data_bytes(fp: BinaryIO, ds: pydicom.Dataset) -> int | None:
+    """The length of the PixelData value, read from its element header where the parse stopped (pydicom stops
+    right before it): 0 when the parse reached the end of the file (no PixelData), None when it cannot be told
+    (a deflated or big-endian file, encapsulated data, float pixel data)."""
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) == _DEFLATED:
+        return None  # pydicom parsed an inflated copy: this file's position says nothing
+    implicit, little = ds.original_encoding
+    if not little:
+        return None
+    head = fp.read(12)
+    if len(head) < 8:
+        return 0
+    if struct.unpack("<HH", head[:4]) != _PIXEL_DATA:
+        return None  # FloatPixelData / DoubleFloatPixelData
+    if implicit:
+        length = struct.unpack("<I", head[4:8])[0]
+    elif head[4:6] in _LONG_VRS and len(head) == 12:
+        length = struct.unpack("<I", head[8:12])[0]
+    else:
+        length = struct.unpack("<H", head[6:8])[0]
+    return None if length == _UNDEFINED_LENGTH else int(length)
+
+
 def dataset(probe: Probe) -> pydicom.Dataset:
     """The file's header without pixels, parsed once per file."""
-    return probe.memo("dicom", lambda: pydicom.dcmread(probe.path, stop_before_pixels=True))
+    return probe.memo("dicom", lambda: _parse(probe))[0]
+
+
+def pixel_data_bytes(probe: Probe) -> int | None:
+    """Bytes of the file's PixelData (0: none; None: cannot be told), from the same parse as `dataset`."""
+    return probe.memo("dicom", lambda: _parse(probe))[1]
+
+
+def pixel_bytes_needed(ds: pydicom.Dataset) -> int | None:
+    """Rows x Columns x frames x SamplesPerPixel x BitsAllocated / 8 (bytes, rounded up), or None when a
+    value is missing or not a number."""
+    try:
+        bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * int(
+            ds.get("SamplesPerPixel") or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (bits + 7) // 8
 
 
 def is_media_index(ds: pydicom.Dataset) -> bool:
@@ -159,7 +217,8 @@ def header_qc(series: Series, rules: QcRules, criteria: Criteria | None) -> QcRe
         return QcResult("unsupported", next(s.frame_problem for s in slices if s.frame_problem))
     if len(slices) == 1:
         return QcResult("localizer", "a single image, not a volume")
-    problem = qc.acquisition_checks(series, rules, criteria) or qc.stack_checks(series, rules)
+    problem = (qc.acquisition_checks(series, rules, criteria) or qc.stack_checks(series, rules)
+               or header_checks.value_checks(series) or header_checks.pixel_data_checks(series))
     return problem if problem is not None else stack_geometry(series)
 
 
@@ -189,6 +248,9 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
             # iter_pixels reads pixel data straight from the file, except from a deflated one (the whole dataset
             # is zlib-compressed): that is inflated by dcmread first
             source = pydicom.dcmread(path) if header.transfer_syntax == _DEFLATED else path
+            if header.pixel_bytes == 0 or (isinstance(source, pydicom.Dataset)
+                                           and not any(k in source for k in _PIXEL_KEYWORDS)):
+                raise NoPixelDataError(path, "the file has no PixelData element")
             for frame, stored in zip(indices or [0], iter_pixels(source, ds_out=ds, indices=indices), strict=True):
                 if stored.shape != (geometry.rows, geometry.cols):
                     raise PixelDataError(path, f"pixel array {stored.shape} differs from Rows/Columns of the series")
@@ -203,7 +265,8 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
         except PixelDataError:
             raise
         except Exception as exc:  # pydicom raises many types for undecodable data; all mean "unreadable"
-            syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID")
+            syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID") or (
+                pydicom.uid.UID(header.transfer_syntax) if header.transfer_syntax else None)
             name = getattr(syntax, "name", "unknown transfer syntax")
             raise PixelDataError(path, f"pixel data could not be decoded ({type(exc).__name__}; {name})") from exc
     return hu
@@ -227,7 +290,10 @@ class DicomFormat(InputFormat):
         if is_media_index(ds):
             return FileRead(index=True)
         header = slice_header(probe.path, ds, self.name)
-        return FileRead(problem=header) if isinstance(header, str) else FileRead(headers=(header,))
+        if isinstance(header, str):
+            return FileRead(problem=header)
+        return FileRead(headers=(replace(header, pixel_bytes=pixel_data_bytes(probe),
+                                         pixel_bytes_needed=pixel_bytes_needed(ds)),))
 
     def header_qc(self, series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:
         return header_qc(series, rules, criteria)

@@ -27,6 +27,8 @@ from headct.data.formats.dicom import (
     floats,
     has_dicom_preamble,
     is_media_index,
+    pixel_bytes_needed,
+    pixel_data_bytes,
     slice_header,
 )
 from headct.data.series import Series
@@ -129,7 +131,8 @@ class EnhancedCtFormat(DicomFormat):
         shared = shared_item(ds)  # Enhanced CT keeps kernel and kVp in functional groups
         header = replace(header, kernel=header.kernel or nested_text(shared, "CTReconstructionSequence",
                                                                      "ConvolutionKernel"),
-                         kvp=header.kvp or nested_float(shared, "CTXRayDetailsSequence", "KVP"))
+                         kvp=header.kvp or nested_float(shared, "CTXRayDetailsSequence", "KVP"),
+                         pixel_bytes=pixel_data_bytes(probe), pixel_bytes_needed=pixel_bytes_needed(ds))
         frames = frame_facts(ds)
         if isinstance(frames, str):  # e.g. a multi-frame secondary capture: QC rejects it with this text
             return FileRead(headers=(replace(header, frame_problem=frames),))

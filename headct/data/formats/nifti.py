@@ -10,7 +10,9 @@ orientation (nibabel's `io_orientation`), so the third array axis is the one nea
 plays the role of the slice axis; the voxel (col, row, k) of that array then maps exactly like a DICOM stack's,
 with a sheared third axis (uncorrected gantry tilt) read as per-slice positions.
 HU: the stored values with the header's scl_slope/scl_inter applied (nibabel's convention: no scaling when they
-are 0 or NaN), in float32 slice by slice; a volume whose values do not look like HU is rejected (`not_hu`).
+are 0 or NaN), in float32 slice by slice; data that cannot be read is `unreadable`, a NaN or infinite value
+anywhere `not_finite` (every voxel is checked, slice by slice as it is scaled), a volume whose values do not
+look like HU `not_hu`; an axis longer than headct.data.header_checks.MAX_MATRIX is `too_large`.
 nibabel is imported only when a NIfTI file is met.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from headct.config.data import QcRules
+from headct.data import header_checks
 from headct.data.criteria import Criteria
 from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError
 from headct.data.qc import QcResult
@@ -36,9 +39,15 @@ BRIGHT_BELOW_HU = 3100.0
 
 
 class NotHuError(SourceDataError):
-    """The values are not Hounsfield units, or cannot be read (reason `not_hu`)."""
+    """The values are not Hounsfield units (reason `not_hu`)."""
 
     reason = "not_hu"
+
+
+class NotFiniteError(SourceDataError):
+    """A NaN or infinite value in the volume (reason `not_finite`)."""
+
+    reason = "not_finite"
 
 
 @dataclass(frozen=True)
@@ -125,8 +134,8 @@ def load_hu(series: Series, geometry: StackGeometry) -> np.ndarray:
     try:
         proxy = nib.load(path).dataobj
         stored = np.asanyarray(proxy.get_unscaled())
-    except Exception as exc:  # truncated gzip, short file: nibabel raises several types
-        raise NotHuError(path, f"NIfTI data could not be read ({type(exc).__name__})") from exc
+    except Exception as exc:  # truncated or corrupt gzip, short file: nibabel raises several types
+        raise SourceDataError(path, f"NIfTI data could not be read ({type(exc).__name__})") from exc
     if stored.ndim == 4:
         stored = stored[..., 0]
     ornt, _, _ = _orientation(info)
@@ -138,15 +147,17 @@ def load_hu(series: Series, geometry: StackGeometry) -> np.ndarray:
         hu[k] = stored[:, :, index].T  # (cols, rows) -> (rows, cols)
         hu[k] *= slope
         hu[k] += inter
+        if not np.isfinite(hu[k]).all():  # every voxel, one slice of booleans at a time
+            raise NotFiniteError(path, f"NaN or infinite values (slice {k + 1} of {geometry.n_slices} in stack "
+                                       "order); not a CT volume in HU")
     check_hu(hu, path)
     return hu
 
 
 def check_hu(hu: np.ndarray, path: Path) -> None:
-    """Raise NotHuError unless the values look like CT Hounsfield units (see AIR_BELOW_HU, BRIGHT_BELOW_HU)."""
+    """Raise NotHuError unless the finite values `hu` (load_hu checked every voxel) look like CT Hounsfield
+    units (see AIR_BELOW_HU, BRIGHT_BELOW_HU), judged on a sample."""
     sample = hu[:: max(1, hu.shape[0] // 32), ::4, ::4]
-    if not np.isfinite(sample).all():
-        raise NotHuError(path, "NaN or infinite values; not a CT volume in HU")
     low, high = np.percentile(sample, [1, 99])
     if low > AIR_BELOW_HU or high > BRIGHT_BELOW_HU:
         raise NotHuError(path, f"values do not look like HU (1st percentile {low:.0f}, 99th {high:.0f}; CT in HU has "
@@ -179,6 +190,9 @@ class NiftiFormat(InputFormat):
         problem = shape_problem(info)
         if problem:
             return QcResult("not_3d", problem)
+        large = header_checks.too_large([info.shape[:3]])
+        if large is not None:
+            return large
         if criteria is not None:
             return QcResult("criteria", "a NIfTI file has no DICOM header to match against criteria_csv")
         found = geometry(info)
