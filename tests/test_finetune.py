@@ -328,16 +328,42 @@ def test_tuned_file_sits_between_params_yaml_and_set(tmp_path: Path) -> None:
         load_params(root=tmp_path)
 
 
-def test_resnet_baseline_runs_and_its_classifier_dir_reloads(project: Path, job_ctx: JobContext,
-                                                             tmp_path: Path) -> None:
+@pytest.mark.parametrize(("arch", "recorded"), [
+    ("resnet10", {"name": "resnet10", "in_chans": 3}),
+    ("cnn", {"name": "cnn", "in_chans": 3, "channels": [8, 16, 32, 64]}),
+])
+def test_cnn_baselines_run_and_their_classifier_dirs_reload(project: Path, job_ctx: JobContext, tmp_path: Path,
+                                                            arch: str, recorded: dict) -> None:
     from headct.models.classifier_dir import load_classifier
     from pipelines import finetune as job
 
-    cfg = finetune_cfg(project, arch="resnet10", epochs=1, labels="ICH", checkpoint_dir=None,
+    cfg = finetune_cfg(project, arch=arch, epochs=1, labels="ICH", checkpoint_dir=None,
                        out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
-    assert job.run(cfg, JobContext(root=project, tracking=job_ctx.tracking))["model"] == "resnet10"
+    assert job.run(cfg, JobContext(root=project, tracking=job_ctx.tracking))["model"] == arch
     classifier, config = load_classifier(cfg.out_dir)
-    assert config["arch"] == {"name": "resnet10", "in_chans": 3} and classifier.labels == ["ICH"]
+    assert config["arch"] == recorded and classifier.labels == ["ICH"]
+    assert classifier.eval()(torch.rand(1, 3, SIZE, SIZE, SIZE)).shape == (1, 1)
+
+
+def test_small_cnn_reads_a_focal_spot_through_its_global_max_token() -> None:
+    from headct.models.cnn import SmallCNN3D
+
+    torch.manual_seed(0)
+    backbone = SmallCNN3D(in_chans=3).eval()
+    tokens = backbone.forward_features(torch.rand(2, 3, 32, 32, 32))
+    assert tokens.shape == (2, 1 + 2 * 2 * 2, 64)  # 32^3 halved by four units: 2^3 positions, D = 64
+    assert torch.equal(tokens[:, 0], tokens[:, 1:].amax(dim=1))
+    # a bright 4^3 spot anywhere changes the max token, wherever it sits (what a focal finding needs)
+    base = torch.zeros(1, 3, 32, 32, 32)
+    spots = []
+    for corner in ((2, 2, 2), (24, 24, 24)):
+        x = base.clone()
+        x[..., corner[0]:corner[0] + 4, corner[1]:corner[1] + 4, corner[2]:corner[2] + 4] = 1.0
+        spots.append(backbone.forward_features(x)[0, 0])
+    plain = backbone.forward_features(base)[0, 0]
+    assert all((s - plain).abs().max() > 1e-3 for s in spots)
+    with pytest.raises(ValueError, match="channels must be"):
+        SmallCNN3D(channels=())
 
 
 class Killed(Exception):

@@ -16,8 +16,9 @@ class FinetuneConfig(Section):
     """End-to-end fine-tuning of an encoder + head on the split's labels; best epoch chosen on val AUROC.
 
     `init`: "pretrained" loads `model_dir`; "random" builds the same architecture from a seeded random init (the
-    baseline twin). `arch`: "vit" (the encoder of `model_dir`), or a MONAI 3D ResNet from scratch
-    ("resnet18"/"resnet10", a baseline; `init` is then ignored). Learning rates are peaks of a warm-up + cosine
+    baseline twin). `arch`: "vit" (the encoder of `model_dir`), a MONAI 3D ResNet from scratch
+    ("resnet18"/"resnet10", a baseline; `init` is then ignored), or "cnn": a small strided residual CNN with a
+    global-max token (`headct.models.cnn`), the supervised ceiling that learns focal findings on CPU budgets. Learning rates are peaks of a warm-up + cosine
     schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
     exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
     """
@@ -25,7 +26,7 @@ class FinetuneConfig(Section):
     splits: Path = Field(Path("data/splits/synth"), json_schema_extra={"trajectory": False})
     model_dir: Path = Path("models/mae")
     init: Literal["pretrained", "random"] = "pretrained"
-    arch: Literal["vit", "resnet18", "resnet10"] = "vit"
+    arch: Literal["vit", "resnet18", "resnet10", "cnn"] = "vit"
     # the classifier directory `headct predict` loads
     out_dir: Path = Field(Path("models/classifier"), json_schema_extra={"trajectory": False})
     report_dir: Path = Field(Path("reports/finetune"), json_schema_extra={"trajectory": False})

@@ -46,7 +46,15 @@ class ResNetBackbone(nn.Module):
 
 
 def build_backbone(arch: dict[str, Any]) -> nn.Module:
-    """A ViT3D (``arch`` of a model directory) or a ResNet (``{"name": "resnet18", "in_chans": 3}``)."""
+    """A ViT3D (``arch`` of a model directory), a ResNet (``{"name": "resnet18", "in_chans": 3}``) or the small
+    CNN (``{"name": "cnn", "in_chans": 3, "channels": [8, 16, 32, 64]}``)."""
+    if arch.get("name") == "cnn":
+        from headct.models.cnn import DEFAULT_CHANNELS, SmallCNN3D
+
+        unknown = sorted(set(arch) - {"name", "in_chans", "channels"})
+        if unknown:
+            raise ValueError(f"unknown CNN arch keys {unknown}; allowed: ['channels', 'in_chans', 'name']")
+        return SmallCNN3D(int(arch.get("in_chans", 3)), tuple(int(c) for c in arch.get("channels", DEFAULT_CHANNELS)))
     if str(arch.get("name", "")).startswith("resnet"):
         unknown = sorted(set(arch) - {"name", "in_chans"})
         if unknown:

@@ -91,6 +91,10 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
 
 def backbone_width(cfg: Any) -> tuple[int, str]:
     """(token width D of the backbone `cfg` asks for, where that width comes from), without reading weights."""
+    if cfg.arch == "cnn":
+        from headct.models.cnn import DEFAULT_CHANNELS
+
+        return DEFAULT_CHANNELS[-1], "the small CNN"
     if cfg.arch != "vit":
         from headct.models.resnet import EMBED_DIM
 
@@ -131,13 +135,13 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
     from headct.config.base import DEFAULT_WINDOWS
     from headct.models.heads import Classifier
     from headct.models.model_dir import load_model_dir, read_config
-    from headct.models.resnet import ResNetBackbone
+    from headct.models.resnet import build_backbone
     from headct.models.vit import build_encoder
 
     torch.manual_seed(cfg.seed)
-    if cfg.arch != "vit":
+    if cfg.arch != "vit":  # a CNN from scratch: the default windows, the store's recipe
         windows = [w.model_dump(mode="json") for w in DEFAULT_WINDOWS]
-        backbone = ResNetBackbone(cfg.arch, in_chans=len(windows))
+        backbone = build_backbone({"name": cfg.arch, "in_chans": len(windows)})
         preprocess = data.preprocess
     else:
         if cfg.init == "pretrained":
