@@ -65,11 +65,13 @@ def _run_job(
     also: tuple[str, ...] = (),
     runner: str = "run",
     extra: list[Any] | None = None,
+    section_name: str | None = None,
 ) -> Any:
-    """Validate everything, then import `pipelines.<job>` and call its `runner`(cfg, ctx[, extra]); sections
-    named in `also` are passed as keyword arguments (e.g. tune gets the finetune section its trials start from)."""
+    """Validate everything, then import `pipelines.<job>` and call its `runner`(cfg, ctx[, extra]) with the params
+    section `section_name` (default: the job's own); sections named in `also` are passed as keyword arguments
+    (e.g. tune gets the finetune section its trials start from)."""
     params, root = _resolve(params_file, overrides)
-    section = getattr(params, job)
+    section = getattr(params, section_name or job)
     updates = positional or {}
     if updates:
         try:  # re-validate: positional paths obey the same rules as params.yaml values
@@ -83,9 +85,9 @@ def _run_job(
     try:
         return getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
     except ConfigError as exc:  # a setting only the job can check (e.g. a label source's name)
-        raise _fail(f"headct {job}: {exc}", 2) from None
+        raise _fail(f"headct {section_name or job}: {exc}", 2) from None
     except InputError as exc:
-        raise _fail(f"headct {job}: {exc}", 1) from None
+        raise _fail(f"headct {section_name or job}: {exc}", 1) from None
 
 
 @config_app.command("show")
@@ -180,6 +182,13 @@ def probe(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 def finetune(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """Fine-tune encoder + head (best epoch on val AUROC), score test once, write a classifier directory."""
     _run_job("finetune", params_file, overrides)
+
+
+@app.command()
+def ceiling(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
+    """The supervised ceiling: fine-tuning with the `ceiling` section (a model from scratch on the labels of
+    train + pool), what the encoder arms are compared against."""
+    _run_job("finetune", params_file, overrides, section_name="ceiling")
 
 
 @app.command()

@@ -120,12 +120,28 @@ def compare_lines(compare: dict[str, Any] | None) -> list[str]:
             *_table(header, rows)]
 
 
+def answer_lines(compare: dict[str, Any] | None) -> list[str]:
+    """The headline: the primary label per severity stratum for the pre-trained encoder, its best random-init twin,
+    the HU histogram and the ceiling, and the sentence that says what it means ([] without compare's results)."""
+    from headct.eval.verdict import headline_rows, headline_sentence
+
+    if not compare or not compare.get("results"):
+        return []
+    header, rows = headline_rows(compare)
+    if not rows:
+        return []
+    return ["", f"## The answer: does pre-training help detect {compare['primary']}?", "",
+            headline_sentence(compare), "", "Test AUROC [95% CI, patient bootstrap]; a stratum is its positives "
+            "against all negatives; best random init = the twin seed with the highest test AUROC.", "",
+            *_table(header, rows)]
+
+
 def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
                     retrieval: dict[str, Any] | None, finetune: dict[str, Any] | None, figures: list[str],
                     compare: dict[str, Any] | None = None) -> str:
     method = pretrain.get("method", "mae")
     models = probe_models(probe)
-    lines = ["# Results", "", "## Linear probe (frozen features, test split)", "",
+    lines = ["# Results", *answer_lines(compare), "", "## Linear probe (frozen features, test split)", "",
              "AUROC with 95% CIs from a patient-level bootstrap; C and thresholds chosen on val.", ""]
     lines += _table(["label", "test positives", *(f"AUROC {display(m, method)}" for m in models)],
                     results_rows(probe))
@@ -247,6 +263,10 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
         table.add_row(*row)
     console = Console()
     console.print(table)
+    if compare and compare.get("results"):
+        from headct.eval.verdict import headline_sentence
+
+        console.print(headline_sentence(compare))
     for label in _canonical(probe.get("skipped", {})):
         console.print(f"skipped {label}: {probe['skipped'][label]}")
     console.print(

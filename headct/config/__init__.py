@@ -43,7 +43,13 @@ from headct.config.evaluate import (
     RetrievalConfig,
     Shots,
 )
-from headct.config.finetune import MAX_ATTENTION_HEADS, FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.finetune import (
+    MAX_ATTENTION_HEADS,
+    CeilingConfig,
+    FinetuneConfig,
+    PredictConfig,
+    TuneConfig,
+)
 from headct.config.loader import (
     ConfigError,
     find_project_root,
@@ -64,6 +70,7 @@ __all__ = [
     "ExplainConfig",
     "ExtractConfig",
     "FewshotConfig",
+    "CeilingConfig",
     "FinetuneConfig",
     "IngestConfig",
     "JobContext",

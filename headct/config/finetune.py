@@ -98,6 +98,28 @@ class FinetuneConfig(Section):
         return self
 
 
+class CeilingConfig(FinetuneConfig):
+    """The supervised ceiling (`headct ceiling`): the fine-tuning job with abundant labels, a model from scratch
+    trained on the labels of train + pool (pool.csv, from split.labelled_train), which no labelled-data job of
+    the encoder arms reads. What the arms are measured against: "how far is few-label detection from what this
+    data allows?". Defaults: the small CNN (`headct.models.cnn`, global-max token, read by the "cls" head), which
+    learns focal findings in minutes on 2 CPU cores; any `finetune` setting can be set here (e.g. arch: vit).
+    """
+
+    arch: Literal["vit", "resnet18", "resnet10", "cnn"] = "cnn"
+    init: Literal["pretrained", "random"] = "random"
+    pool: Literal["cls", "mean", "attentive"] = "cls"
+    train_splits: list[Literal["train", "pool"]] = Field(default_factory=lambda: ["train", "pool"], min_length=1)
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(16, ge=1)
+    backbone_lr: float = Field(1e-3, ge=0, le=1.0)
+    out_dir: Path = Field(Path("models/ceiling"), json_schema_extra={"trajectory": False})
+    report_dir: Path = Field(Path("reports/ceiling"), json_schema_extra={"trajectory": False})
+    checkpoint_dir: Path | None = Field(Path("checkpoints/ceiling"), json_schema_extra={"trajectory": False})
+    tuned_params: Path | None = Field(None, json_schema_extra={"trajectory": False})
+    register_as: str | None = Field(None, json_schema_extra={"trajectory": False})
+
+
 class TuneConfig(Section):
     """Optuna TPE over the fine-tuning learning rates and weight decay; trials start from the `finetune` section.
 

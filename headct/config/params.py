@@ -15,7 +15,7 @@ from headct.config.evaluate import (
     ReportConfig,
     RetrievalConfig,
 )
-from headct.config.finetune import FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.finetune import CeilingConfig, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.pretrain import PretrainConfig
 
 
@@ -33,6 +33,7 @@ class Params(Section):
     retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    ceiling: CeilingConfig = Field(default_factory=CeilingConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
