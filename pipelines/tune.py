@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from headct.config.base import JobContext
-from headct.config.finetune import FinetuneConfig, TuneConfig
+from headct.config.finetune import TUNED_KEYS, FinetuneConfig, TuneConfig
 from headct.errors import InputError
 
-TUNED = ("backbone_lr", "head_lr", "weight_decay")
+TUNED = TUNED_KEYS
 
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:

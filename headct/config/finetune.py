@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from headct.config.base import Label, Section
 
 MAX_ATTENTION_HEADS = 64  # bound of finetune.attention_heads (the job also needs it to divide the encoder width)
+# The finetune keys `headct tune` searches and writes to the tuned-parameters file. While finetune.tuned_params
+# names a file, these come from that file (or --set), never from params.yaml: the loader refuses them there.
+TUNED_KEYS = ("backbone_lr", "head_lr", "weight_decay")
 
 
 class FinetuneConfig(Section):
