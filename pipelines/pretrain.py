@@ -269,6 +269,7 @@ def _finish(
 
     from headct import tracking
     from headct.data.splits import path_for_files
+    from headct.headline import write_stage_headline
     from headct.io import write_json
     from headct.models.model_dir import save_model_dir
     from headct.train.plots import plot_loss_curve
@@ -302,6 +303,7 @@ def _finish(
         **({"heldout_feature_spread": round(spread, 6)} if spread is not None else {}),
     }
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "pretrain", metrics)  # the DVC metric: a few numbers of it
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
                                f"{cfg.method.upper()} training loss", task.metric_name())]
     snapshot = task.snapshot(heldout_hu, cfg.report_dir / ("mae_reconstruction.png" if cfg.method == "mae"
