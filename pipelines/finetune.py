@@ -131,11 +131,12 @@ def run_identity(cfg: FinetuneConfig) -> dict[str, Any]:
 def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     import torch
 
-    from headct import tracking
+    from headct import model_card, tracking
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
     from headct.models.classifier_dir import save_classifier
     from headct.run_identity import run_key
+    from headct.run_meta import describe
     from headct.train.checkpoint import load_for_resume, save_checkpoint
     from headct.train.finetune_data import load_data, train_classifier
 
@@ -152,7 +153,8 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
             save_checkpoint(checkpoint, model, optimizer, step, identity, extra)
 
     tags = {"headct.model": data.model_name, "headct.labels": ",".join(data.labels)}
-    with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags) as mlrun:
+    run_name = describe("finetune", cfg.model_copy(update={"labels": data.labels}))[0]  # e.g. "finetune ICH ..."
+    with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags, run_name=run_name) as mlrun:
         def on_epoch(epoch: int, record: dict[str, Any]) -> None:
             mlrun.log_metrics({"val_auroc_mean": record["val_auroc_mean"], "train_loss": record["train_loss"],
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
@@ -181,6 +183,11 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                            "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
                            "params": dump_params(cfg)},
         })
+        counts = {"train": len(data.train), "val": len(data.val),
+                  "test": int(table.loc[table["split"] == "test", "scan_id"].nunique())}
+        model_card.write_card(cfg.out_dir, model_card.finetune_facts(
+            cfg, data.model_name, counts, data.labels, preprocess, list(windows), metrics,
+            {"git commit": tracking.git_commit(ctx.root), "MLflow run": mlrun.run_id}))
         mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
                            **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
                            **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()}})

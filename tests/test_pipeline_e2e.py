@@ -125,8 +125,8 @@ def test_chain_produces_every_stage_output(chain: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{chain / 'mlflow.db'}")
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
-    names = {r.info.run_name for r in runs if r.info.status == "FINISHED"}
-    assert {"synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "report"} <= names
+    jobs = {r.data.tags.get("headct.job") for r in runs if r.info.status == "FINISHED"}
+    assert {"synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "report"} <= jobs
 
 
 def test_second_repro_runs_nothing_and_probe_change_reruns_only_downstream(chain: Path) -> None:

@@ -185,7 +185,7 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
 
     client = mlflow.MlflowClient(tracking_uri=ctx_for(project).tracking.uri)
     experiment = client.get_experiment_by_name(ctx_for(project).tracking.experiment)
-    run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'",
+    run = client.search_runs([experiment.experiment_id], "tags.`headct.job` = 'pretrain'",
                              order_by=["attributes.start_time ASC"])[0]  # the fixture's run, the first
     assert run.info.status == "FINISHED"
     registered = client.get_model_version(out["registered"]["name"], out["registered"]["version"])
