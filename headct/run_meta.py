@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import BaseModel
@@ -36,11 +38,11 @@ def _labels(values: list[str] | None, most: int = 3) -> str:
     return ",".join(values[:most]) + (f" +{len(values) - most}" if len(values) > most else "")
 
 
-def _get(cfg: BaseModel, name: str, default: Any = None) -> Any:
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return getattr(cfg, name, default)
 
 
-def _store(cfg: BaseModel, job: str) -> str | None:
+def _store(cfg: Any, job: str) -> str | None:
     """The data set a run is about: the store it writes or reads, else the split or feature folder's label
     (named after the store in this project's layout), else the raw data set synth writes."""
     for field in ("dest", "store", "splits", "features", *(("out",) if job == "synth" else ())):
@@ -52,14 +54,16 @@ def _store(cfg: BaseModel, job: str) -> str | None:
 
 def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
     """(run name, tags) for one job invocation; `grid` (the store's voxel grid) when the job knows it."""
-    if not isinstance(cfg, BaseModel):
+    if isinstance(cfg, Mapping):  # a config already dumped for logging (ingest withholds source paths)
+        cfg = SimpleNamespace(**cfg)
+    elif not isinstance(cfg, BaseModel):
         return job, {"headct.stage": job, **_dvc_tags()}
     model, method, name = None, job, job
     size = f" {grid[0]}^3" if grid and len(set(grid)) == 1 else (f" {'x'.join(map(str, grid))}" if grid else "")
     if job == "synth":
         name = f"synth {_get(cfg, 'n_patients')} patients"
         method = "synthetic"
-    elif job in ("ingest", "split"):
+    elif job in ("ingest", "ingest-merge", "split"):
         name = f"{job} {_store(cfg, job) or ''}".strip()
     elif job == "pretrain":
         model = f"vit-{cfg.arch}-p{cfg.patch_size}"

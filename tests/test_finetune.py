@@ -205,7 +205,13 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
         np.testing.assert_allclose(probs[:, j], rows["score"].to_numpy(), rtol=1e-5, atol=1e-6)
     runs = runs_of(ctx)
     assert len(runs) == 1 and "val_auroc_mean" in runs[0].data.metrics
+    assert runs[0].info.run_name == "finetune ICH,SDH vit pretrained mean-pool"
     assert (project / "ckpt").is_dir()
+    card = (cfg.out_dir / "README.md").read_text()  # the model card, from the same facts as metrics.json
+    assert f"- test scans: {test_rows['scan_id'].nunique()}" in card and "- labels: ICH, SDH" in card
+    for label, m in metrics["labels"].items():
+        assert f"- test AUROC {label} (95% CI): {m['auroc']:.3f} [{m['auroc_low']:.3f}" in card
+    assert str(project) not in card
 
     weights = cfg.out_dir / "model.safetensors"
     blob = bytearray(weights.read_bytes())
