@@ -1,7 +1,7 @@
 """Pydantic models for every ``params.yaml`` section, and the loader that resolves them.
 
 Precedence, lowest first: code defaults < params.yaml < tuned-parameters file (fine-tuning only)
-< ``--set section.key=value``. Every model forbids unknown keys, so a typo is an error that names the key
+< ``--set section.key=value``; a params file may not set a key the tuned file owns (refused, not overridden). Every model forbids unknown keys, so a typo is an error that names the key
 before any work starts. This package imports only pydantic/yaml so ``headct --help`` stays instant.
 
 One module per stage group, so a DVC stage depends only on the config code its job reads

@@ -22,7 +22,8 @@ class FinetuneConfig(Section):
     baseline twin). `arch`: "vit" (the encoder of `model_dir`), or a MONAI 3D ResNet from scratch
     ("resnet18"/"resnet10", a baseline; `init` is then ignored). Learning rates are peaks of a warm-up + cosine
     schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
-    exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
+    exists, sets its keys and is overridden by --set (DESIGN.md precedence; see `load_params`); while
+    `tuned_params` names one, params.yaml may not set TUNED_KEYS (refused, so no value is silently ignored).
     """
 
     splits: Path = Field(Path("data/splits/synth"), json_schema_extra={"trajectory": False})
