@@ -91,16 +91,17 @@ def git_state(root: Path) -> dict[str, Any]:
 
 def pipeline_id(root: Path) -> str:
     """12 hex digits naming one pipeline run: SHA-256 over the git commit (or "no-git"), the diff of tracked files
-    against it (uncommitted code counts) leaving out dvc.lock, which `dvc repro` rewrites after every stage, and
-    the bytes of `<root>/params.yaml` (what `dvc exp run -S` edits). Every stage of one `dvc repro` or `dvc exp
-    run` gets the same id; a change of code or params gives a new one."""
+    against it (uncommitted code counts) leaving out what `dvc repro` itself rewrites as stages finish (dvc.lock,
+    .gitignore files), and the bytes of `<root>/params.yaml` (what `dvc exp run -S` edits). Every stage of one
+    `dvc repro` or `dvc exp run` gets the same id; a change of code or params gives a new one."""
     import hashlib
 
     digest = hashlib.sha256()
     commit = git_commit(root)
     digest.update((commit or "no-git").encode())
     if commit:
-        digest.update((_git(root, "diff", "HEAD", "--", ".", ":(exclude)dvc.lock") or "").encode())
+        digest.update((_git(root, "diff", "HEAD", "--", ".", ":(exclude,glob)**/dvc.lock",
+                            ":(exclude,glob)**/.gitignore") or "").encode())
     params = root / "params.yaml"
     digest.update(params.read_bytes() if params.is_file() else b"")
     return digest.hexdigest()[:12]

@@ -154,11 +154,13 @@ def test_pipeline_id_groups_one_repro_and_changes_with_code_or_params(tmp_path: 
 
     (repo / "code.py").write_text("x = 1\n")
     (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / ".gitignore").write_text("/mlflow.db\n")
     git("init", "-q")
     git("add", ".")
     git("commit", "-qm", "first")
     first = pipeline_id(repo)
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {synth: {}}\n")  # a stage finished
+    (repo / ".gitignore").write_text("/mlflow.db\n/data\n")  # DVC ignored its output
     assert pipeline_id(repo) == first
     (repo / "params.yaml").write_text("probe:\n  bootstrap: 70\n")  # dvc exp run -S probe.bootstrap=70
     assert pipeline_id(repo) != first
