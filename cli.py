@@ -88,7 +88,8 @@ def _print_outcome(job: str, section: Any, root: Path, outputs: list[Path]) -> N
         return
     from headct import tracking
 
-    paths = [*outputs, *(getattr(section, f) for f in OUTPUT_FIELDS.get(job, ()) if getattr(section, f, None))]
+    fields = ("dest",) if job == "ingest" and getattr(section, "shard", "") else OUTPUT_FIELDS.get(job, ())
+    paths = [*outputs, *(getattr(section, f) for f in fields if getattr(section, f, None))]  # a shard: all in DEST
     shown = list(dict.fromkeys(_shown(Path(p), root) for p in paths))
     typer.echo(f"headct {job}: outputs in {', '.join(shown) if shown else 'none (terminal only)'}")
     run = tracking.LAST_RUN
