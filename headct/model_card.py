@@ -2,8 +2,11 @@
 model version, so the two always say the same thing.
 
 The facts are grouped as data (store label and scan counts), preprocess (grid, spacing, version, windows), recipe
-(method, architecture and the training settings) and held-out metrics; plus provenance (git commit, MLflow run).
-No paths, patient or study ids: a store is named by its label (headct.run_meta.label). Standard library only.
+(method, architecture and the training settings) and held-out metrics; plus provenance (the git commit).
+No paths, patient or study ids: a store is named by its label (headct.run_meta.label). Nothing that differs
+between two runs of the same inputs either (no run id, no timing): the card is part of the model directory, a DVC
+output, and a re-run that reproduces the weights must reproduce the directory, or every later stage re-runs.
+The registered version already links its run (tag `run_id`). Standard library only.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ def _preprocess(preprocess: Mapping[str, Any], windows: list[Any]) -> dict[str, 
 def pretrain_facts(cfg: Any, data: Mapping[str, Any], preprocess: Mapping[str, Any], metrics: Mapping[str, Any],
                    provenance: Mapping[str, Any]) -> dict[str, Any]:
     """Facts of a pre-trained encoder: cfg is the PretrainConfig, data the job's data provenance (counts),
-    metrics its metrics.json content, provenance {git_commit, run_id}."""
+    metrics its metrics.json content, provenance {"git commit": ...}."""
     method = cfg.method.upper()
     recipe = {"method": method, "architecture": f"ViT-{cfg.arch} 3D, patch {cfg.patch_size}"
                                                 + (f", {cfg.num_registers} registers" if cfg.num_registers else ""),
@@ -89,8 +92,7 @@ def pretrain_facts(cfg: Any, data: Mapping[str, Any], preprocess: Mapping[str, A
         "recipe": recipe,
         "heldout": {f"{loss} at start": metrics.get("heldout_loss_start"),
                     f"{loss} at end": metrics.get("heldout_loss_end"),
-                    "feature spread (DINO collapse check)": metrics.get("heldout_feature_spread"),
-                    "training volumes/s": metrics.get("volumes_per_s")},
+                    "feature spread (DINO collapse check)": metrics.get("heldout_feature_spread")},
         "provenance": dict(provenance),
     }
 

@@ -187,7 +187,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                   "test": int(table.loc[table["split"] == "test", "scan_id"].nunique())}
         model_card.write_card(cfg.out_dir, model_card.finetune_facts(
             cfg, data.model_name, counts, data.labels, preprocess, list(windows), metrics,
-            {"git commit": tracking.git_commit(ctx.root), "MLflow run": mlrun.run_id}))
+            {"git commit": tracking.git_commit(ctx.root)}))
         mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
                            **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
                            **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()}})

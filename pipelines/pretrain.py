@@ -316,7 +316,7 @@ def _finish(
                       step=total)
     # The model card and the registry description: one dict of facts (headct/model_card.py).
     facts = model_card.pretrain_facts(cfg, data.provenance, data.preprocess, metrics,
-                                      {"git commit": provenance.get("git_commit"), "MLflow run": mlrun.run_id})
+                                      {"git commit": provenance.get("git_commit")})
     model_card.write_card(cfg.model_dir, facts)
     mlrun.log_artifacts(cfg.model_dir, "model")
     for path in (cfg.report_dir / "metrics.json", *figures):
