@@ -43,13 +43,14 @@ from headct.config.evaluate import (
     RetrievalConfig,
     Shots,
 )
-from headct.config.finetune import MAX_ATTENTION_HEADS, FinetuneConfig, PredictConfig, TuneConfig
+from headct.config.finetune import MAX_ATTENTION_HEADS, TUNED_KEYS, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.loader import (
     ConfigError,
     find_project_root,
     format_validation_error,
     load_params,
     read_tuned_params,
+    refuse_tuned_keys,
 )
 from headct.config.params import Params
 from headct.config.pretrain import DinoConfig, PretrainConfig
@@ -82,6 +83,7 @@ __all__ = [
     "Shots",
     "SplitConfig",
     "SynthConfig",
+    "TUNED_KEYS",
     "TrackingConfig",
     "TuneConfig",
     "Window",
@@ -90,6 +92,7 @@ __all__ = [
     "format_validation_error",
     "load_params",
     "read_tuned_params",
+    "refuse_tuned_keys",
     "resolve_path",
     "with_absolute_paths",
 ]
