@@ -138,7 +138,8 @@ def test_dvc_metrics_are_the_stage_headlines_and_fit_a_terminal(chain: Path) -> 
 
     out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=chain, env=workspace.dvc_env(),
                          capture_output=True, text=True, check=True)
-    files = json.loads(out.stdout)["workspace"]["data"]
+    (workspace_revision,) = json.loads(out.stdout).values()  # one revision, the workspace (DVC keys it "")
+    files = workspace_revision["data"]
     assert set(files) == {f"reports/{stage}/headline.json" for stage in BUDGET}, sorted(files)
     values = {path: count_values(entry["data"]) for path, entry in files.items()}
     assert 0 < sum(values.values()) <= MAX_VALUES, values
