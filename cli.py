@@ -8,6 +8,7 @@ Only typer, pydantic and yaml are imported at start-up; each job's heavy imports
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +29,9 @@ from headct.errors import InputError
 
 app = typer.Typer(
     name="headct",
-    help="Head-CT foundation models: synthesise, ingest, split, pre-train, evaluate.",
+    help="Head-CT foundation models: synthesise, ingest, split, pre-train (MAE or DINO), evaluate (probe, "
+         "few-shot, retrieval, compare), tune and fine-tune, explain, predict, report. Every job ends by printing "
+         "where its outputs went and its MLflow run id.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -43,6 +46,59 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override one value: section.key=value (YAML value). Repeatable."),
 ]
+
+
+# The config fields naming what each job writes (the rest of its paths are inputs), for the closing lines.
+OUTPUT_FIELDS = {
+    "synth": ("out", "montage"), "ingest": ("dest", "report_dir"), "split": ("out", "report_dir"),
+    "pretrain": ("model_dir", "report_dir"), "extract": ("out",), "probe": ("report_dir",),
+    "fewshot": ("report_dir",), "retrieval": ("report_dir",), "compare": ("report_dir",),
+    "tune": ("best_params", "report_dir"), "finetune": ("out_dir", "report_dir"), "ceiling": ("out_dir", "report_dir"),
+    "explain": ("report_dir",),
+    "report": ("report_dir",), "predict": ("out",),
+}
+
+
+def _version(value: bool) -> None:
+    if value:
+        from headct import __version__
+
+        typer.echo(f"headct {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Head-CT foundation models (see `headct --help`)."""
+
+
+def _shown(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _print_outcome(job: str, section: Any, root: Path, outputs: list[Path]) -> None:
+    """The closing lines of every job: where its outputs went and its MLflow run (id, name, experiment, store)."""
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone writes outputs and logs the run
+        return
+    from headct import tracking
+
+    fields = ("dest",) if job == "ingest" and getattr(section, "shard", "") else OUTPUT_FIELDS.get(job, ())
+    paths = [*outputs, *(getattr(section, f) for f in fields if getattr(section, f, None))]  # a shard: all in DEST
+    shown = list(dict.fromkeys(_shown(Path(p), root) for p in paths))
+    typer.echo(f"headct {job}: outputs in {', '.join(shown) if shown else 'none (terminal only)'}")
+    run = tracking.LAST_RUN
+    if run:
+        typer.echo(f"headct {job}: MLflow run {run['run_id']} ({run['name']!r}, experiment {run['experiment']!r}, "
+                   f"{run['uri']})")
+    else:
+        typer.echo(f"headct {job}: no MLflow run")
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -82,12 +138,18 @@ def _run_job(
     ctx = JobContext(root=root, tracking=params.tracking)
     sections = {name: with_absolute_paths(getattr(params, name), root) for name in also}
     module = importlib.import_module(f"pipelines.{job}")
+    from headct import tracking
+
+    tracking.LAST_RUN.clear()  # so the closing line names this job's run, or none
     try:
-        return getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
+        result = getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
     except ConfigError as exc:  # a setting only the job can check (e.g. a label source's name)
         raise _fail(f"headct {section_name or job}: {exc}", 2) from None
     except InputError as exc:
         raise _fail(f"headct {section_name or job}: {exc}", 1) from None
+    merged_into = [extra[0]] if runner == "run_merge" and extra else []  # `ingest merge DEST ...` writes DEST
+    _print_outcome(section_name or job, section, root, merged_into)
+    return result
 
 
 @config_app.command("show")
@@ -168,19 +230,22 @@ def split(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 @app.command()
 def pretrain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """Self-supervised pre-training (MAE) of the 3D ViT encoder."""
+    """Self-supervised pre-training of the 3D ViT encoder: MAE or DINO (pretrain.method); model directory with a
+    model card, registered in MLflow when pretrain.register_as names a model."""
     _run_job("pretrain", params_file, overrides)
 
 
 @app.command()
 def probe(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """Linear probes on frozen features: pre-trained vs random init, AUROC/AP with patient-bootstrap CIs."""
+    """Linear probes on frozen features: pre-trained vs random init, HU histogram and any cached external encoder;
+    AUROC/AP with patient-bootstrap CIs."""
     _run_job("probe", params_file, overrides)
 
 
 @app.command()
 def finetune(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """Fine-tune encoder + head (best epoch on val AUROC), score test once, write a classifier directory."""
+    """Fine-tune encoder + head (best epoch on val AUROC), score test once, write a classifier directory with a
+    model card."""
     _run_job("finetune", params_file, overrides)
 
 
@@ -193,7 +258,8 @@ def ceiling(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 @app.command()
 def tune(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """Optuna TPE over fine-tuning learning rates and weight decay; best values to tune.best_params."""
+    """Optuna TPE over fine-tuning learning rates and weight decay; the best values to tune.best_params, which
+    `headct finetune` reads."""
     _run_job("tune", params_file, overrides, also=("finetune",))
 
 
@@ -243,7 +309,8 @@ def explain(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
 
 @app.command()
 def report(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
-    """The results table: per-label AUROC [95% CI] and the held-out reconstruction loss."""
+    """The results page (results.md + figures): probe, few-shot, retrieval, fine-tune and compare tables with 95%
+    CIs, and pre-training's held-out loss."""
     _run_job("report", params_file, overrides)
 
 

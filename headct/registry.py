@@ -43,10 +43,12 @@ class EncoderPyfunc(mlflow.pyfunc.PythonModel):
 
 
 def register_encoder(
-    model_dir: Path, name: str, grid: list[int], embed_dim: int, promote: bool, tags: dict[str, str]
+    model_dir: Path, name: str, grid: list[int], embed_dim: int, promote: bool, tags: dict[str, str],
+    description: str | None = None,
 ) -> dict[str, Any]:
-    """Log the model directory as a pyfunc in the active run, register a new version of `name`, and move the
-    `champion` alias to it when `promote`. Returns {name, version, champion}."""
+    """Log the model directory as a pyfunc in the active run, register a new version of `name` (with
+    `description`: the model card's text, headct/model_card.py), and move the `champion` alias to it when
+    `promote`. Returns {name, version, champion}."""
     from mlflow.models import ModelSignature
     from mlflow.types import Schema, TensorSpec
 
@@ -67,6 +69,8 @@ def register_encoder(
     client = mlflow.MlflowClient()
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=description)
     if promote:
         client.set_registered_model_alias(name, CHAMPION, version)
     return {"name": name, "version": version, "champion": promote}

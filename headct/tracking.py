@@ -2,6 +2,10 @@
 
 One MLflow run per job invocation (`job_run`), nested child runs for labels/seeds/trials (`RunLogger.child`).
 Params are the job's whole validated config, flattened to dotted keys, with anything secret-looking removed.
+Each run is named and tagged by `headct.run_meta.describe` (store label, model, method, stage) and carries a
+`headct.pipeline_id` that groups the runs of one `dvc repro` (`pipeline_id`). Experiments are created as
+`custom_model_development`, so MLflow's UI opens them on their runs. `LAST_RUN` records the latest run this
+process started (the CLI prints its id when a job ends).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from headct.config.base import TrackingConfig
+from headct.run_meta import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, describe
 
 # Telemetry off before mlflow is ever imported (REFERENCE.md section 6).
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -36,6 +41,7 @@ def pyfunc_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "numpy")]
+LAST_RUN: dict[str, str] = {}  # run_id, name, experiment, uri (redacted) of the latest job run of this process
 
 
 def redact(value: str) -> str:
@@ -92,6 +98,24 @@ def git_state(root: Path) -> dict[str, Any]:
     if commit is None:
         return {"git_commit": None}
     return {"git_commit": commit, "git_dirty": git_dirty(root)}
+
+
+def pipeline_id(root: Path) -> str:
+    """12 hex digits naming one pipeline run: SHA-256 over the git commit (or "no-git"), the diff of tracked files
+    against it (uncommitted code counts) leaving out what `dvc repro` itself rewrites as stages finish (dvc.lock,
+    .gitignore files), and the bytes of `<root>/params.yaml` (what `dvc exp run -S` edits). Every stage of one
+    `dvc repro` or `dvc exp run` gets the same id; a change of code or params gives a new one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    commit = git_commit(root)
+    digest.update((commit or "no-git").encode())
+    if commit:
+        digest.update((_git(root, "diff", "HEAD", "--", ".", ":(exclude,glob)**/dvc.lock",
+                            ":(exclude,glob)**/.gitignore") or "").encode())
+    params = root / "params.yaml"
+    digest.update(params.read_bytes() if params.is_file() else b"")
+    return digest.hexdigest()[:12]
 
 
 class RunLogger:
@@ -154,10 +178,13 @@ def _ensure_experiment(name: str, artifact_root: Path | None) -> str:
     client = mlflow.MlflowClient()
     existing = client.get_experiment_by_name(name)
     if existing is not None:
+        if EXPERIMENT_KIND_TAG not in existing.tags:  # made before headct set it (or by hand): a user's choice stays
+            client.set_experiment_tag(existing.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return existing.experiment_id
     location = artifact_root.resolve().as_uri() if artifact_root else None
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # noqa: BLE001  another process (a tune worker) created it between our lookup and create
         existing = client.get_experiment_by_name(name)
         if existing is None:
@@ -172,8 +199,10 @@ def job_run(
     params: BaseModel | Mapping[str, Any],
     root: Path,
     tags: Mapping[str, Any] | None = None,
+    run_name: str | None = None,
 ) -> Iterator[RunLogger]:
-    """Start one MLflow run for a job invocation; params = the job's validated config.
+    """Start one MLflow run for a job invocation; params = the job's validated config. The run's name and tags
+    come from `headct.run_meta.describe` (`run_name` replaces the name; `tags` add to and win over its tags).
 
     Artifacts of a local SQLite store go to `<root>/mlartifacts` (not the current folder), so the store
     and its artifacts stay together wherever the command runs from.
@@ -184,7 +213,7 @@ def job_run(
     previous_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)  # note: MLflow also exports it as MLFLOW_TRACKING_URI (restored below)
     try:
-        yield from _run(cfg, job, params, root, uri, tags)
+        yield from _run(cfg, job, params, root, uri, tags, run_name)
     finally:
         if previous_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
@@ -199,19 +228,24 @@ def _run(
     root: Path,
     uri: str,
     tags: Mapping[str, Any] | None,
+    run_name: str | None,
 ) -> Iterator[RunLogger]:
     import mlflow
 
     artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
     experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
-    run_tags = {"headct.job": job, **(tags or {})}
+    name, described = describe(job, params)
+    run_tags = {"headct.job": job, **described, "headct.pipeline_id": pipeline_id(root), **(tags or {})}
     git = git_state(root)
     if git["git_commit"]:
         run_tags["git.commit"], run_tags["git.dirty"] = git["git_commit"], str(git["git_dirty"]).lower()
     extra: dict[str, Any] = {}
     if cfg.system_metrics:
         extra = {"log_system_metrics": True}
-    with mlflow.start_run(experiment_id=experiment_id, run_name=job, tags=run_tags, **extra) as run:
+    name = run_name or name
+    with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags, **extra) as run:
         logger = RunLogger(run.info.run_id)
         logger.log_params(params)
         yield logger
+    LAST_RUN.clear()
+    LAST_RUN.update(run_id=run.info.run_id, name=name, experiment=cfg.experiment, uri=redact(uri))

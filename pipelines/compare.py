@@ -222,6 +222,7 @@ def run(cfg: CompareConfig, ctx: JobContext) -> dict[str, Any]:
     from rich.table import Table
 
     from headct import tracking
+    from headct.headline import write_stage_headline
     from headct.io import write_json, write_text
 
     labels = list(dict.fromkeys([cfg.primary, *cfg.labels]))
@@ -247,6 +248,7 @@ def run(cfg: CompareConfig, ctx: JobContext) -> dict[str, Any]:
                "settings": list(results),
                "ceiling": ceiling, "results": results, "summary": _summary(cfg, results), "skipped": skipped}
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "compare", metrics)  # the DVC metric: a few numbers of it
     write_text(cfg.report_dir / "comparison.md", render_markdown(cfg, metrics))
 
     with tracking.job_run(ctx.tracking, "compare", cfg, ctx.root) as mlrun:

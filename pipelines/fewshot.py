@@ -176,9 +176,11 @@ def _write_outputs(cfg: FewshotConfig, metrics: dict[str, Any], predictions: lis
 
     from headct.eval import PREDICTION_COLUMNS
     from headct.eval.plots import plot_fewshot_curves
+    from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
 
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "fewshot", metrics)  # the DVC metric: a few numbers of it
     table = (
         pd.concat(predictions, ignore_index=True) if predictions else pd.DataFrame(columns=PREDICTION_COLUMNS)
     )

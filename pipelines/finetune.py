@@ -88,9 +88,11 @@ def evaluate(
 
 def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, history: list[Any]) -> list[Path]:
     from headct.eval.plots import plot_pr_grid, plot_reliability_grid, plot_roc_grid
+    from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
 
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "finetune", metrics)  # the DVC metric: a few numbers of it
     write_json(cfg.report_dir / "history.json", history)
     with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
@@ -140,12 +142,13 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from rich.console import Console
     from rich.markup import escape
 
-    from headct import tracking
+    from headct import model_card, tracking
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
     from headct.eval.validation_gate import GateRule, describe, judge
     from headct.models.classifier_dir import save_classifier
     from headct.run_identity import run_key
+    from headct.run_meta import describe as describe_run
     from headct.train.checkpoint import load_for_resume, save_checkpoint
     from headct.train.finetune_data import load_data, train_classifier
 
@@ -162,7 +165,8 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
             save_checkpoint(checkpoint, model, optimizer, step, identity, extra)
 
     tags = {"headct.model": data.model_name, "headct.labels": ",".join(data.labels)}
-    with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags) as mlrun:
+    run_name = describe_run("finetune", cfg.model_copy(update={"labels": data.labels}))[0]  # e.g. "finetune ICH ..."
+    with tracking.job_run(ctx.tracking, "finetune", cfg, ctx.root, tags=tags, run_name=run_name) as mlrun:
         def on_epoch(epoch: int, record: dict[str, Any]) -> None:
             mlrun.log_metrics({"val_auroc_mean": record["val_auroc_mean"], "train_loss": record["train_loss"],
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
@@ -189,6 +193,11 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                            "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
                            "params": dump_params(cfg)},
         })
+        counts = {"train": len(data.train), "val": len(data.val),
+                  "test": int(table.loc[table["split"] == "test", "scan_id"].nunique())}
+        model_card.write_card(cfg.out_dir, model_card.finetune_facts(
+            cfg, data.model_name, counts, data.labels, preprocess, list(windows), metrics,
+            {"git commit": tracking.git_commit(ctx.root)}))
         mlrun.log_metrics({"best_epoch": fitted.best_epoch + 1, "best_val_auroc_mean": fitted.best_val_auroc,
                            **({"mean_test_auroc": metrics["mean_test_auroc"]} if metrics["labels"] else {}),
                            **{f"test_auroc.{k}": m["auroc"] for k, m in metrics["labels"].items()},

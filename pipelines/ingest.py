@@ -114,6 +114,7 @@ def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.store import MANIFEST, REJECTS
     from headct.data.store_meta import write_store_meta
     from headct.errors import InputError
+    from headct.headline import write_stage_headline
     from headct.io import write_json
 
     tables = cfg.dest / SHARDS / cfg.shard.replace("/", "of") if cfg.shard else cfg.dest
@@ -125,6 +126,7 @@ def run(cfg: IngestConfig, ctx: JobContext) -> dict[str, Any]:
     summary = result.summary
     metrics_path = report_dir / "metrics.json"
     write_json(metrics_path, summary)
+    write_stage_headline(report_dir, "ingest", summary)  # the DVC metric: a few numbers of it
     sheet = write_contact_sheet(cfg.dest, result.manifest_rows[: cfg.contact_sheet_volumes],
                                 report_dir / CONTACT_SHEET)
     _log(cfg, ctx, summary, [tables / MANIFEST, tables / REJECTS, metrics_path, sheet], "ingest")
@@ -140,6 +142,7 @@ def run_merge(cfg: IngestConfig, ctx: JobContext, stores: list[Path]) -> dict[st
     from headct.data.ingest import merge
     from headct.data.store import MANIFEST, REJECTS, read_manifest
     from headct.data.store_meta import write_store_meta
+    from headct.headline import write_stage_headline
     from headct.io import write_json
 
     summary = merge(cfg, stores, ctx.root)
@@ -147,6 +150,7 @@ def run_merge(cfg: IngestConfig, ctx: JobContext, stores: list[Path]) -> dict[st
     write_store_meta(cfg, ctx.root)
     metrics_path = cfg.report_dir / "metrics.json"
     write_json(metrics_path, summary)
+    write_stage_headline(cfg.report_dir, "ingest", summary)
     rows = read_manifest(cfg.dest).head(cfg.contact_sheet_volumes).to_dict("records")
     sheet = write_contact_sheet(cfg.dest, rows, cfg.report_dir / CONTACT_SHEET)
     _log(cfg, ctx, summary, [cfg.dest / MANIFEST, cfg.dest / REJECTS, metrics_path, sheet], "ingest-merge")

@@ -145,6 +145,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     from headct.device import amp_dtype
     from headct.models.vit import build_encoder
     from headct.run_identity import run_key as key_of
+    from headct.run_meta import describe
     from headct.train import distributed
     from headct.train.checkpoint import save_checkpoint
     from headct.train.engine import TrainStats, adamw, train
@@ -195,7 +196,9 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     if cfg.method == "dino":  # DINO's weight decay rises on a cosine (Caron et al. 2021)
         wd_at = lambda s: dino_weight_decay(s, total, cfg.weight_decay, cfg.dino.weight_decay_end)  # noqa: E731
 
-    run_ctx = (tracking.job_run(ctx.tracking, "pretrain", cfg, ctx.root, tags={"headct.method": cfg.method})
+    run_name = describe("pretrain", cfg, grid)[0]  # e.g. "pretrain mae vit-tiny p16 64^3"
+    run_ctx = (tracking.job_run(ctx.tracking, "pretrain", cfg, ctx.root, tags={"headct.method": cfg.method},
+                                run_name=run_name)
                if dist.is_rank0 else contextlib.nullcontext(None))
     with run_ctx as mlrun, tempfile.TemporaryDirectory(prefix="headct-figures-") as scratch:
         start_loss = extra.get("heldout_loss_start")
@@ -267,8 +270,9 @@ def _finish(
     import torch
     from rich.table import Table
 
-    from headct import tracking
+    from headct import model_card, tracking
     from headct.data.splits import path_for_files
+    from headct.headline import write_stage_headline
     from headct.io import write_json
     from headct.models.model_dir import save_model_dir
     from headct.train.plots import plot_loss_curve
@@ -302,6 +306,7 @@ def _finish(
         **({"heldout_feature_spread": round(spread, 6)} if spread is not None else {}),
     }
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "pretrain", metrics)  # the DVC metric: a few numbers of it
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
                                f"{cfg.method.upper()} training loss", task.metric_name())]
     snapshot = task.snapshot(heldout_hu, cfg.report_dir / ("mae_reconstruction.png" if cfg.method == "mae"
@@ -309,6 +314,10 @@ def _finish(
     figures += [snapshot] if snapshot is not None else []
     mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "resumed_from_step"},
                       step=total)
+    # The model card and the registry description: one dict of facts (headct/model_card.py).
+    facts = model_card.pretrain_facts(cfg, data.provenance, data.preprocess, metrics,
+                                      {"git commit": provenance.get("git_commit")})
+    model_card.write_card(cfg.model_dir, facts)
     mlrun.log_artifacts(cfg.model_dir, "model")
     for path in (cfg.report_dir / "metrics.json", *figures):
         mlrun.log_artifact(path, "reports")
@@ -322,7 +331,8 @@ def _finish(
         registered = registry.register_encoder(
             cfg.model_dir, cfg.register_as, grid, task.encoder.embed_dim, promote=improved,
             tags={"method": cfg.method, "heldout_loss_start": f"{start_loss:.6g}",
-                  "heldout_loss_end": f"{end_loss:.6g}", "run_id": mlrun.run_id})
+                  "heldout_loss_end": f"{end_loss:.6g}", "run_id": mlrun.run_id},
+            description=model_card.render(facts, title=False))
 
     table = Table(title=f"headct pretrain ({cfg.method.upper()})")
     table.add_column("item")

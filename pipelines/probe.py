@@ -216,6 +216,7 @@ def _write_outputs(
 
     from headct.eval import PREDICTION_COLUMNS
     from headct.eval.plots import plot_pr_grid, plot_reliability_grid, plot_roc_grid
+    from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
 
     table = (
@@ -223,6 +224,7 @@ def _write_outputs(
     )
     _add_test_breakdowns(metrics, table, cfg, ctx)
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "probe", metrics)  # the DVC metric: a few numbers of it
     with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")
     test = table[table["split"] == "test"]

@@ -26,6 +26,7 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.eval.plots import plot_retrieval_bars
     from headct.eval.probe import label_data
     from headct.eval.retrieval import retrieval_map
+    from headct.headline import write_stage_headline
     from headct.io import write_json
 
     frames = read_splits(cfg.splits)
@@ -48,6 +49,7 @@ def run(cfg: RetrievalConfig, ctx: JobContext) -> dict[str, Any]:
         chance[label] = results[next(iter(features))][label]["chance"]
     metrics = {**results, "skipped": skipped, "split": cfg.split}
     write_json(cfg.report_dir / "metrics.json", metrics)
+    write_stage_headline(cfg.report_dir, "retrieval", metrics)  # the DVC metric: a few numbers of it
     scores = {m: {label: r["map"] for label, r in by_label.items()} for m, by_label in results.items()}
     plot_retrieval_bars(
         scores, chance, cfg.report_dir / "retrieval.png", f"retrieval mAP ({cfg.split}, cosine)"

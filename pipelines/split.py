@@ -32,6 +32,7 @@ def _print_table(summary: dict[str, Any]) -> None:
 def run(cfg: SplitConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.data.splits import load_store_table, make_split, write_split
+    from headct.headline import write_stage_headline
     from headct.io import write_json
 
     table = load_store_table(cfg.store)
@@ -41,6 +42,7 @@ def run(cfg: SplitConfig, ctx: JobContext) -> dict[str, Any]:
     # DVC metrics: the same counts, so `dvc metrics diff` shows how a new seed or store moved them.
     metrics_path = cfg.report_dir / "metrics.json"
     write_json(metrics_path, {"seed": cfg.seed, **summary["counts"]})
+    write_stage_headline(cfg.report_dir, "split", summary["counts"])  # the DVC metric: a few numbers of it
 
     with tracking.job_run(ctx.tracking, "split", cfg, ctx.root) as mlrun:
         flat = {}

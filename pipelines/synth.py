@@ -32,6 +32,7 @@ def run(cfg: SynthConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.synth.dataset import generate, replacing
     from headct.data.synth.montage import write_montage
     from headct.data.synth.plan import plan_studies
+    from headct.headline import write_stage_headline
     from headct.io import write_json
 
     start = time.perf_counter()
@@ -54,6 +55,7 @@ def run(cfg: SynthConfig, ctx: JobContext) -> dict[str, Any]:
             "montage_studies": [plans[i].name for i in shown],
         }
         write_json(report_dir / "metrics.json", summary)  # no timing in it: DVC compares it across runs
+        write_stage_headline(report_dir, "synth", summary)  # the DVC metric: a few numbers of it
         summary["seconds"] = round(time.perf_counter() - start, 1)
         mlrun.log_metrics({"n_studies": n, "n_series": summary["n_series"], "bytes": summary["bytes"],
                            **{f"prevalence/{label}": v for label, v in summary["prevalence"].items()}})

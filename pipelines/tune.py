@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from headct.config.base import JobContext
-from headct.config.finetune import FinetuneConfig, TuneConfig
+from headct.config.finetune import TUNED_KEYS, FinetuneConfig, TuneConfig
 from headct.errors import InputError
 
-TUNED = ("backbone_lr", "head_lr", "weight_decay")
+TUNED = TUNED_KEYS
 
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
@@ -110,6 +110,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
 
     from headct import tracking
     from headct.device import resolve_device
+    from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
     from headct.train.finetune_data import load_data, train_classifier
 
@@ -166,6 +167,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
                    "best_trial": best["trial"], "best_val_auroc_mean": best["value"], "best_params": best["params"],
                    "trials": len(trials), **{f"trials_{k}": v for k, v in counts.items()}}
         write_json(cfg.report_dir / "metrics.json", metrics)
+        write_stage_headline(cfg.report_dir, "tune", metrics)  # the DVC metric: a few numbers of it
         with atomic_path(cfg.report_dir / "trials.csv") as tmp:
             study.trials_dataframe().to_csv(tmp, index=False, lineterminator="\n")
         mlrun.log_metrics({"best_val_auroc_mean": best["value"], "trials": len(trials),

@@ -27,6 +27,14 @@ def test_help_is_instant_and_imports_no_heavy_library() -> None:
     assert "HEAVY=\n" in out.stdout, out.stdout + out.stderr
 
 
+def test_version_is_printed() -> None:
+    import cli
+    from headct import __version__
+
+    result = CliRunner().invoke(cli.app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"headct {__version__}\n"
+
+
 def test_installed_console_script_answers_help() -> None:
     exe = Path(sys.executable).parent / "headct"
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=False)
@@ -91,6 +99,15 @@ def test_adhoc_ingest_of_any_folder_and_a_missing_folder(
     runner = CliRunner()
     result = runner.invoke(cli.app, ["ingest", str(export), "store"])
     assert result.exit_code == 0, result.output
+    # Every job ends by saying where its outputs went and which MLflow run holds it.
+    assert "headct ingest: outputs in store, reports/ingest\n" in result.output
+    import re
+
+    import mlflow
+
+    run_id = re.search(r"headct ingest: MLflow run ([0-9a-f]{32}) \('ingest store'", result.output)
+    assert run_id, result.output
+    assert mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id[1]).data.tags["headct.job"] == "ingest"
     import pandas as pd
 
     manifest = pd.read_parquet(project / "store" / "manifest.parquet")  # DEST relative to where the user stands

@@ -12,7 +12,7 @@ import torch
 
 from headct.config import FinetuneConfig, JobContext, load_params
 from headct.data.volumes import class_balanced_weights
-from headct.errors import InputError
+from headct.errors import ConfigError, InputError
 from headct.eval import PREDICTION_COLUMNS
 from headct.models.heads import AttentivePoolHead, Classifier, LinearHead
 from headct.models.vit import build_encoder
@@ -205,7 +205,13 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
         np.testing.assert_allclose(probs[:, j], rows["score"].to_numpy(), rtol=1e-5, atol=1e-6)
     runs = runs_of(ctx)
     assert len(runs) == 1 and "val_auroc_mean" in runs[0].data.metrics
+    assert runs[0].info.run_name == "finetune ICH,SDH vit pretrained mean-pool"
     assert (project / "ckpt").is_dir()
+    card = (cfg.out_dir / "README.md").read_text()  # the model card, from the same facts as metrics.json
+    assert f"- test scans: {test_rows['scan_id'].nunique()}" in card and "- labels: ICH, SDH" in card
+    for label, m in metrics["labels"].items():
+        assert f"- test AUROC {label} (95% CI): {m['auroc']:.3f} [{m['auroc_low']:.3f}" in card
+    assert str(project) not in card
 
     weights = cfg.out_dir / "model.safetensors"
     blob = bytearray(weights.read_bytes())
@@ -314,18 +320,36 @@ def test_the_ceiling_trains_on_train_and_pool_and_names_itself(tmp_path: Path, j
 
 
 def test_tuned_file_sits_between_params_yaml_and_set(tmp_path: Path) -> None:
-    (tmp_path / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n  backbone_lr: 0.25\n  epochs: 7\n")
+    (tmp_path / "params.yaml").write_text("finetune:\n  epochs: 7\n")
     tuned = tmp_path / "params/tuned/finetune.yaml"
     tuned.parent.mkdir(parents=True)
     tuned.write_text("finetune:\n  head_lr: 0.01\n  backbone_lr: 0.001\n  weight_decay: 0.02\n")
     params, _ = load_params(root=tmp_path, overrides=["finetune.backbone_lr=0.003"])
     ft = params.finetune
     assert (ft.head_lr, ft.backbone_lr, ft.weight_decay, ft.epochs) == (0.01, 0.003, 0.02, 7)
-    params, _ = load_params(root=tmp_path, overrides=["finetune.tuned_params=null"])
-    assert params.finetune.head_lr == 0.5
     tuned.write_text("finetune:\n  head_lrr: 0.01\n")
     with pytest.raises(ValueError, match="head_lrr"):
         load_params(root=tmp_path)
+
+
+def test_params_file_may_not_set_a_tuned_key_while_a_tuned_file_is_named(tmp_path: Path) -> None:
+    """`dvc exp run -S finetune.head_lr=...` writes params.yaml, which the tuned file would override: refused
+    (exit 2 from the CLI), present tuned file or not yet; tuned_params: null makes params.yaml's value count."""
+    (tmp_path / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n  epochs: 7\n")
+    with pytest.raises(ConfigError, match=r"finetune\.head_lr set here.*not written yet.*tuned_params=null"):
+        load_params(root=tmp_path)
+    tuned = tmp_path / "params/tuned/finetune.yaml"
+    tuned.parent.mkdir(parents=True)
+    tuned.write_text("finetune:\n  head_lr: 0.01\n  epochs: 3\n")
+    with pytest.raises(ConfigError, match=r"finetune\.epochs, finetune\.head_lr set here.*present"):
+        load_params(root=tmp_path)
+    params, _ = load_params(root=tmp_path, overrides=["finetune.tuned_params=null"])
+    assert (params.finetune.head_lr, params.finetune.epochs) == (0.5, 7)
+    (tmp_path / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n  tuned_params: null\n")
+    assert load_params(root=tmp_path)[0].finetune.head_lr == 0.5
+    (tmp_path / "params.yaml").write_text("finetune:\n  batch_size: 4\n")
+    params, _ = load_params(root=tmp_path, overrides=["finetune.head_lr=0.2"])  # --set wins over the tuned file
+    assert (params.finetune.head_lr, params.finetune.epochs, params.finetune.batch_size) == (0.2, 3, 4)
 
 
 @pytest.mark.parametrize(("arch", "recorded"), [

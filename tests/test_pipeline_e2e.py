@@ -125,8 +125,30 @@ def test_chain_produces_every_stage_output(chain: Path) -> None:
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{chain / 'mlflow.db'}")
     experiments = client.search_experiments()
     runs = client.search_runs([e.experiment_id for e in experiments], max_results=1000)
-    names = {r.info.run_name for r in runs if r.info.status == "FINISHED"}
-    assert {"synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "report"} <= names
+    jobs = {r.data.tags.get("headct.job") for r in runs if r.info.status == "FINISHED"}
+    assert {"synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "report"} <= jobs
+
+
+def test_dvc_metrics_are_the_stage_headlines_and_fit_a_terminal(chain: Path) -> None:
+    """`dvc metrics show` reads only headline.json files (at most MAX_VALUES numbers in all); metrics.json files stay
+    the full record the report reads."""
+    import subprocess
+
+    from headct.headline import BUDGET, MAX_VALUES, count_values
+
+    out = subprocess.run(["dvc", "metrics", "show", "--json"], cwd=chain, env=workspace.dvc_env(),
+                         capture_output=True, text=True, check=True)
+    (workspace_revision,) = json.loads(out.stdout).values()  # one revision, the workspace (DVC keys it "")
+    files = workspace_revision["data"]
+    assert set(files) == {f"reports/{stage}/headline.json" for stage in BUDGET}, sorted(files)
+    values = {path: count_values(entry["data"]) for path, entry in files.items()}
+    assert 0 < sum(values.values()) <= MAX_VALUES, values
+    pretrain = json.loads((chain / "reports/pretrain/metrics.json").read_text())
+    assert files["reports/pretrain/headline.json"]["data"]["heldout_loss_end"] == round(
+        pretrain["heldout_loss_end"], 6)
+    table = subprocess.run(["dvc", "metrics", "show"], cwd=chain, env=workspace.dvc_env(), capture_output=True,
+                           text=True, check=True).stdout
+    assert max(len(line) for line in table.splitlines()) < 2000  # was ~6,300 columns with every metrics.json
 
 
 def test_second_repro_runs_nothing_and_probe_change_reruns_only_downstream(chain: Path) -> None:

@@ -185,11 +185,23 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
 
     client = mlflow.MlflowClient(tracking_uri=ctx_for(project).tracking.uri)
     experiment = client.get_experiment_by_name(ctx_for(project).tracking.experiment)
-    run = client.search_runs([experiment.experiment_id], "attributes.run_name = 'pretrain'",
+    run = client.search_runs([experiment.experiment_id], "tags.`headct.job` = 'pretrain'",
                              order_by=["attributes.start_time ASC"])[0]  # the fixture's run, the first
     assert run.info.status == "FINISHED"
     registered = client.get_model_version(out["registered"]["name"], out["registered"]["version"])
     assert registered.tags["run_id"] == run.info.run_id  # the registered version points at this run
+    # Named for what it is; the model card in the model directory says what the registry description says.
+    assert run.info.run_name == f"pretrain mae vit-tiny p16 {SIZE}^3"
+    card = (project / "models/mae/README.md").read_text()
+    assert registered.description and card.endswith(registered.description)
+    for fact in ("## Data", "- store: t", "## Preprocessing", "## Recipe", "- method: MAE",
+                 "## Held-out metrics", f"at end: {metrics['heldout_loss_end']:.4g}"):
+        assert fact in card, fact
+    assert run.info.run_id not in card and "volumes/s" not in card  # same inputs, same model directory
+    assert str(project) not in card and "README.md" in {a.path.split("/")[-1] for a in
+                                                        client.list_artifacts(run.info.run_id, "model")}
+    headline = json.loads((project / "reports/pretrain/headline.json").read_text())
+    assert headline["heldout_loss_end"] == round(metrics["heldout_loss_end"], 6)
     assert {"loss", "lr", "volumes_per_s", "data_wait_fraction", "heldout_loss"} <= set(run.data.metrics)
     heldout = [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "heldout_loss")]
     assert sorted(heldout) == [(0, pytest.approx(metrics["heldout_loss_start"])),

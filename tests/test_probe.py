@@ -176,7 +176,8 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
     )
     assert (cfg.report_dir / "roc.png").stat().st_size > 1000
     names = sorted(r.info.run_name for r in runs_of(job_ctx))
-    assert names == ["pretrained/ICH", "probe", "random_init/ICH"]  # one job run, a child per (model, label)
+    # one job run, named for what it probes, and a child per (model, label)
+    assert names == ["pretrained/ICH", "probe model vs baselines", "random_init/ICH"]
 
     # The model was trained on another preprocessing recipe than the store's: refuse, naming both.
     config = json.loads((tmp_path / "model/config.json").read_text())

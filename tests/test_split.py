@@ -35,7 +35,8 @@ def test_split_is_patient_disjoint_and_covers_every_scan_once(tmp_path: Path, jo
     assert sorted(scans) == sorted(manifest["scan_id"]) and not scans.duplicated().any()
     assert (tmp_path / "reports/split/metrics.json").is_file()
     (run,) = runs_of(job_ctx)
-    assert run.info.run_name == "split" and run.data.metrics  # one real MLflow run with its counts
+    assert run.data.metrics  # one real MLflow run with its counts, named and tagged for the store it splits
+    assert (run.info.run_name, run.data.tags["headct.store"]) == (f"split {store.name}", store.name)
 
 
 def test_same_seed_gives_identical_files_and_another_seed_differs(tmp_path: Path, job_ctx) -> None:

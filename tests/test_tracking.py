@@ -89,6 +89,87 @@ def test_provenance_records_whether_tracked_files_differ_from_the_commit(tmp_pat
     assert (tags["git.commit"], tags["git.dirty"]) == (head, "true")
 
 
+def test_runs_are_named_and_tagged_for_what_they_are_and_the_experiment_opens_on_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+
+    from headct import tracking
+
+    monkeypatch.setenv("DVC_STAGE", "probe")
+    cfg = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="kinds")
+    client = mlflow.MlflowClient(tracking_uri=cfg.uri)
+    probe = Params().probe.model_copy(update={"model_dir": tmp_path / "PID 0042" / "my model!",
+                                              "splits": tmp_path / "exports" / "cq500"})
+    with job_run(cfg, "probe", probe, tmp_path) as run:
+        pass
+    got = client.get_run(run.run_id)
+    assert got.info.run_name == "probe my-model vs baselines"
+    tags = got.data.tags
+    assert {k: tags[k] for k in ("headct.stage", "headct.store", "headct.model", "headct.method", "dvc.stage")} == {
+        "headct.stage": "probe", "headct.store": "cq500", "headct.model": "my-model",
+        "headct.method": "linear-probe", "dvc.stage": "probe"}
+    assert len(tags["headct.pipeline_id"]) == 12 and tags["headct.pipeline_id"] == tracking.pipeline_id(tmp_path)
+    assert not [v for v in tags.values() if str(tmp_path) in v or "PID" in v]  # labels, never paths
+    assert tracking.LAST_RUN["run_id"] == run.run_id and tracking.LAST_RUN["name"] == got.info.run_name
+    kind = client.get_experiment_by_name("kinds").tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # MLflow's UI opens on the runs, not the GenAI view
+    # An experiment made before (no kind) gets it; a kind someone chose stays.
+    old = client.create_experiment("older")
+    chosen = client.create_experiment("chosen", tags={"mlflow.experimentKind": "genai_development"})
+    for name in ("older", "chosen"):
+        with job_run(TrackingConfig(uri=cfg.uri, experiment=name), "report", Params().report, tmp_path):
+            pass
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_every_job_name_is_a_short_description_without_paths() -> None:
+    from headct.run_meta import describe
+
+    params = Params()
+    for job in ("synth", "ingest", "split", "pretrain", "extract", "probe", "fewshot", "retrieval", "compare",
+                "tune", "finetune", "explain", "report", "predict"):
+        name, tags = describe(job, getattr(params, job), grid=[64, 64, 64])
+        assert name.split()[0] == job and "/" not in name and len(name) < 60, name
+        assert not [v for v in tags.values() if "/" in v], tags
+    assert describe("pretrain", params.pretrain, grid=[64, 64, 64])[0] == "pretrain mae vit-tiny p16 64^3"
+    assert describe("ingest", params.ingest)[0] == "ingest synth"
+
+
+def test_pipeline_id_groups_one_repro_and_changes_with_code_or_params(tmp_path: Path) -> None:
+    """dvc.lock is rewritten after every stage of a repro: the id ignores it; code and params.yaml count."""
+    from headct.tracking import pipeline_id
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text("probe:\n  bootstrap: 50\n")
+    outside = pipeline_id(repo)  # no git: the params alone
+    (repo / "params.yaml").write_text("probe:\n  bootstrap: 60\n")
+    assert pipeline_id(repo) != outside
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.org", *args], cwd=repo,
+                       check=True, capture_output=True)
+
+    (repo / "code.py").write_text("x = 1\n")
+    (repo / "dvc.lock").write_text("schema: '2.0'\n")
+    (repo / ".gitignore").write_text("/mlflow.db\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    first = pipeline_id(repo)
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {synth: {}}\n")  # a stage finished
+    (repo / ".gitignore").write_text("/mlflow.db\n/data\n")  # DVC ignored its output
+    assert pipeline_id(repo) == first
+    (repo / "params.yaml").write_text("probe:\n  bootstrap: 70\n")  # dvc exp run -S probe.bootstrap=70
+    assert pipeline_id(repo) != first
+    (repo / "params.yaml").write_text("probe:\n  bootstrap: 60\n")
+    assert pipeline_id(repo) == first
+    (repo / "code.py").write_text("x = 2\n")  # uncommitted code
+    assert pipeline_id(repo) != first
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from headct.config import JobContext, TuneConfig, load_params
+from headct.config import ConfigError, JobContext, TuneConfig, load_params
 from tests.conftest import REPO, runs_of
 from tests.finetune_helpers import finetune_cfg, make_labelled_project
 
@@ -50,10 +50,13 @@ def test_three_trial_tune_prunes_and_finetune_reads_the_best_params(project: Pat
 
     best = yaml.safe_load(cfg.best_params.read_text())["finetune"]
     assert best == {k: pytest.approx(study.best_trial.params[k]) for k in ("backbone_lr", "head_lr", "weight_decay")}
-    (project / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n")
+    (project / "params.yaml").write_text("finetune:\n  epochs: 4\n")
     params, _ = load_params(root=project)
-    assert params.finetune.head_lr == pytest.approx(best["head_lr"])  # tuned file beats params.yaml
-    assert params.finetune.weight_decay == pytest.approx(best["weight_decay"])
+    assert params.finetune.head_lr == pytest.approx(best["head_lr"])  # the tuned file's values apply
+    assert (params.finetune.weight_decay, params.finetune.epochs) == (pytest.approx(best["weight_decay"]), 4)
+    (project / "params.yaml").write_text("finetune:\n  head_lr: 0.5\n")  # would be silently replaced: refused
+    with pytest.raises(ConfigError, match="finetune.head_lr set here"):
+        load_params(root=project)
 
     runs = runs_of(ctx)
     parents = [r for r in runs if r.data.tags.get("headct.job") == "tune"]

@@ -1,7 +1,7 @@
 """Pydantic models for every ``params.yaml`` section, and the loader that resolves them.
 
 Precedence, lowest first: code defaults < params.yaml < tuned-parameters file (fine-tuning only)
-< ``--set section.key=value``. Every model forbids unknown keys, so a typo is an error that names the key
+< ``--set section.key=value``; a params file may not set a key the tuned file owns (refused, not overridden). Every model forbids unknown keys, so a typo is an error that names the key
 before any work starts. This package imports only pydantic/yaml so ``headct --help`` stays instant.
 
 One module per stage group, so a DVC stage depends only on the config code its job reads
@@ -45,6 +45,7 @@ from headct.config.evaluate import (
 )
 from headct.config.finetune import (
     MAX_ATTENTION_HEADS,
+    TUNED_KEYS,
     CeilingConfig,
     FinetuneConfig,
     PredictConfig,
@@ -56,6 +57,7 @@ from headct.config.loader import (
     format_validation_error,
     load_params,
     read_tuned_params,
+    refuse_tuned_keys,
 )
 from headct.config.params import Params
 from headct.config.pretrain import DinoConfig, PretrainConfig
@@ -89,6 +91,7 @@ __all__ = [
     "Shots",
     "SplitConfig",
     "SynthConfig",
+    "TUNED_KEYS",
     "TrackingConfig",
     "TuneConfig",
     "Window",
@@ -97,6 +100,7 @@ __all__ = [
     "format_validation_error",
     "load_params",
     "read_tuned_params",
+    "refuse_tuned_keys",
     "resolve_path",
     "with_absolute_paths",
 ]

@@ -10,6 +10,9 @@ from pydantic import Field, field_validator, model_validator
 from headct.config.base import Label, Section
 
 MAX_ATTENTION_HEADS = 64  # bound of finetune.attention_heads (the job also needs it to divide the encoder width)
+# The finetune keys `headct tune` searches and writes to the tuned-parameters file. While finetune.tuned_params
+# names a file, these come from that file (or --set), never from params.yaml: the loader refuses them there.
+TUNED_KEYS = ("backbone_lr", "head_lr", "weight_decay")
 
 
 class FinetuneConfig(Section):
@@ -20,7 +23,8 @@ class FinetuneConfig(Section):
     ("resnet18"/"resnet10", a baseline; `init` is then ignored), or "cnn": a small strided residual CNN with a
     global-max token (`headct.models.cnn`), the supervised ceiling that learns focal findings on CPU budgets. Learning rates are peaks of a warm-up + cosine
     schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
-    exists, overrides params.yaml and is overridden by --set (DESIGN.md precedence; see `load_params`).
+    exists, sets its keys and is overridden by --set (DESIGN.md precedence; see `load_params`); while
+    `tuned_params` names one, params.yaml may not set TUNED_KEYS (refused, so no value is silently ignored).
     """
 
     splits: Path = Field(Path("data/splits/synth"), json_schema_extra={"trajectory": False})

@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from headct.config.base import resolve_path
-from headct.config.finetune import FinetuneConfig
+from headct.config.finetune import TUNED_KEYS, FinetuneConfig
 from headct.config.params import Params
 from headct.errors import ConfigError  # noqa: F401  (re-exported: headct.config.ConfigError)
 
@@ -82,18 +82,49 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _tuned_params_file(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], root: Path) -> Path | None:
-    """The existing tuned-parameters file finetune.tuned_params names (an override of it counts), else None."""
+def _tuned_params_setting(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> Any:
+    """finetune.tuned_params as the params file and the overrides leave it (None or "" = no tuned file)."""
     section = tree.get("finetune")
     value: Any = section.get("tuned_params", _TUNED_DEFAULT) if isinstance(section, dict) else _TUNED_DEFAULT
     for item in overrides:
         parts, raw = _parse_override(item)
         if parts == ["finetune", "tuned_params"]:
             value = raw
+    return value
+
+
+def _tuned_params_file(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], root: Path) -> Path | None:
+    """The existing tuned-parameters file finetune.tuned_params names (an override of it counts), else None."""
+    value = _tuned_params_setting(tree, overrides)
     if value in (None, ""):
         return None
     path = resolve_path(root, Path(value))
     return path if path.is_file() else None
+
+
+def refuse_tuned_keys(tree: dict[str, Any], overrides: list[str] | tuple[str, ...], root: Path, source: Path) -> None:
+    """A params file may not set a tuned key (TUNED_KEYS, and any key an existing tuned file sets) while
+    finetune.tuned_params names a tuned-parameters file: that file would replace the value, and a value written
+    into params.yaml (by hand or by `dvc exp run -S`) would be ignored without a word. --set is not affected (it
+    wins over the tuned file); finetune.tuned_params: null makes params.yaml's values the ones used."""
+    section = tree.get("finetune")
+    value = _tuned_params_setting(tree, overrides)
+    if not isinstance(section, dict) or value in (None, ""):
+        return
+    tuned = resolve_path(root, Path(value))
+    keys = set(TUNED_KEYS) | (set(read_tuned_params(tuned)) if tuned.is_file() else set())
+    clash = sorted(k for k in section if k in keys and k != "tuned_params")
+    if not clash:
+        return
+    state = "present" if tuned.is_file() else "not written yet"
+    names = ", ".join(f"finetune.{k}" for k in clash)
+    raise ConfigError(
+        f"{source}: {names} set here, but finetune.tuned_params names {value} ({state}; written by `headct tune`), "
+        f"whose values replace the params file's for {'this key' if len(clash) == 1 else 'these keys'}: refused "
+        f"rather than silently ignored. To use your value set finetune.tuned_params: null as well (DVC: "
+        f"`dvc exp run -S finetune.tuned_params=null -S finetune.{clash[0]}=...`); to have it tuned, remove it "
+        f"from {source.name}; for one command, `--set finetune.{clash[0]}=...` wins over the tuned file."
+    )
 
 
 def read_tuned_params(path: Path) -> dict[str, Any]:
@@ -116,7 +147,8 @@ def load_params(
     """Resolve the configuration: defaults < params file < overrides. Returns (params, project root).
 
     The tuned-parameters file (finetune.tuned_params, when it exists) sits between the params file and the
-    overrides: its `finetune:` values replace params.yaml's, and --set replaces both.
+    overrides: its `finetune:` values apply, and --set replaces them. The params file may not set a key the tuned
+    file owns (`refuse_tuned_keys`), so no value in params.yaml is ever silently replaced.
     Raises ConfigError (the CLI turns it into exit code 2) naming the offending key and value.
     """
     root = root or find_project_root()
@@ -134,6 +166,7 @@ def load_params(
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    refuse_tuned_keys(tree, overrides, root, path)
     tuned = _tuned_params_file(tree, overrides, root)
     if tuned is not None:
         section = tree.setdefault("finetune", {})
