@@ -5,10 +5,10 @@
 
 Lays out a throw-away workspace (default build/evidence/seed-N, deleted first unless --resume) holding only a
 params.yaml: the profile without its `evidence` section, with every seed of every section derived from N (a field
-`seed` or `*_seed` = N, a list field `*_seeds` = [1000 N, 1000 N + 1, ...]). Then it runs the chain as plain
+`seed` or `*_seed` = N, a list field `*_seeds` = [N, 1000 N + 1, 1000 N + 2, ...]). Then it runs the chain as plain
 `headct <job>` calls with this repository's code, in the workspace (its own mlflow.db, optuna.db, data, models,
 reports): synth, ingest, split, learnability (oracle and HU histogram per stratum), pretrain, extract, probe,
-fewshot, the supervised ceiling (`headct finetune` with `evidence.ceiling`), the fine-tuned arms when
+fewshot, the supervised ceiling (`headct ceiling`: the profile's `ceiling` section), the fine-tuned arms when
 `evidence.finetune_arms` (`headct tune` then `headct finetune` per arm, the same tuning budget each), and
 `headct compare` when this checkout has that job. It writes a small JSON (default benchmarks/evidence/seed-N.json):
 command, git commit and dirty flag, seed, the derived seeds, seconds per stage, the load average, the split's
@@ -42,6 +42,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 PROFILE = REPO / "params-evidence.yaml"
 SECTION = "evidence"  # the runner's own section of the profile (headct's Params has no such section)
+KNOWN_KEYS = {"seeds", "labels", "finetune_arms", "arms", "quick"}
 MARKERS = ".evidence"
 
 
@@ -71,8 +72,13 @@ def load_profile(path: Path, quick: bool) -> tuple[dict[str, Any], dict[str, Any
     except (OSError, yaml.YAMLError) as exc:
         raise EvidenceError(f"{path}: cannot read the profile ({exc})") from None
     if not isinstance(tree, dict) or not isinstance(tree.get(SECTION), dict):
-        raise EvidenceError(f"{path}: no `{SECTION}:` section (seeds, labels, ceiling, arms)")
+        raise EvidenceError(f"{path}: no `{SECTION}:` section (seeds, labels, arms)")
     evidence = tree.pop(SECTION)
+    unknown = sorted(set(evidence) - KNOWN_KEYS)
+    if unknown:
+        moved = " (the ceiling is now the top-level `ceiling:` section, run by `headct ceiling`)" \
+            if "ceiling" in unknown else ""
+        raise EvidenceError(f"{path}: unknown key(s) {unknown} in `{SECTION}:`; allowed: {sorted(KNOWN_KEYS)}{moved}")
     quick_over = evidence.pop("quick", None) or {}
     if quick:
         if not quick_over:
@@ -146,8 +152,7 @@ def plan(evidence: dict[str, Any], params: Any) -> list[Stage]:
         "--labels", *evidence["labels"], "--seed", str(params.split.seed), "--json",
         "reports/learnability/metrics.json"]))
     stages += [Stage(job, ["headct", job]) for job in ("pretrain", "extract", "probe", "fewshot")]
-    if evidence.get("ceiling"):
-        stages.append(Stage("ceiling", ["headct", "finetune", *_sets("finetune", evidence["ceiling"])]))
+    stages.append(Stage("ceiling", ["headct", "ceiling"]))
     if evidence.get("finetune_arms"):
         for arm, settings in (evidence.get("arms") or {}).items():
             own = {"tuned_params": f"params/tuned/{arm}.yaml", "out_dir": f"models/finetune-{arm}",
@@ -265,9 +270,7 @@ def collect(dest: Path, params: Any, evidence: dict[str, Any]) -> dict[str, Any]
                                           for k, v in shots.items()}
                                     for lab, shots in by_label.items() if lab in labels}
                             for model, by_label in fewshot.get("results", {}).items()}
-    finetuned = {}
-    if evidence.get("ceiling"):
-        finetuned["ceiling"] = Path(evidence["ceiling"].get("report_dir", params.finetune.report_dir))
+    finetuned = {"ceiling": Path(params.ceiling.report_dir)}
     if evidence.get("finetune_arms"):
         finetuned.update({arm: Path(f"reports/finetune-{arm}") for arm in evidence.get("arms") or {}})
     for name, folder in finetuned.items():

@@ -39,10 +39,9 @@ TINY = {
     "fewshot": {"shots": [1], "seeds": 2},
     "tune": {"n_trials": 1, "epochs": 1, "n_startup_trials": 1, "pruner_startup_trials": 1},
     "finetune": {"epochs": 1, "batch_size": 4, "bootstrap": 20, "labels": ["ICH"]},
+    "ceiling": {"epochs": 1, "batch_size": 4, "bootstrap": 20, "labels": ["ICH"]},
     "evidence": {
         "seeds": [11, 12], "labels": ["ICH", "IPH"],
-        "ceiling": {"arch": "vit", "init": "random", "train_splits": ["train", "pool"], "epochs": 1,
-                    "tuned_params": None, "out_dir": "models/ceiling", "report_dir": "reports/ceiling"},
         "finetune_arms": True, "arms": {"random_init": {"init": "random"}},
     },
 }
@@ -65,8 +64,7 @@ def test_the_profile_declares_its_seeds_and_labels_and_is_valid_in_both_sizes(tm
         path.write_text(yaml.safe_dump(tree))
         params, _ = load_params(params_file=path, root=tmp_path)
         assert params.pretrain.use_val is False and params.pretrain.pool and params.synth.seed == 11
-        ceiling = evidence_runner._sets("finetune", evidence["ceiling"])
-        load_params(params_file=path, root=tmp_path, overrides=ceiling[1::2])  # the ceiling's settings are valid
+        assert params.ceiling.train_splits == ["train", "pool"] and params.ceiling.init == "random"
     tree, _ = evidence_runner.load_profile(REPO / "params-evidence.yaml", False)
     counts, labelled = tree["split"]["counts"], tree["split"]["labelled_train"]
     pool = tree["synth"]["n_patients"] - counts["val"] - counts["test"] - labelled
@@ -96,7 +94,7 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert all(0.0 <= probe[m]["ICH"]["auroc"] <= 1.0 for m in ("pretrained", "random_init", "hu_histogram"))
     assert "ICH" in found["fewshot"]["pretrained"]
     ceiling = found["finetune"]["ceiling"]
-    assert ceiling["model"] == "ceiling_random_init" and 0.0 <= ceiling["test"]["ICH"]["auroc"] <= 1.0
+    assert ceiling["model"] == "ceiling_cnn" and 0.0 <= ceiling["test"]["ICH"]["auroc"] <= 1.0
     assert found["finetune"]["random_init"]["model"] == "random_init"
     assert "hu_histogram" in found["learnability"]
     # --resume reruns nothing that finished, and refuses a workspace made from other settings.
@@ -110,12 +108,16 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
 
 def test_a_bad_profile_stops_before_any_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     evidence_runner = runner()
-    bad = {**TINY, "evidence": {**TINY["evidence"], "ceiling": {"arch": "resnet99"}}}
+    bad = {**TINY, "ceiling": {**TINY["ceiling"], "arch": "resnet99"}}
     profile, ws = tmp_path / "profile.yaml", tmp_path / "ws"
     profile.write_text(yaml.safe_dump(bad))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws),
                                  "--out", str(tmp_path / "x.json")]) == 1
-    assert "finetune.arch" in capsys.readouterr().err and not (ws / "logs").exists()
+    assert "ceiling.arch" in capsys.readouterr().err and not (ws / "logs").exists()
+    old_style = {**TINY, "evidence": {**TINY["evidence"], "ceiling": {"arch": "cnn"}}}
+    profile.write_text(yaml.safe_dump(old_style))
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws)]) == 1
+    assert "the ceiling is now the top-level `ceiling:` section" in capsys.readouterr().err
     profile.write_text(yaml.safe_dump({k: v for k, v in TINY.items() if k != "evidence"}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws)]) == 1
     assert "no `evidence:` section" in capsys.readouterr().err
