@@ -35,6 +35,9 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+import_app = typer.Typer(help="Convert another project's checkpoint into a headct model directory.",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import-weights")
 
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="Params file (default: <project root>/params.yaml).")
@@ -103,6 +106,27 @@ def config_show(
         tree = {section: tree[section]}
     typer.echo(f"# project root: {root}")
     typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
+
+
+@import_app.command("fm-hct")
+def import_fm_hct(
+    src: Annotated[Path, typer.Argument(help="FM-HCT checkpoint (model_weights.pth, or a dict with state_dict).")],
+    dest: Annotated[Path, typer.Argument(help="New model directory, e.g. models/fm-hct.")],
+    num_heads: Annotated[int, typer.Option(help="Attention heads (not stored in the weights; FM-HCT: 12).")] = 12,
+    img_size: Annotated[int | None, typer.Option(help="Cube edge in voxels (default: from the position table).")]
+    = None,
+) -> None:
+    """FM-HCT's MONAI-style ViT -> a headct model directory (strict: every tensor mapped and shape-checked),
+    recording FM-HCT's preprocessing (96^3 crop-and-stretch) and windows."""
+    import json
+
+    from headct.models.import_fmhct import import_fmhct
+
+    try:
+        summary = import_fmhct(src, dest, num_heads=num_heads, img_size=img_size)
+    except InputError as exc:
+        raise _fail(f"headct import-weights fm-hct: {exc}", 1) from None
+    typer.echo(json.dumps(summary, indent=1))
 
 
 @app.command()

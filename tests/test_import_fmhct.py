@@ -1,0 +1,160 @@
+"""`headct import-weights fm-hct`: MONAI's ViT in FM-HCT's configuration, saved as FM-HCT saves it, becomes a headct
+model directory whose final-norm tokens (CLS included) equal MONAI's; the conversion is strict and the loader
+refuses pickled objects outside its allow-list."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from headct.errors import InputError
+from headct.models.import_fmhct import FMHCT_PREPROCESS, import_fmhct, load_checkpoint
+from headct.models.model_dir import load_model_dir
+
+FMHCT_PARAMETERS = 89_404_416  # shared/REFERENCE.md, section 4: ViT-B/12 at 96^3 with its learned position table
+
+
+def monai_vit(depth: int = 12, width: int = 768, heads: int = 12, img: int = 96, patch: int = 12,
+              qkv_bias: bool = False, seed: int = 0, **kw):
+    """MONAI's ViT as FM-HCT configures it (CLS token, so `classification=True` and its unused head; position
+    table started from 3D sin-cos and trained, so here perturbed; final LayerNorm eps 1e-6), at random init with
+    every norm, bias, token and position entry moved off its initial value so a mis-mapped tensor shows."""
+    from monai.networks.nets import ViT
+
+    torch.manual_seed(seed)
+    model = ViT(in_channels=3, img_size=img, patch_size=patch, hidden_size=width, mlp_dim=4 * width,
+                num_layers=depth, num_heads=heads, pos_embed_type="sincos", classification=True,
+                qkv_bias=qkv_bias, **kw)
+    model.norm.eps = 1e-6
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 or "position" in name or "cls" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+        model.patch_embedding.position_embeddings.add_(
+            torch.randn_like(model.patch_embedding.position_embeddings) * 0.2)
+    return model.eval()
+
+
+def monai_tokens(model, x: torch.Tensor) -> torch.Tensor:
+    """MONAI's final-norm tokens (B, 1 + N, D), CLS first (its forward returns the classification head's output)."""
+    return model.norm(model(x)[1][-1])
+
+
+def save_wrapped(model, path: Path) -> Path:
+    """As FM-HCT's training script saves: a dict with the DDP/DINO-prefixed state dict, its args and the epoch."""
+    state = {f"module.backbone.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=1.5e-4, arch="vit_base"), "epoch": 3}, path)
+    return path
+
+
+def test_vit_b_tokens_equal_monai_and_the_directory_records_fmhct(tmp_path: Path) -> None:
+    model = monai_vit()
+    src = save_wrapped(model, tmp_path / "checkpoint.pth")
+    result = CliRunner().invoke(_app(), ["import-weights", "fm-hct", str(src), str(tmp_path / "fm-hct")])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["parameters"] == FMHCT_PARAMETERS and summary["dropped_unused_tensors"] == 2 * 12 + 2  # cross norms, head
+    encoder, config = load_model_dir(tmp_path / "fm-hct")
+    assert encoder.arch["pos_embed"] == "learned" and encoder.arch["qkv_bias"] is False
+    assert config["preprocess"]["version"] == FMHCT_PREPROCESS.version and config["preprocess"]["fit"] == "stretch"
+    assert [(w["level"], w["width"]) for w in config["windows"]] == [(40, 80), (80, 200), (600, 2800)]
+    assert "checkpoint" not in json.dumps(config["provenance"]).replace("checkpoint.pth", "")  # file name only
+    x = torch.rand(1, 3, 96, 96, 96)
+    with torch.no_grad():
+        ours, theirs = encoder.forward_features(x), monai_tokens(model, x)
+    assert ours.shape == (1, 513, 768)
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def _app():
+    import cli
+
+    return cli.app
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_a_plain_state_dict_with_compile_prefix_imports_and_matches(tmp_path: Path, qkv_bias: bool) -> None:
+    model = monai_vit(depth=2, width=48, heads=4, img=24, patch=6, qkv_bias=qkv_bias)
+    torch.save(collections.OrderedDict((f"_orig_mod.{k}", v) for k, v in model.state_dict().items()),
+               tmp_path / "model_weights.pth")
+    import_fmhct(tmp_path / "model_weights.pth", tmp_path / "m", num_heads=4)
+    encoder, _ = load_model_dir(tmp_path / "m")
+    assert encoder.arch["qkv_bias"] is qkv_bias and encoder.arch["img_size"] == [24, 24, 24]
+    x = torch.rand(3, 3, 24, 24, 24)
+    with torch.no_grad():
+        assert (encoder.forward_features(x) - monai_tokens(model, x)).abs().max().item() <= 1e-5
+    with pytest.raises(InputError, match="already holds a model directory"):
+        import_fmhct(tmp_path / "model_weights.pth", tmp_path / "m", num_heads=4)
+
+
+class Payload:  # a class a checkpoint must not be allowed to instantiate
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def test_pickled_objects_outside_the_allow_list_are_refused_naming_them(tmp_path: Path, capsys) -> None:
+    state = monai_vit(depth=1, width=24, heads=2, img=12, patch=6).state_dict()
+    torch.save({"state_dict": state, "hook": Payload()}, tmp_path / "evil.pth")
+    with pytest.raises(InputError, match=r"evil\.pth: refused: .*allow-list \(builtins\.print\)"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert "code ran" not in capsys.readouterr().out
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match=r"junk\.pth: not a readable torch checkpoint"):
+        load_checkpoint(tmp_path / "junk.pth")
+    with pytest.raises(InputError, match=r"gone\.pth: not found"):
+        load_checkpoint(tmp_path / "gone.pth")
+    torch.save({"state_dict": state, "optimizer": {"lr": 0.1}, "args": argparse.Namespace(x=1)}, tmp_path / "ok.pth")
+    assert set(load_checkpoint(tmp_path / "ok.pth")) == set(state)  # beside state_dict, anything else is ignored
+    torch.save({**state, "epoch": 3}, tmp_path / "mixed.pth")
+    with pytest.raises(InputError, match=r"not tensors \['epoch'\]"):
+        load_checkpoint(tmp_path / "mixed.pth")
+
+
+def _import_state(tmp_path: Path, state: dict, **kw) -> None:
+    torch.save(state, tmp_path / "w.pth")
+    import_fmhct(tmp_path / "w.pth", tmp_path / "out", **kw)
+
+
+def test_the_mapping_is_strict(tmp_path: Path) -> None:
+    state = monai_vit(depth=2, width=24, heads=2, img=12, patch=6).state_dict()
+    cases = [
+        ({**state, "blocks.0.attn.rel_pos.weight": torch.zeros(3)}, {}, r"unmapped keys \['blocks\.0\.attn\.rel_pos"),
+        ({**state, "register_tokens": torch.zeros(1, 4, 24)}, {}, r"unmapped keys \['register_tokens'\]"),
+        ({k: v for k, v in state.items() if k != "blocks.1.mlp.linear2.bias"}, {},
+         r"missing \['blocks\.1\.mlp\.fc2\.bias'\]"),
+        ({**state, "blocks.1.norm2.weight": torch.ones(25)}, {}, r"wrong shapes \['blocks\.1\.norm2\.weight \[25\]"),
+        ({**state, "norm.bias": torch.full((24,), float("nan"))}, {}, r"non-finite values .*'norm\.bias'"),
+        ({k: v for k, v in state.items() if k != "cls_token"}, {}, "no 'cls_token'"),
+        (state, {"num_heads": 5}, "not divisible by num_heads 5"),
+        (state, {"img_size": 18}, "not a cube grid of patch 6 for img_size 18"),
+        ({**state, "module.norm.bias": state["norm.bias"]}, {}, "two entries become 'norm.bias'"),
+    ]
+    for bad, kw, message in cases:
+        with pytest.raises(InputError, match=message):
+            _import_state(tmp_path, bad, **kw)
+        assert not (tmp_path / "out").exists(), "nothing written on refusal"
+    perceptron = monai_vit(depth=1, width=24, heads=2, img=12, patch=6, proj_type="perceptron").state_dict()
+    with pytest.raises(InputError, match="'perceptron' patch embedding .* is not supported"):
+        _import_state(tmp_path, perceptron)
+
+
+def test_default_encoders_keep_their_arch_and_weights(tmp_path: Path) -> None:
+    """The new arch options leave existing model directories as they were: no new arch keys, no new tensors."""
+    from headct.models.vit import build_encoder
+
+    arch = {"name": "tiny", "img_size": [16, 16, 16], "patch_size": 8, "in_chans": 3, "embed_dim": 32,
+            "depth": 1, "num_heads": 2}
+    enc = build_encoder(arch)
+    assert set(enc.arch) == {*arch, "mlp_ratio", "qkv_bias", "num_registers"}
+    assert "pos_embed" not in enc.state_dict() and enc.blocks[0].norm1.eps == 1e-6
+    learned = build_encoder({**arch, "pos_embed": "learned", "block_norm_eps": 1e-5})
+    assert learned.state_dict()["pos_embed"].shape == (1, 8, 32) and learned.blocks[0].norm1.eps == 1e-5
+    assert torch.equal(learned.pos_embed_for(learned.grid), enc.pos_embed)  # started from the same sin-cos table
+    with pytest.raises(ValueError, match="pos_embed must be"):
+        build_encoder({**arch, "pos_embed": "rope"})
