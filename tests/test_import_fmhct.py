@@ -158,3 +158,98 @@ def test_default_encoders_keep_their_arch_and_weights(tmp_path: Path) -> None:
     assert torch.equal(learned.pos_embed_for(learned.grid), enc.pos_embed)  # started from the same sin-cos table
     with pytest.raises(ValueError, match="pos_embed must be"):
         build_encoder({**arch, "pos_embed": "rope"})
+
+
+# --------------------------------------------------------------------------------------------- the whole harness
+def _fmhct_project(root: Path) -> None:
+    """A 24-patient store made with FM-HCT's preprocessing spec (96^3 stretch): a head-like ball, ICH = a 70 HU
+    blob; split 12 train / 6 val / 6 test patients (half positive each); an imported depth-2 FM-HCT-layout model."""
+    import numpy as np
+
+    from tests.store_helpers import write_store
+
+    rng = np.random.default_rng(0)
+    g = np.stack(np.meshgrid(*[np.linspace(-1, 1, 96, dtype=np.float32)] * 3, indexing="ij"))
+    dist = np.sqrt((g**2).sum(0))
+    blob = np.sqrt(((g - np.array([0.3, 0, 0], np.float32)[:, None, None, None]) ** 2).sum(0)) < 0.2
+    volumes, rows = {}, []
+    for i in range(24):
+        vol = np.where(dist < 0.9, 1000.0, -1024.0).astype(np.float32)
+        vol[dist < 0.8] = 35.0
+        if i % 2:
+            vol[blob] = 70.0
+        volumes[f"ser_{i:016x}"] = (vol + rng.normal(0, 5, vol.shape)).astype(np.int16)
+    paths = write_store(root / "data/store/fm", volumes, spec=FMHCT_PREPROCESS)
+    splits = root / "data/splits/fm"
+    splits.mkdir(parents=True)
+    for i, path in enumerate(paths):
+        rows.append({"split": "train" if i < 12 else "val" if i < 18 else "test",
+                     "img_path": path.relative_to(root).as_posix(), "scan_id": path.stem,
+                     "patient_id": f"pat_{i:016x}", "ICH": i % 2})
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    for split, part in frame.groupby("split"):
+        part.drop(columns="split").to_csv(splits / f"{split}.csv", index=False)
+    (splits / "split.json").write_text(json.dumps({"store": "data/store/fm", "seed": 0}))
+    save_wrapped(monai_vit(depth=2, width=48, heads=4), root / "fm.pth")
+    import_fmhct(root / "fm.pth", root / "models/fm-hct", num_heads=4)
+
+
+def test_an_imported_model_runs_through_extract_probe_fewshot_retrieval_finetune_and_report(
+    tmp_path: Path, job_ctx, torch_one_thread
+) -> None:
+    from headct.config import (
+        ExtractConfig,
+        FewshotConfig,
+        JobContext,
+        PreprocessSpec,
+        ProbeConfig,
+        ReportConfig,
+        RetrievalConfig,
+    )
+    from headct.data.volumes import check_preprocessing
+    from pipelines import extract, fewshot, finetune, probe, report, retrieval
+    from tests.finetune_helpers import finetune_cfg
+    from tests.probe_helpers import write_volumes
+
+    _fmhct_project(tmp_path)
+    ctx = JobContext(root=tmp_path, tracking=job_ctx.tracking)
+    splits, model, reports = tmp_path / "data/splits/fm", tmp_path / "models/fm-hct", tmp_path / "reports"
+    features = tmp_path / "data/features/fm"
+    summary = extract.run(ExtractConfig(splits=splits, model_dir=model, out=features, batch_size=4, device="cpu",
+                                        hu_histogram=False), ctx)
+    assert summary == {"scans": 24, "models": {"pretrained": 48, "random_init": 48}}
+    assert json.loads((features / "pretrained.json").read_text())["method"] == "fm-hct"
+    probe.run(ProbeConfig(splits=splits, features=features, report_dir=reports / "probe", bootstrap=20,
+                          c_grid=(1.0,)), ctx)
+    assert set(json.loads((reports / "probe/metrics.json").read_text())["pretrained"]) == {"ICH"}
+    fewshot.run(FewshotConfig(features=features, splits=splits, report_dir=reports / "fewshot", shots=(1, 2),
+                              seeds=2, c_grid=(1.0,)), ctx)
+    few = json.loads((reports / "fewshot/metrics.json").read_text())
+    assert set(few["results"]["pretrained"]["ICH"]) == {"1", "2"}
+    retrieval.run(RetrievalConfig(features=features, splits=splits, report_dir=reports / "retrieval"), ctx)
+    assert "ICH" in json.loads((reports / "retrieval/metrics.json").read_text())["pretrained"]
+    tuned = finetune.run(finetune_cfg(tmp_path, splits=splits, model_dir=model, out_dir=tmp_path / "models/cls",
+                                      report_dir=reports / "finetune", epochs=1, labels=["ICH"]), ctx)
+    assert tuned["best_epoch"] == 0 and (tmp_path / "models/cls/model.safetensors").is_file()
+    out = report.run(ReportConfig(probe_metrics=reports / "probe/metrics.json",
+                                  probe_predictions=reports / "probe/predictions.csv", pretrain_metrics=None,
+                                  fewshot_metrics=reports / "fewshot/metrics.json",
+                                  retrieval_metrics=reports / "retrieval/metrics.json",
+                                  finetune_metrics=reports / "finetune/metrics.json", report_dir=reports / "report"),
+                     ctx)
+    assert "heldout_loss_end" not in out and "mean_auroc_pretrained" in out
+    text = (reports / "report/results.md").read_text()
+    assert "## Fine-tuning" in text and "pretext loss" not in text
+
+    # A store made with another recipe is refused by name, with the explicit override named.
+    write_volumes(tmp_path / "other", 2, shape=(96, 96, 96))
+    other = tmp_path / "other_split"
+    other.mkdir()
+    (other / "train.csv").write_text("img_path,scan_id,patient_id,ICH\nother/volumes/ser_0000.npy,ser_0000,p,0\n")
+    assert json.loads((tmp_path / "other/preprocess.json").read_text())["version"] != FMHCT_PREPROCESS.version
+    assert PreprocessSpec(shape=(96, 96, 96), spacing_mm=6.0).version != FMHCT_PREPROCESS.version
+    with pytest.raises(InputError, match=r"differs from the model's .*extract\.allow_preprocess_mismatch"):
+        check_preprocessing(other, tmp_path, json.loads((model / "config.json").read_text()), model,
+                            setting="extract.allow_preprocess_mismatch")
