@@ -152,12 +152,26 @@ def ingest(
     shard: Annotated[
         str | None, typer.Option("--shard", help="K/N: convert only the studies of shard K of N (job arrays).")
     ] = None,
+    preprocess: Annotated[
+        str | None, typer.Option("--preprocess", help="A named recipe for ingest.preprocess, e.g. fm-hct (the "
+                                                      "recipe of imported FM-HCT weights).")
+    ] = None,
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """DICOM/NIfTI -> canonical int16 RAS volumes + manifest + rejects + labels (+ local linkage file)."""
     paths = paths or []
     overrides = list(overrides or [])
+    if preprocess is not None:  # before the user's --set, which is refused on the same keys (one recipe, stated once)
+        from headct.config.base import PREPROCESS_MODES
+
+        if preprocess not in PREPROCESS_MODES:
+            raise _fail(f"headct ingest: unknown --preprocess {preprocess!r}; known: {', '.join(PREPROCESS_MODES)}", 2)
+        clash = [o for o in overrides if o.split("=", 1)[0].strip().startswith("ingest.preprocess.")]
+        if clash:
+            raise _fail(f"headct ingest: --preprocess {preprocess} sets ingest.preprocess; drop {clash}", 2)
+        overrides = [f"ingest.preprocess.{k}={list(v) if isinstance(v, tuple) else v}"
+                     for k, v in PREPROCESS_MODES[preprocess].items()] + overrides
     if workers is not None:
         overrides.append(f"ingest.workers={workers}")
     if shard is not None:

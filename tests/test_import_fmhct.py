@@ -253,3 +253,47 @@ def test_an_imported_model_runs_through_extract_probe_fewshot_retrieval_finetune
     with pytest.raises(InputError, match=r"differs from the model's .*extract\.allow_preprocess_mismatch"):
         check_preprocessing(other, tmp_path, json.loads((model / "config.json").read_text()), model,
                             setting="extract.allow_preprocess_mismatch")
+
+
+def test_ingest_preprocess_fm_hct_makes_the_store_an_imported_model_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`headct ingest SRC DEST --preprocess fm-hct`: the store's recipe is the imported model's (same version), each
+    volume stretched to 96^3 with its own per-axis spacing in the affine; unknown modes and clashes are refused."""
+    import numpy as np
+    import pandas as pd
+
+    import cli
+    from headct.data import store
+    from headct.data.volumes import check_preprocessing
+    from tests.dicom_factory import SeriesSpec, write_series
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "params.yaml").write_text(f"tracking:\n  uri: sqlite:///{tmp_path}/mlflow.db\ningest:\n  workers: 1\n"
+                                         "  preprocess:\n    shape: [32, 32, 32]\n    spacing_mm: 6.0\n")
+    write_series(tmp_path / "export" / "a", SeriesSpec(), patient_id="PID-FMHCT-0001")
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("HEADCT_PSEUDONYM_KEY", "a-test-key-of-at-least-16-bytes")
+    runner = CliRunner()
+    for bad, message in ((["--preprocess", "nyu"], "unknown --preprocess 'nyu'; known: fm-hct"),
+                         (["--preprocess", "fm-hct", "--set", "ingest.preprocess.fit=isotropic"], "drop")):
+        refused = runner.invoke(cli.app, ["ingest", str(tmp_path / "export"), "store", *bad])
+        assert refused.exit_code == 2 and message in refused.output
+    result = runner.invoke(cli.app, ["ingest", str(tmp_path / "export"), "store", "--preprocess", "fm-hct"])
+    assert result.exit_code == 0, result.output
+    assert store.read_preprocess(project / "store")["version"] == FMHCT_PREPROCESS.version
+    manifest = store.read_manifest(project / "store")
+    row = manifest.iloc[0]
+    assert store.read_volume(project / "store", row["volume"]).shape == (96, 96, 96)
+    assert np.ptp(np.diag(store.affine_of(row))[:3]) > 0.1 and pd.isna(row["spacing_mm"])  # per axis, anisotropic
+
+    split = project / "split"
+    split.mkdir()
+    pd.DataFrame({"img_path": [f"store/{row['volume']}"], "scan_id": [row["scan_id"]],
+                  "patient_id": [row["patient_id"]], "ICH": [0]}).to_csv(split / "train.csv", index=False)
+    save_wrapped(monai_vit(depth=1, width=24, heads=2), tmp_path / "fm.pth")
+    import_fmhct(tmp_path / "fm.pth", tmp_path / "model", num_heads=2)
+    config = json.loads((tmp_path / "model/config.json").read_text())
+    assert check_preprocessing(split, project, config, tmp_path / "model") is None  # same recipe: accepted
+    assert "> 0 HU" in config["provenance"]["source_recipe"]

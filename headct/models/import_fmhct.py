@@ -25,16 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from headct.config.base import DEFAULT_WINDOWS, PreprocessSpec
+from headct.config.base import DEFAULT_WINDOWS, PREPROCESS_MODES, PreprocessSpec
 from headct.errors import InputError
 from headct.io import file_sha256
 from headct.models.model_dir import save_model_dir
 from headct.models.vit import ViT3D, build_encoder
 
-# FM-HCT's recipe in headct's terms: 96^3 crop-to-head-then-stretch (aspect ratio not kept; per-axis spacing is in
-# each volume's affine). Its 1 mm cubic pre-resampling and "> 0 HU" head box are approximated by one trilinear
-# resampling from the source onto the head box (threshold localisation), see docs/datasets.md.
-FMHCT_PREPROCESS = PreprocessSpec(shape=(96, 96, 96), spacing_mm=1.0, fit="stretch", head_localisation="threshold")
+# FM-HCT's recipe in headct's terms (`headct ingest --preprocess fm-hct` makes a store with it): 96^3
+# crop-to-head-then-stretch (aspect ratio not kept; per-axis spacing is in each volume's affine). Its 1 mm cubic
+# pre-resampling and "> 0 HU" head box are approximated by one trilinear resampling from the source onto the head box
+# (threshold localisation), see docs/datasets.md; the original recipe is kept in the provenance as text.
+FMHCT_PREPROCESS = PreprocessSpec(**PREPROCESS_MODES["fm-hct"])
+FMHCT_RECIPE = ("RAS; 1 mm isotropic (cubic); crop to the bounding box of voxels > 0 HU; resize the box to 96^3 "
+                "(aspect ratio not kept); windows 40/80, 80/200, 600/2800 as channels in [0, 1]")
 FMHCT_WINDOWS = [w.model_dump(mode="json") for w in DEFAULT_WINDOWS]  # brain 40/80, subdural 80/200, bone 600/2800
 PREFIXES = ("module.", "backbone.", "_orig_mod.")
 # Known-unused MONAI entries: the classification head (FM-HCT fine-tunes its own), the always-created
@@ -180,7 +183,7 @@ def import_fmhct(src: Path, dest: Path, num_heads: int = 12, img_size: int | Non
     mapped, dropped = map_state(state, encoder, src)
     encoder.load_state_dict(mapped, strict=True)
     params = sum(v.numel() for v in mapped.values())
-    provenance = {"imported_from": "fm-hct", "source_file": src.name, "source_sha256": file_sha256(src),
+    provenance = {"imported_from": "fm-hct", "source_recipe": FMHCT_RECIPE, "source_file": src.name, "source_sha256": file_sha256(src),
                   "tensors": len(mapped), "parameters": params, "dropped_unused_tensors": dropped,
                   "source_dtypes": sorted({str(v.dtype).removeprefix("torch.") for v in state.values()})}
     preprocess = {**FMHCT_PREPROCESS.model_dump(mode="json"), "version": FMHCT_PREPROCESS.version}
