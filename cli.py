@@ -38,6 +38,9 @@ app.add_typer(config_app, name="config")
 import_app = typer.Typer(help="Convert another project's checkpoint into a headct model directory.",
                          no_args_is_help=True)
 app.add_typer(import_app, name="import-weights")
+splits_app = typer.Typer(help="Convert another project's published split files into headct split files.",
+                         no_args_is_help=True)
+app.add_typer(splits_app, name="import-splits")
 
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="Params file (default: <project root>/params.yaml).")
@@ -127,6 +130,35 @@ def import_fm_hct(
     except InputError as exc:
         raise _fail(f"headct import-weights fm-hct: {exc}", 1) from None
     typer.echo(json.dumps(summary, indent=1))
+
+
+@splits_app.command("fm-hct")
+def import_fm_hct_splits(
+    store: Annotated[Path, typer.Argument(help="The store the splits are over (ingested from the same dataset).")],
+    out: Annotated[Path, typer.Argument(help="Folder for train/val/test.csv and split.json.")],
+    train: Annotated[Path, typer.Option(help="FM-HCT's train CSV.")],
+    val: Annotated[Path, typer.Option(help="FM-HCT's validation CSV.")],
+    test: Annotated[Path, typer.Option(help="FM-HCT's test CSV.")],
+    linkage: Annotated[Path | None, typer.Option(help="The store's linkage file (default: "
+                                                      "<project root>/private/linkage/<store name>.csv).")] = None,
+) -> None:
+    """FM-HCT's split files -> headct split files over STORE, matched through the local linkage file (pseudonyms
+    only; unmatched rows reported by count)."""
+    import json
+
+    from headct.config import find_project_root
+    from headct.data.fmhct_splits import import_fmhct_splits
+
+    root = find_project_root()
+    store, out = store.resolve(), out.resolve()
+    linkage = linkage.resolve() if linkage is not None else root / "private" / "linkage" / f"{store.name}.csv"
+    files = {"train": train.resolve(), "val": val.resolve(), "test": test.resolve()}
+    try:
+        summary = import_fmhct_splits(files, store, linkage, out, root)
+    except InputError as exc:
+        raise _fail(f"headct import-splits fm-hct: {exc}", 1) from None
+    typer.echo(json.dumps({k: summary[k] for k in summary if k != "counts"}, indent=1))
+    typer.echo(json.dumps({k: {"patients": c["patients"], "scans": c["scans"]} for k, c in summary["counts"].items()}))
 
 
 @app.command()
