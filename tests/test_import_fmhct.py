@@ -104,6 +104,12 @@ def test_pickled_objects_outside_the_allow_list_are_refused_naming_them(tmp_path
     with pytest.raises(InputError, match=r"evil\.pth: refused: .*allow-list \(builtins\.print\)"):
         load_checkpoint(tmp_path / "evil.pth")
     assert "code ran" not in capsys.readouterr().out
+    torch.save({"w": Payload()}, tmp_path / "legacy_evil.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match=r"legacy_evil\.pth: refused: .*allow-list \((builtins\.)?print\)"):
+        load_checkpoint(tmp_path / "legacy_evil.pth")
+    assert "code ran" not in capsys.readouterr().out
+    torch.save(state, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)  # the pre-zip format is read
+    assert set(load_checkpoint(tmp_path / "legacy.pth")) == set(state)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(InputError, match=r"junk\.pth: not a readable torch checkpoint"):
         load_checkpoint(tmp_path / "junk.pth")

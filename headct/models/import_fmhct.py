@@ -71,18 +71,20 @@ def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: not found")
     allowed = _safe_globals()
     try:
-        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-                  if g not in {f"{t.__module__}.{t.__qualname__}" for t in allowed}]
-    except Exception as exc:  # noqa: BLE001 - any failure to parse means: not a checkpoint we can read
-        raise InputError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
-    try:
         with torch.serialization.safe_globals(allowed):
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        found = ", ".join(unsafe) or str(exc).splitlines()[0]
-        raise InputError(f"{path}: refused: it holds pickled objects outside the allow-list ({found}); a pickle can "
-                         "run code, so only tensors, containers, argparse.Namespace and numpy scalars are "
-                         "loaded. Re-save the state dict alone (torch.save(model.state_dict(), ...))") from None
+        found = re.findall(r"Unsupported (?:global|class):? (?:GLOBAL )?([\w.]+)", str(exc))
+        if not found:
+            raise InputError(f"{path}: not a readable torch checkpoint ({str(exc).splitlines()[0]})") from None
+        try:  # every offending type, not only the first (zip format only; names, nothing is unpickled)
+            names = {f"{t.__module__}.{t.__qualname__}" for t in allowed}
+            found = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if g not in names]
+        except (ValueError, RuntimeError, OSError):
+            pass
+        raise InputError(f"{path}: refused: it holds pickled objects outside the allow-list ({', '.join(found)}); a "
+                         "pickle can run code, so only tensors, containers, argparse.Namespace and numpy scalars "
+                         "are loaded. Re-save the state dict alone (torch.save(model.state_dict(), ...))") from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable torch checkpoint ({exc})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
