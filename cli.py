@@ -38,6 +38,12 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the resolved configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+import_app = typer.Typer(help="Convert another project's checkpoint into a headct model directory.",
+                         no_args_is_help=True)
+app.add_typer(import_app, name="import-weights")
+splits_app = typer.Typer(help="Convert another project's published split files into headct split files.",
+                         no_args_is_help=True)
+app.add_typer(splits_app, name="import-splits")
 
 ParamsOpt = Annotated[
     Path | None, typer.Option("--params", help="Params file (default: <project root>/params.yaml).")
@@ -169,6 +175,56 @@ def config_show(
     typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
 
 
+@import_app.command("fm-hct")
+def import_fm_hct(
+    src: Annotated[Path, typer.Argument(help="FM-HCT checkpoint (model_weights.pth, or a dict with state_dict).")],
+    dest: Annotated[Path, typer.Argument(help="New model directory, e.g. models/fm-hct.")],
+    num_heads: Annotated[int, typer.Option(help="Attention heads (not stored in the weights; FM-HCT: 12).")] = 12,
+    img_size: Annotated[int | None, typer.Option(help="Cube edge in voxels (default: from the position table).")]
+    = None,
+) -> None:
+    """FM-HCT's MONAI-style ViT -> a headct model directory (strict: every tensor mapped and shape-checked),
+    recording FM-HCT's preprocessing (96^3 crop-and-stretch) and windows."""
+    import json
+
+    from headct.models.import_fmhct import import_fmhct
+
+    try:
+        summary = import_fmhct(src, dest, num_heads=num_heads, img_size=img_size)
+    except InputError as exc:
+        raise _fail(f"headct import-weights fm-hct: {exc}", 1) from None
+    typer.echo(json.dumps(summary, indent=1))
+
+
+@splits_app.command("fm-hct")
+def import_fm_hct_splits(
+    store: Annotated[Path, typer.Argument(help="The store the splits are over (ingested from the same dataset).")],
+    out: Annotated[Path, typer.Argument(help="Folder for train/val/test.csv and split.json.")],
+    train: Annotated[Path, typer.Option(help="FM-HCT's train CSV.")],
+    val: Annotated[Path, typer.Option(help="FM-HCT's validation CSV.")],
+    test: Annotated[Path, typer.Option(help="FM-HCT's test CSV.")],
+    linkage: Annotated[Path | None, typer.Option(help="The store's linkage file (default: "
+                                                      "<project root>/private/linkage/<store name>.csv).")] = None,
+) -> None:
+    """FM-HCT's split files -> headct split files over STORE, matched through the local linkage file (pseudonyms
+    only; unmatched rows reported by count)."""
+    import json
+
+    from headct.config import find_project_root
+    from headct.data.fmhct_splits import import_fmhct_splits
+
+    root = find_project_root()
+    store, out = store.resolve(), out.resolve()
+    linkage = linkage.resolve() if linkage is not None else root / "private" / "linkage" / f"{store.name}.csv"
+    files = {"train": train.resolve(), "val": val.resolve(), "test": test.resolve()}
+    try:
+        summary = import_fmhct_splits(files, store, linkage, out, root)
+    except InputError as exc:
+        raise _fail(f"headct import-splits fm-hct: {exc}", 1) from None
+    typer.echo(json.dumps({k: summary[k] for k in summary if k != "counts"}, indent=1))
+    typer.echo(json.dumps({k: {"patients": c["patients"], "scans": c["scans"]} for k, c in summary["counts"].items()}))
+
+
 @app.command()
 def synth(
     out: Annotated[Path | None, typer.Argument(help="Output folder (default: synth.out).")] = None,
@@ -192,12 +248,26 @@ def ingest(
     shard: Annotated[
         str | None, typer.Option("--shard", help="K/N: convert only the studies of shard K of N (job arrays).")
     ] = None,
+    preprocess: Annotated[
+        str | None, typer.Option("--preprocess", help="A named recipe for ingest.preprocess, e.g. fm-hct (the "
+                                                      "recipe of imported FM-HCT weights).")
+    ] = None,
     params_file: ParamsOpt = None,
     overrides: SetOpt = None,
 ) -> None:
     """DICOM/NIfTI -> canonical int16 RAS volumes + manifest + rejects + labels (+ local linkage file)."""
     paths = paths or []
     overrides = list(overrides or [])
+    if preprocess is not None:  # before the user's --set, which is refused on the same keys (one recipe, stated once)
+        from headct.config.base import PREPROCESS_MODES
+
+        if preprocess not in PREPROCESS_MODES:
+            raise _fail(f"headct ingest: unknown --preprocess {preprocess!r}; known: {', '.join(PREPROCESS_MODES)}", 2)
+        clash = [o for o in overrides if o.split("=", 1)[0].strip().startswith("ingest.preprocess.")]
+        if clash:
+            raise _fail(f"headct ingest: --preprocess {preprocess} sets ingest.preprocess; drop {clash}", 2)
+        overrides = [f"ingest.preprocess.{k}={list(v) if isinstance(v, tuple) else v}"
+                     for k, v in PREPROCESS_MODES[preprocess].items()] + overrides
     if workers is not None:
         overrides.append(f"ingest.workers={workers}")
     if shard is not None:

@@ -59,7 +59,7 @@ def probe_models(probe: dict[str, Any]) -> list[str]:
 
 
 def display(model: str, method: str) -> str:
-    return f"pre-trained {method.upper()}" if model == "pretrained" else NAMES.get(model, model)
+    return f"pre-trained {method.upper()}".strip() if model == "pretrained" else NAMES.get(model, model)
 
 
 def results_rows(probe: dict[str, Any]) -> list[list[str]]:
@@ -136,10 +136,10 @@ def answer_lines(compare: dict[str, Any] | None) -> list[str]:
             *_table(header, rows)]
 
 
-def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
+def render_markdown(pretrain: dict[str, Any] | None, probe: dict[str, Any], fewshot: dict[str, Any] | None,
                     retrieval: dict[str, Any] | None, finetune: dict[str, Any] | None, figures: list[str],
                     compare: dict[str, Any] | None = None) -> str:
-    method = pretrain.get("method", "mae")
+    method = pretrain.get("method", "mae") if pretrain else ""
     models = probe_models(probe)
     lines = ["# Results", *answer_lines(compare), "", "## Linear probe (frozen features, test split)", "",
              "AUROC with 95% CIs from a patient-level bootstrap; C and thresholds chosen on val.", ""]
@@ -177,17 +177,18 @@ def render_markdown(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: di
         rows = [[lab, str(m.get("n_pos", "-")), _auroc_cell(m)] for lab, m in
                 ((lab, finetune["labels"][lab]) for lab in _canonical(finetune["labels"]))]
         lines += _table(["label", "test positives", "AUROC [95% CI]"], rows)
-    lines += ["", f"Held-out pretext loss ({method.upper()} pre-training): {pretrain['heldout_loss_start']:.4f} at "
-              f"start, {pretrain['heldout_loss_end']:.4f} at end.", ""]
+    if pretrain:
+        lines += ["", f"Held-out pretext loss ({method.upper()} pre-training): {pretrain['heldout_loss_start']:.4f} "
+                  f"at start, {pretrain['heldout_loss_end']:.4f} at end."]
+    lines += [""]
     lines += [f"![{Path(f).stem}]({Path(f).name})" for f in figures]
     return "\n".join(lines) + "\n"
 
 
-def summary_metrics(pretrain: dict[str, Any], probe: dict[str, Any], fewshot: dict[str, Any] | None,
+def summary_metrics(pretrain: dict[str, Any] | None, probe: dict[str, Any], fewshot: dict[str, Any] | None,
                     retrieval: dict[str, Any] | None) -> dict[str, Any]:
     out: dict[str, Any] = {
-        "heldout_loss_start": pretrain["heldout_loss_start"],
-        "heldout_loss_end": pretrain["heldout_loss_end"],
+        **({k: pretrain[k] for k in ("heldout_loss_start", "heldout_loss_end")} if pretrain else {}),
         "labels_probed": len(probe["pretrained"]),
         "labels_skipped": len(probe.get("skipped", {})),
     }
@@ -239,11 +240,12 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
     from headct import tracking
     from headct.io import write_json, write_text
 
-    pretrain = _load(cfg.pretrain_metrics, ("heldout_loss_start", "heldout_loss_end"))
+    pretrain = (None if cfg.pretrain_metrics is None
+                else _load(cfg.pretrain_metrics, ("heldout_loss_start", "heldout_loss_end")))
     probe = _load(cfg.probe_metrics, ("pretrained", "random_init"))
     fewshot, retrieval = _optional(cfg.fewshot_metrics), _optional(cfg.retrieval_metrics)
     finetune, compare = _optional(cfg.finetune_metrics), _optional(cfg.compare_metrics)
-    method = pretrain.get("method", "mae")
+    method = pretrain.get("method", "mae") if pretrain else ""
     figures = _figures(cfg, probe, fewshot, retrieval, method)
     markdown = render_markdown(pretrain, probe, fewshot, retrieval, finetune, [str(f) for f in figures], compare)
     summary = summary_metrics(pretrain, probe, fewshot, retrieval)
@@ -269,9 +271,8 @@ def run(cfg: ReportConfig, ctx: JobContext) -> dict[str, Any]:
         console.print(headline_sentence(compare))
     for label in _canonical(probe.get("skipped", {})):
         console.print(f"skipped {label}: {probe['skipped'][label]}")
-    console.print(
-        f"held-out pretext loss: {summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}"
-    )
+    if pretrain:
+        console.print(f"held-out pretext loss: {summary['heldout_loss_start']:.4f} -> {summary['heldout_loss_end']:.4f}")
     for path in figures:
         console.print(f"wrote {path}")
     return summary

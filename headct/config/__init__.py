@@ -20,6 +20,7 @@ Importing this package imports them all: jobs and library modules import the sub
 from headct.config.base import (
     DEFAULT_WINDOWS,
     LABELS,
+    PREPROCESS_MODES,
     JobContext,
     Label,
     PreprocessSpec,
@@ -81,6 +82,7 @@ __all__ = [
     "Params",
     "Pool",
     "PredictConfig",
+    "PREPROCESS_MODES",
     "PreprocessSpec",
     "PretrainConfig",
     "ProbeConfig",

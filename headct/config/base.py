@@ -77,6 +77,15 @@ class PreprocessSpec(Section):
         return hashlib.sha256(payload).hexdigest()[:12]
 
 
+# Named recipes for `headct ingest --preprocess NAME`: settings of `ingest.preprocess`, so a store is made the way an
+# imported encoder was trained. "fm-hct": FM-HCT's crop-to-the-head then anisotropic resize to 96^3 (its 1 mm
+# isotropic pre-resampling is recorded as spacing_mm; the stretch fit samples the source directly onto the head box,
+# so each volume's per-axis spacing is in its affine). headct.models.import_fmhct records the same spec.
+PREPROCESS_MODES: dict[str, dict[str, Any]] = {
+    "fm-hct": {"shape": (96, 96, 96), "spacing_mm": 1.0, "fit": "stretch", "head_localisation": "threshold"},
+}
+
+
 class TrackingConfig(Section):
     """MLflow boundary. ``uri`` None means ``sqlite:///<project root>/mlflow.db``."""
 

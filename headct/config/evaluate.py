@@ -210,7 +210,8 @@ class ReportConfig(Section):
 
     probe_metrics: Path = Path("reports/probe/metrics.json")
     probe_predictions: Path | None = Path("reports/probe/predictions.csv")
-    pretrain_metrics: Path = Path("reports/pretrain/metrics.json")
+    # None: the encoder was not pre-trained here (e.g. imported with `headct import-weights`): no pretext-loss line
+    pretrain_metrics: Path | None = Path("reports/pretrain/metrics.json")
     fewshot_metrics: Path | None = None
     retrieval_metrics: Path | None = None
     finetune_metrics: Path | None = None

@@ -83,16 +83,18 @@ def check_rate(p: float) -> float:
 class Block(nn.Module):
     """Pre-norm transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x))); (B, T, D) -> (B, T, D).
 
-    ``drop_path`` is the stochastic-depth rate of both residual branches (0 = the plain block).
+    ``drop_path`` is the stochastic-depth rate of both residual branches (0 = the plain block); ``norm_eps`` the
+    LayerNorms' epsilon (1e-6 as in timm/MAE; MONAI-style checkpoints such as FM-HCT's use torch's 1e-5).
     """
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop_path: float = 0.0,
+        norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.drop_path = DropPath(drop_path)
 

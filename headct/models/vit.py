@@ -63,8 +63,8 @@ class PatchEmbed3D(nn.Module):
 
 
 class ViT3D(nn.Module):
-    """3D ViT encoder: Conv3d patch embedding, fixed 3D sin-cos positions, CLS (+ register) tokens, pre-norm
-    blocks, LayerNorm.
+    """3D ViT encoder: Conv3d patch embedding, 3D sin-cos positions (fixed, or learned from that start), CLS
+    (+ register) tokens, pre-norm blocks, LayerNorm.
 
     Args:
         img_size: volume grid (X, Y, Z) in voxels the model is built for (one int = a cube).
@@ -74,6 +74,10 @@ class ViT3D(nn.Module):
         qkv_bias: learn a bias on the query/key/value projection.
         num_registers: extra learned tokens after CLS (0 = none); used inside the blocks, never returned.
         name: the registered size this was built from (kept in ``arch`` for the model directory).
+        pos_embed: "sincos" = a fixed table recomputed from ``arch`` (not saved); "learned" = a (1, N, D) parameter
+            started from that table and saved with the weights (FM-HCT's layout; headct.models.import_fmhct).
+        block_norm_eps: the blocks' LayerNorm epsilon (the final norm keeps 1e-6). The two options enter ``arch``
+            only when not at their defaults, so existing model directories describe the same encoder.
         drop_path_rate: stochastic depth of the last block; block i gets rate * i / (depth - 1), 0 = off. A
             training-time setting, not architecture: it adds no weights and is not kept in ``arch``
             (``set_drop_path_rate`` sets it on a loaded encoder).
@@ -97,6 +101,8 @@ class ViT3D(nn.Module):
         num_registers: int = 0,
         name: str = "custom",
         drop_path_rate: float = 0.0,
+        pos_embed: Literal["sincos", "learned"] = "sincos",
+        block_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
         img = _triple(img_size)
@@ -106,10 +112,14 @@ class ViT3D(nn.Module):
             raise ValueError(f"in_chans and depth must be >= 1, got {in_chans} and {depth}")
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        if pos_embed not in ("sincos", "learned"):
+            raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {pos_embed!r}")
         self.arch: dict[str, Any] = {
             "name": name, "img_size": list(img), "patch_size": patch_size, "in_chans": in_chans,
             "embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, "mlp_ratio": mlp_ratio,
             "qkv_bias": qkv_bias, "num_registers": num_registers,
+            **({"pos_embed": pos_embed} if pos_embed != "sincos" else {}),
+            **({"block_norm_eps": block_norm_eps} if block_norm_eps != 1e-6 else {}),
         }
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -119,9 +129,13 @@ class ViT3D(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.num_registers = num_registers
         self.register_tokens = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
-        # Fixed (not learned) and recomputable from `arch`, so it is not part of the saved weights.
-        self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid)[None], persistent=False)
-        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias) for _ in range(depth))
+        self.learned_pos = pos_embed == "learned"
+        if self.learned_pos:  # (1, N, D): no CLS row, as in MONAI/FM-HCT (the CLS token carries no position)
+            self.pos_embed = nn.Parameter(sincos_pos_embed_3d(embed_dim, self.grid, cls_token=False)[None])
+        else:  # fixed and recomputable from `arch`, so it is not part of the saved weights
+            self.register_buffer("pos_embed", sincos_pos_embed_3d(embed_dim, self.grid)[None], persistent=False)
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, norm_eps=block_norm_eps)
+                                    for _ in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.set_drop_path_rate(drop_path_rate)
 
@@ -153,10 +167,10 @@ class ViT3D(nn.Module):
         return 1 + self.num_registers
 
     def pos_embed_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        """(1, 1 + gx*gy*gz, D): the position table, resampled when ``grid`` differs from the built one."""
-        if tuple(grid) == self.grid:
-            return self.pos_embed
-        return interpolate_pos_embed(self.pos_embed, self.grid, grid)
+        """(1, 1 + gx*gy*gz, D): the position table (CLS row zero), resampled when ``grid`` differs from the built
+        one."""
+        table = F.pad(self.pos_embed, (0, 0, 1, 0)) if self.learned_pos else self.pos_embed
+        return table if tuple(grid) == self.grid else interpolate_pos_embed(table, self.grid, grid)
 
     def grid_of(self, x: torch.Tensor) -> tuple[int, int, int]:
         """Token grid (gx, gy, gz) of a (B, C, X, Y, Z) batch."""
@@ -351,7 +365,7 @@ def vit_base(**kwargs: Any) -> ViT3D:
 
 
 _ARCH_KEYS = {"name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
-              "qkv_bias", "num_registers"}
+              "qkv_bias", "num_registers", "pos_embed", "block_norm_eps"}
 
 
 def build_encoder(arch: dict[str, Any], drop_path_rate: float = 0.0) -> ViT3D:
