@@ -281,7 +281,7 @@ def _headct_runner(src: Path, work: Path, workers: int):
     from headct.data.ingest import ingest
 
     cfg = IngestConfig(src=src, dest=work / "store", labels=None, labels_format="none", patient_key="dicom",
-                       demo_key=True, workers=workers, linkage=work / "private" / "linkage.csv",
+                       workers=workers, linkage=work / "private" / "linkage.csv",
                        report_dir=work / "reports")
 
     def prepare() -> None:

@@ -1,16 +1,18 @@
 """The MLflow boundary: the only module in headct that imports mlflow.
 
 One MLflow run per job invocation (`job_run`), nested child runs for labels/seeds/trials (`RunLogger.child`).
-Params are the job's whole validated config, flattened to dotted keys, with anything secret-looking removed.
-Each run is named and tagged by `headct.run_meta.describe` (store label, model, method, stage) and carries a
-`headct.pipeline_id` that groups the runs of one `dvc repro` (`pipeline_id`). Experiments are created as
-`custom_model_development`, so MLflow's UI opens them on their runs. `LAST_RUN` records the latest run this
-process started (the CLI prints its id when a job ends).
+Params are the job's whole validated config, flattened to dotted keys, with anything secret-looking removed and
+every path replaced by a label (`path_label`): a folder named after a patient or a record number must not land in
+the tracking database. Each run is named and tagged by `headct.run_meta.describe` (store label, model, method,
+stage) and carries a `headct.pipeline_id` that groups the runs of one `dvc repro` (`pipeline_id`). Experiments are
+created as `custom_model_development`, so MLflow's UI opens them on their runs. `LAST_RUN` records the latest run
+this process started (the CLI prints its id when a job ends).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import subprocess
@@ -30,6 +32,11 @@ os.environ.setdefault("DO_NOT_TRACK", "true")
 _SECRET_KEY = re.compile(r"(password|passwd|secret|token|api_?key|pseudonym_key)", re.IGNORECASE)
 _URI_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@\s]+)@", re.I)
 _MAX_PARAM_CHARS = 6000
+# A path component shown as it is in MLflow: lowercase words such as `data`, `store`, `synth`, `cq500`,
+# `reads.csv`, `rsna2019`. Capitals, spaces, `^` (DICOM's name separator) and digit runs of 6 or more (record
+# and accession numbers) are not: such a path is logged as a hash.
+_SAFE_PART = re.compile(r"[a-z][a-z0-9_.-]{0,39}")
+_LONG_NUMBER = re.compile(r"[0-9]{6,}")
 # The headct package folder, shipped with every registered pyfunc (code_paths). Found from this file, not by
 # `import headct`, whose lazy attributes (load_encoder, load_classifier) would tie a registering stage's code deps
 # (scripts/dvc_deps.py) to both public surfaces.
@@ -49,16 +56,50 @@ def redact(value: str) -> str:
     return _URI_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
 
 
-def flatten_params(params: BaseModel | Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Dotted-key, string-valued view of a config, secrets dropped and URIs redacted."""
-    tree = params.model_dump(mode="json") if isinstance(params, BaseModel) else dict(params)
+def _safe(part: str) -> bool:
+    return bool(_SAFE_PART.fullmatch(part)) and not _LONG_NUMBER.search(part)
+
+
+def path_label(path: Path, root: Path | None) -> str:
+    """How a path is logged: its path under the project root when every folder name in it is safe (`_SAFE_PART`),
+    `<outside>/<name>` for a path outside the root whose last name is safe, else `sha256:<12 hex>` of the
+    absolute path (tells runs apart; not a secret: a guessed path can be hashed and compared)."""
+    resolved = Path(path).expanduser().resolve()
+    if root is not None and resolved.is_relative_to(root.resolve()):
+        parts = resolved.relative_to(root.resolve()).parts
+        if all(_safe(part) for part in parts):
+            return "/".join(parts) or "."
+    elif _safe(resolved.name):
+        return f"<outside>/{resolved.name}"
+    digest = hashlib.sha256(str(resolved).encode("utf-8", "surrogateescape")).hexdigest()[:12]
+    return f"sha256:{digest}"
+
+
+def _labelled(python: Any, as_json: Any, root: Path | None) -> Any:
+    """The JSON dump `as_json` of a config with each value that is a Path in the Python dump `python` labelled."""
+    if isinstance(python, Path):
+        return path_label(python, root)
+    if isinstance(python, Mapping) and isinstance(as_json, Mapping):
+        return {k: _labelled(python[k], as_json[k], root) if k in python else v for k, v in as_json.items()}
+    if isinstance(python, list | tuple) and isinstance(as_json, list) and len(python) == len(as_json):
+        return [_labelled(p, j, root) for p, j in zip(python, as_json, strict=True)]
+    return as_json
+
+
+def flatten_params(params: BaseModel | Mapping[str, Any], prefix: str = "", root: Path | None = None) -> dict[str, str]:
+    """Dotted-key, string-valued view of a config, secrets dropped, URIs redacted and paths labelled
+    (`path_label`; `root`: the project root)."""
+    if isinstance(params, BaseModel):
+        tree = _labelled(params.model_dump(), params.model_dump(mode="json"), root)
+    else:
+        tree = {k: path_label(v, root) if isinstance(v, Path) else v for k, v in params.items()}
     flat: dict[str, str] = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if _SECRET_KEY.search(str(key)):
             continue
         if isinstance(value, Mapping):
-            flat.update(flatten_params(value, prefix=f"{name}."))
+            flat.update(flatten_params(value, prefix=f"{name}.", root=root))
         else:
             flat[name] = redact(str(value))[:_MAX_PARAM_CHARS]
     return flat
@@ -121,8 +162,9 @@ def pipeline_id(root: Path) -> str:
 class RunLogger:
     """Thin handle on an active MLflow run; every call goes to this run even while a child is open."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, root: Path | None = None) -> None:
         self.run_id = run_id
+        self.root = root  # the project root: paths in params are logged relative to it (path_label)
 
     def _client(self) -> Any:
         import mlflow
@@ -132,7 +174,7 @@ class RunLogger:
     def log_params(self, params: BaseModel | Mapping[str, Any], prefix: str = "") -> None:
         from mlflow.entities import Param
 
-        flat = flatten_params(params, prefix)
+        flat = flatten_params(params, prefix, self.root)
         items = [Param(k, v) for k, v in flat.items()]
         for start in range(0, len(items), 100):  # MLflow's batch limit
             self._client().log_batch(self.run_id, params=items[start : start + 100])
@@ -166,7 +208,7 @@ class RunLogger:
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=name, nested=True, parent_run_id=self.run_id
         ) as run:
-            logger = RunLogger(run.info.run_id)
+            logger = RunLogger(run.info.run_id, self.root)
             if params is not None:
                 logger.log_params(params)
             yield logger
@@ -244,7 +286,7 @@ def _run(
         extra = {"log_system_metrics": True}
     name = run_name or name
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, tags=run_tags, **extra) as run:
-        logger = RunLogger(run.info.run_id)
+        logger = RunLogger(run.info.run_id, root)
         logger.log_params(params)
         yield logger
     LAST_RUN.clear()

@@ -58,15 +58,12 @@ def write_contact_sheet(store_dir: Path, rows: list[dict[str, Any]], dest: Path)
 
 
 def loggable_params(cfg: IngestConfig, root: Path) -> dict[str, Any]:
-    """The config for MLflow, with source-side paths (SRC, labels, linkage) shown relative to the project root,
-    or withheld when outside it: an ad hoc SRC is often named after the patient or the export."""
-    params = cfg.model_dump(mode="json")
-    for key in ("src", "labels", "linkage"):
-        path = getattr(cfg, key)
-        if path is not None:
-            inside = path.resolve().is_relative_to(root.resolve())
-            params[key] = path.resolve().relative_to(root.resolve()).as_posix() if inside else "<outside project>"
-    return params
+    """The config for MLflow, every path (SRC, DEST, labels, linkage, reports) labelled by
+    `tracking.path_label`: relative to the project root when its folder names are plain lowercase words, else
+    a hash: an ad hoc SRC or DEST is often named after the patient or the export."""
+    from headct.tracking import flatten_params
+
+    return flatten_params(cfg, root=root)
 
 
 _TABLE_ROWS = ("studies_seen", "series_seen", "accepted", "converted", "reused", "duplicates", "series_broken",

@@ -13,13 +13,16 @@ from headct.config import IngestConfig, PreprocessSpec, QcRules
 from headct.data import store
 from headct.data.ingest import ingest
 
+# The tests' pseudonym key (HEADCT_PSEUDONYM_KEY): their DICOM is made by tests/dicom_factory.py, not by
+# `headct synth`, so it is real data to ingest, which the public demo key is refused for.
+TEST_KEY = "headct-tests-only-pseudonym-key-not-the-demo-key"
 SPEC = PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0)  # 192 mm field of view
 RULES = QcRules(min_slices=8, min_coverage_mm=30.0)  # test series are 8-32 slices, 5 mm apart
 
 
 def make_cfg(tmp: Path, **kw) -> IngestConfig:
     base = dict(src=tmp / "src", dest=tmp / "store", labels=None, labels_format="none", patient_key="dicom",
-                demo_key=True, workers=1, linkage=tmp / "private" / "link.csv", report_dir=tmp / "reports",
+                workers=1, linkage=tmp / "private" / "link.csv", report_dir=tmp / "reports",
                 preprocess=SPEC, qc=RULES)
     return IngestConfig(**{**base, **kw})
 

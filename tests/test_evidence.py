@@ -29,7 +29,7 @@ def runner():
 TINY = {
     "tracking": {"experiment": "evidence-test"},
     "synth": {"n_patients": 30, "matrix": 64, "pixel_mm": 3.6, "extra_series_fraction": 0.0, "workers": 1},
-    "ingest": {"demo_key": True, "workers": 1, "qc": {"min_slices": 8},
+    "ingest": {"workers": 1, "qc": {"min_slices": 8},
                "preprocess": {"shape": [32, 32, 32], "spacing_mm": 6.0}},
     "split": {"counts": {"val": 8, "test": 8}, "labelled_train": 8},
     "pretrain": {"patch_size": 16, "use_val": False, "batch_size": 4, "samples": 8, "eval_volumes": 2,

@@ -15,14 +15,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_factory import AIR_HU, MARKER_HU, SeriesSpec, slice_positions, write_series  # noqa: E402
+from dicom_factory import AIR_HU, MARKER_HU, SeriesSpec, nifti_of, slice_positions, write_series  # noqa: E402
 from ingest_helpers import (  # noqa: E402
     EXPECTED_MARKER_RAS,
     SPEC,
+    TEST_KEY,
     make_cfg,
     marker_ras,
     only_volume,
@@ -31,16 +33,23 @@ from ingest_helpers import (  # noqa: E402
 
 from headct.config import JobContext, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, load_key  # noqa: E402
+from headct.data.identity import (  # noqa: E402
+    DEMO_KEY,
+    KEY_ENV,
+    KEY_FILE_ENV,
+    Pseudonymizer,
+    configured_key,
+)
 from headct.data.label_sources.cq500 import read_cq500  # noqa: E402
 from headct.data.selection import is_bone_kernel, qc_series, rank_series  # noqa: E402
 from headct.data.series import Series, SliceHeader, stack_geometry  # noqa: E402
+from headct.data.synth import marker  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -158,7 +167,7 @@ def test_bone_kernel_localizer_and_others_are_not_selected_with_reasons(tmp_path
     for name, spec in specs.items():
         write_series(cfg.src / "P" / name, spec, study_uid=study, series_uid=uids[name])
     summary = run_ingest(cfg)
-    pseudo = Pseudonymizer(DEMO_KEY)
+    pseudo = Pseudonymizer(TEST_KEY.encode())
     _, _, row = only_volume(cfg)
     assert row["scan_id"] == pseudo.series(uids["plain"]) and row["kernel"] == "H30s"
     rejects = pd.read_csv(cfg.dest / store.REJECTS).set_index("series_id")
@@ -252,29 +261,81 @@ def test_pseudonyms_are_keyed_stable_and_typed() -> None:
     assert "k" * 32 not in repr(a)
 
 
-def test_key_comes_from_env_or_file_and_demo_key_needs_opt_in(tmp_path: Path, monkeypatch) -> None:
-    with pytest.raises(InputError, match=KEY_ENV):
-        load_key(demo_key=False)
-    warnings: list[str] = []
-    assert load_key(demo_key=True, warn=warnings.append) == (DEMO_KEY, True) and "DEMO" in warnings[0]
+def test_key_comes_from_env_or_file_and_is_never_echoed(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    assert configured_key() is None
     monkeypatch.setenv(KEY_ENV, "short")
     with pytest.raises(InputError, match="shorter") as err:
-        load_key(demo_key=True)
+        configured_key()
     assert "short" not in str(err.value).replace("shorter", "")  # the key itself is never echoed
     monkeypatch.setenv(KEY_ENV, "s" * 40)
-    assert load_key(demo_key=True) == (b"s" * 40, False)
+    assert configured_key() == b"s" * 40
     monkeypatch.delenv(KEY_ENV)
     (tmp_path / "key").write_text("f" * 40 + "\n")
     monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "key"))
-    assert load_key(demo_key=False) == (b"f" * 40, False)
+    assert configured_key() == b"f" * 40
 
 
-def test_missing_key_without_demo_key_fails_before_any_work(tmp_path: Path) -> None:
-    cfg = make_cfg(tmp_path, demo_key=False)
+def mark_synthetic(paths: list[Path]) -> None:
+    """Write `headct synth`'s marker into DICOM files (what the generator does to every file it writes)."""
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.private_block(marker.GROUP, marker.CREATOR, create=True).add_new(marker.ELEMENT, "LO", marker.VALUE)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def test_real_data_without_a_key_is_refused_at_its_first_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    cfg = make_cfg(tmp_path)
     write_series(cfg.src / "s", SeriesSpec(n_slices=8))
-    with pytest.raises(InputError, match=KEY_ENV):
+    with pytest.raises(InputError, match=KEY_ENV) as err:
+        run_ingest(cfg)
+    assert re.search(r"first file read under SRC \(s/CT0000\d\d.dcm\) is not synthetic", str(err.value))
+    assert not cfg.dest.exists()
+    # the public demo key given as the key is no key for real data either
+    monkeypatch.setenv(KEY_ENV, DEMO_KEY.decode())
+    with pytest.raises(InputError, match="public demo key"):
         run_ingest(cfg)
     assert not cfg.dest.exists()
+
+
+def test_synthetic_data_uses_the_demo_key_and_one_real_file_among_it_stops_the_run(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    cfg = make_cfg(tmp_path)
+    series_uid = "1.2.826.0.1.3680043.8.498.777"
+    mark_synthetic(write_series(cfg.src / "a", SeriesSpec(n_slices=8), series_uid=series_uid))
+    assert run_ingest(cfg)["accepted"] == 1
+    assert store.read_manifest(cfg.dest)["scan_id"].tolist() == [Pseudonymizer(DEMO_KEY).series(series_uid)]
+    # an export beside it, found only by the full walk (the first file read is synthetic)
+    write_series(cfg.src / "b", SeriesSpec(n_slices=9))  # other pixels: not a duplicate of a/
+    before = (cfg.dest / "manifest.parquet").read_bytes()
+    with pytest.raises(InputError, match=r"9 file\(s\) under SRC \(e.g. b/CT0000"):
+        run_ingest(cfg)
+    assert (cfg.dest / "manifest.parquet").read_bytes() == before  # nothing written
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)  # with a real key both are ingested, under that key (a new store:
+    assert run_ingest(cfg.model_copy(update={"dest": tmp_path / "keyed"}))["accepted"] == 2  # new pseudonyms)
+
+
+def test_a_nifti_is_synthetic_only_with_the_marker_in_its_descrip(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(KEY_ENV)
+    cfg = make_cfg(tmp_path)
+    image = nifti_of(SeriesSpec())
+    cfg.src.mkdir(parents=True)
+    nib.save(image, cfg.src / "head.nii.gz")
+    with pytest.raises(InputError, match="not synthetic"):
+        run_ingest(cfg)
+    image.header["descrip"] = marker.VALUE.encode()
+    nib.save(image, cfg.src / "head.nii.gz")
+    assert run_ingest(cfg)["accepted"] == 1
+
+
+def test_the_removed_demo_key_setting_is_refused_naming_the_new_rule(tmp_path: Path) -> None:
+    from headct.config import ConfigError, load_params
+
+    (tmp_path / "params.yaml").write_text("ingest:\n  demo_key: true\n")
+    with pytest.raises(ConfigError, match=r"ingest.demo_key = True: .*removed.*headct synth.*HEADCT_PSEUDONYM_KEY"):
+        load_params(root=tmp_path)
 
 
 def test_missing_or_empty_source_is_an_input_error(tmp_path: Path) -> None:
@@ -327,7 +388,7 @@ def test_labels_join_by_cq500_folder_and_unknown_patients_stay_empty(tmp_path: P
     write_series(cfg.src / "SYNCT2 SYNCT2" / "Unknown Study" / "CT", SeriesSpec(n_slices=8, centre=(0.0, 0.0, 2.5)))
     summary = run_ingest(cfg)
     labels = pd.read_csv(cfg.dest / store.LABELS, dtype=str, keep_default_na=False)
-    pseudo = Pseudonymizer(DEMO_KEY)
+    pseudo = Pseudonymizer(TEST_KEY.encode())
     by_patient = labels.set_index("patient_id")
     assert by_patient.loc[pseudo.patient("SYNCT1"), ["ICH", "SDH"]].tolist() == ["1", "0"]
     assert by_patient.loc[pseudo.patient("SYNCT2"), ["ICH", "SDH"]].tolist() == ["", ""]
@@ -367,8 +428,11 @@ def test_job_outputs_carry_no_identifying_value(tmp_path: Path, sqlite_tracking)
     linkage = tmp_path / "private" / "linkage" / "store.csv"  # default: <root>/private/linkage/<dest name>.csv
     assert series in linkage.read_text() and not linkage.is_relative_to(cfg.dest)
     assert not (cfg.dest / store.JOURNAL).exists()
-    elsewhere = cfg.model_copy(update={"src": Path("/exports/Doe^Jane")})
-    assert loggable_params(elsewhere, tmp_path)["src"] == "<outside project>"
+    elsewhere = cfg.model_copy(update={"src": Path("/exports/Doe^Jane"), "dest": tmp_path / "MRN1234567"})
+    logged = loggable_params(elsewhere, tmp_path)
+    assert re.fullmatch(r"sha256:[0-9a-f]{12}", logged["src"]) and re.fullmatch(r"sha256:[0-9a-f]{12}", logged["dest"])
+    assert logged["report_dir"] == "reports" and logged["preprocess.shape"] == "[32, 32, 32]"
+    assert loggable_params(cfg.model_copy(update={"src": Path("/exports/cq500")}), tmp_path)["src"] == "<outside>/cq500"
 
 
 def test_resume_reuses_volumes_of_the_same_preprocess_version(tmp_path: Path, monkeypatch) -> None:
@@ -380,6 +444,7 @@ def test_resume_reuses_volumes_of_the_same_preprocess_version(tmp_path: Path, mo
     with pytest.raises(KeyboardInterrupt):
         run_ingest(cfg)
     monkeypatch.undo()
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)  # undo() also removed the key the autouse fixture set
     volumes = sorted((cfg.dest / store.VOLUMES).glob("*.npy"))
     assert len(volumes) == 2 and (cfg.dest / store.JOURNAL).is_file()
     stamps = [os.stat(p).st_mtime_ns for p in volumes]
@@ -389,7 +454,8 @@ def test_resume_reuses_volumes_of_the_same_preprocess_version(tmp_path: Path, mo
     assert run_ingest(cfg)["reused"] == 2  # and again from the manifest
     np.save(volumes[0], np.zeros((2, 2, 2), np.int16))  # a volume that no longer matches its manifest row
     assert (run_ingest(cfg)["converted"], np.load(volumes[0]).shape) == (1, SPEC.shape)
-    changed = cfg.model_copy(update={"preprocess": SPEC.model_copy(update={"spacing_mm": 5.0})})
+    # another recipe: refused into this store (tests/test_store_guards.py), converted afresh with rebuild
+    changed = cfg.model_copy(update={"preprocess": SPEC.model_copy(update={"spacing_mm": 5.0}), "rebuild": True})
     assert run_ingest(changed)["converted"] == 2
     assert json.loads((cfg.dest / store.PREPROCESS).read_text())["version"] == changed.preprocess.version
 

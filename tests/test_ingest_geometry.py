@@ -20,7 +20,7 @@ from pydicom.data import get_testdata_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, nifti_of, slice_positions, write_enhanced, write_series  # noqa: E402
-from ingest_helpers import EXPECTED_MARKER_RAS, hu_at, make_cfg, marker_ras, only_volume, run_ingest  # noqa: E402
+from ingest_helpers import EXPECTED_MARKER_RAS, TEST_KEY, hu_at, make_cfg, marker_ras, only_volume, run_ingest  # noqa: E402
 
 from headct.data import store  # noqa: E402
 from headct.data.discovery import group_series, read_headers  # noqa: E402
@@ -30,8 +30,8 @@ from headct.data.series import stack_geometry  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 

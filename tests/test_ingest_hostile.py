@@ -23,30 +23,31 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, nifti_of, write_series  # noqa: E402
 from hostile_corpus import CASES, GOOD, OTHER, SMALL, folder, write_corpus  # noqa: E402
-from ingest_helpers import RULES, make_cfg, run_ingest  # noqa: E402
+from ingest_helpers import RULES, TEST_KEY, make_cfg, run_ingest  # noqa: E402
 from toy_format import ToyFormat, write_toy  # noqa: E402
 
 from headct.config import IngestConfig  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.guards import shown, verdict  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer, read_linkage  # noqa: E402
+from headct.data.identity import KEY_ENV, KEY_FILE_ENV, Pseudonymizer, read_linkage  # noqa: E402
 from headct.data.ingest import ingest  # noqa: E402
 from headct.data.series import Series, SliceHeader  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-PSEUDO = Pseudonymizer(DEMO_KEY)
+PSEUDO = Pseudonymizer(TEST_KEY.encode())
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -70,7 +71,7 @@ def assert_nothing_half_written(dest: Path) -> None:
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory: pytest.TempPathFactory) -> tuple[IngestConfig, dict[str, str], dict, str]:
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv(KEY_ENV, raising=False)
+        mp.setenv(KEY_ENV, TEST_KEY)
         mp.delenv(KEY_FILE_ENV, raising=False)
         cfg = make_cfg(tmp_path_factory.mktemp("hostile"))
         keys = write_corpus(cfg.src)
@@ -135,7 +136,7 @@ def _project(tmp_path: Path, mlflow_store: str, **ingest_keys) -> Path:
     project.mkdir()
     extra = "".join(f"  {k}: {v}\n" for k, v in ingest_keys.items())
     (project / "params.yaml").write_text(
-        f"tracking:\n  uri: {mlflow_store}\n  experiment: hostile\ningest:\n  demo_key: true\n  workers: 1\n"
+        f"tracking:\n  uri: {mlflow_store}\n  experiment: hostile\ningest:\n  workers: 1\n"
         "  labels_format: none\n  patient_key: dicom\n" + extra +
         "  qc:\n    min_slices: 8\n    min_coverage_mm: 30\n  preprocess:\n    shape: [32, 32, 32]\n    spacing_mm: 6.0\n")
     return project
@@ -184,7 +185,7 @@ def test_names_that_are_not_utf8_are_ingested_and_kept_as_bytes(tmp_path: Path) 
     assert os.fsdecode(os.fsencode(folder / "series")) in set(linkage["source_folder"])
     # the NIfTI's pseudonym hashes its raw name: the same on every run, and valid UTF-8 names are unaffected
     assert PSEUDO.series("nifti:sch\udce4del") in set(store.read_manifest(cfg.dest)["scan_id"])
-    assert PSEUDO.series("nifti:plain") == Pseudonymizer(DEMO_KEY).series("nifti:plain")
+    assert PSEUDO.series("nifti:plain") == Pseudonymizer(TEST_KEY.encode()).series("nifti:plain")
 
 
 def test_a_dest_that_is_a_file_is_refused_before_anything_is_written(tmp_path: Path) -> None:
@@ -410,3 +411,60 @@ def test_a_report_folder_that_is_a_file_is_refused_first(tmp_path: Path, job_ctx
     with pytest.raises(InputError, match="ingest report folder .* is a file"):
         run(cfg, job_ctx)
     assert not cfg.dest.exists() and not cfg.linkage.exists()  # refused before the store was written
+
+
+def write_deflate_bomb(path: Path, inflated_mib: int) -> int:
+    """A Deflated Explicit VR Little Endian file whose dataset is a valid CT header followed by PixelData of
+    `inflated_mib` MiB of zeros: a few hundred kB on disk. Returns the file's size."""
+    import struct
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    write_series(path.parent / "model", SeriesSpec(n_slices=1))
+    ds = pydicom.dcmread(next((path.parent / "model").iterdir()))
+    shutil.rmtree(path.parent / "model")
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    del ds.PixelData
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_dataset(header, ds)
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta)
+    deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    n = inflated_mib << 20
+    with open(path, "wb") as fh:
+        fh.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        fh.write(deflater.compress(header.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, n)))
+        zeros = bytes(8 << 20)
+        for _ in range(n // len(zeros)):
+            fh.write(deflater.compress(zeros))
+        fh.write(deflater.flush())
+    return path.stat().st_size
+
+
+def test_a_deflated_file_that_inflates_beyond_the_bound_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    import tracemalloc
+
+    from headct.data.discovery import read_headers
+    from headct.data.formats.dicom import MAX_INFLATED
+
+    cfg = make_cfg(tmp_path)
+    bomb = cfg.src / "bomb" / "CT000000.dcm"
+    bomb.parent.mkdir(parents=True)
+    assert write_deflate_bomb(bomb, (MAX_INFLATED >> 20) + 64) < 2 << 20  # under 2 MB on disk
+    tracemalloc.start()
+    try:
+        found = read_headers([bomb], cfg.src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert found.headers == [] and "inflates beyond 512 MiB" in found.bad_files[0][1]
+    assert peak < 64 << 20  # pydicom alone would hold the 576 MiB inflated dataset
+    write_series(cfg.src / "good", SeriesSpec(n_slices=8))
+    summary, terminal = ingest_capturing(cfg)
+    assert summary["accepted"] == 1 and summary["files_unreadable"] == 1
+    assert "bomb/CT000000.dcm" in terminal and "inflates beyond" in terminal

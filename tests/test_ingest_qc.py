@@ -13,12 +13,12 @@ from pydicom.uid import generate_uid
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, write_series  # noqa: E402
-from ingest_helpers import RULES, make_cfg, run_ingest  # noqa: E402
+from ingest_helpers import RULES, TEST_KEY, make_cfg, run_ingest  # noqa: E402
 
 from headct.config import IngestConfig, QcRules  # noqa: E402
 from headct.data import store  # noqa: E402
 from headct.data.criteria import read_criteria  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
+from headct.data.identity import KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
 from headct.data.selection import qc_series  # noqa: E402
 from headct.data.series import Series, SliceHeader  # noqa: E402
 from headct.errors import InputError  # noqa: E402
@@ -27,8 +27,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -160,7 +160,7 @@ def test_keep_all_accepts_every_passing_series_of_a_study(tmp_path: Path) -> Non
     write_series(cfg.src / "loc", SeriesSpec(n_slices=1, image_type=("ORIGINAL", "PRIMARY", "LOCALIZER")),
                  study_uid=study, series_uid=uids[2])
     summary = run_ingest(cfg)
-    pseudo = Pseudonymizer(DEMO_KEY)
+    pseudo = Pseudonymizer(TEST_KEY.encode())
     manifest = store.read_manifest(cfg.dest)
     assert set(manifest["scan_id"]) == {pseudo.series(uids[0]), pseudo.series(uids[1])}
     assert summary["rejected"] == {"localizer": 1} and summary["studies_seen"] == 1

@@ -16,19 +16,19 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, write_series  # noqa: E402
-from ingest_helpers import make_cfg, run_ingest  # noqa: E402
+from ingest_helpers import TEST_KEY, make_cfg, run_ingest  # noqa: E402
 
 from headct.data import shards, store  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
+from headct.data.identity import KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
 from headct.data.parallel import choose_workers, series_bytes  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
-PSEUDO = Pseudonymizer(DEMO_KEY)
+PSEUDO = Pseudonymizer(TEST_KEY.encode())
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -108,7 +108,7 @@ def test_shards_merged_equal_an_unsharded_run(tmp_path: Path, mlflow_store: str,
     project = tmp_path / "project"
     project.mkdir()
     (project / "params.yaml").write_text(
-        f"tracking:\n  uri: {mlflow_store}\n  experiment: shards\ningest:\n  demo_key: true\n  export_nifti: true\n"
+        f"tracking:\n  uri: {mlflow_store}\n  experiment: shards\ningest:\n  export_nifti: true\n"
         "  qc:\n    min_slices: 8\n    min_coverage_mm: 30\n  preprocess:\n    shape: [32, 32, 32]\n    spacing_mm: 6.0\n"
     )
     monkeypatch.chdir(project)
@@ -219,6 +219,7 @@ def _interrupted_after_one_study(cfg, monkeypatch) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_ingest(cfg)
     monkeypatch.undo()
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)  # undo() also removed the key the autouse fixture set
     assert len((cfg.dest / store.JOURNAL).read_text().splitlines()) == 1
 
 

@@ -20,24 +20,24 @@ from pydicom.uid import generate_uid
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_label_source  # noqa: E402
 from dicom_factory import SeriesSpec, nifti_of, write_series  # noqa: E402
-from ingest_helpers import make_cfg, run_ingest  # noqa: E402
+from ingest_helpers import TEST_KEY, make_cfg, run_ingest  # noqa: E402
 
 from headct.config import ConfigError, IngestConfig  # noqa: E402
 from headct.data import label_sources, store  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
+from headct.data.identity import KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
 from headct.data.label_sources.base import LabelRows  # noqa: E402
 from headct.data.label_sources.rsna2019 import SUBTYPES, read_rsna  # noqa: E402
 from headct.errors import InputError  # noqa: E402
 
-PSEUDO = Pseudonymizer(DEMO_KEY)
+PSEUDO = Pseudonymizer(TEST_KEY.encode())
 RSNA_LABELS = ["ICH", "IPH", "IVH", "SDH", "EDH", "SAH"]  # LABELS order of the six mapped subtypes
 # the challenge's files carry non-standard UIDs (`ID_<hex>`), which pydicom writes and reads with a warning
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 

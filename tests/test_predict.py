@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, nifti_of, write_series  # noqa: E402
-from ingest_helpers import SPEC, make_cfg, only_volume, run_ingest  # noqa: E402
+from ingest_helpers import SPEC, TEST_KEY, make_cfg, only_volume, run_ingest  # noqa: E402
 
 from headct.config import JobContext, PredictConfig  # noqa: E402
 from headct.errors import InputError  # noqa: E402
@@ -50,7 +50,7 @@ def write_study(folder: Path) -> Path:
 
 
 def test_predict_scores_the_series_ingest_would_choose_and_names_what_qc_set_aside(
-    tmp_path: Path, models: Path, job_ctx: JobContext
+    tmp_path: Path, models: Path, job_ctx: JobContext, monkeypatch
 ) -> None:
     from headct.models.classifier_dir import load_classifier, predict_proba
     from pipelines.predict import run
@@ -63,6 +63,7 @@ def test_predict_scores_the_series_ingest_would_choose_and_names_what_qc_set_asi
     assert [r["reason"] for r in out["set_aside"]] == ["localizer"]
     # The same numbers as the classifier on the volume a regular `headct ingest` of this folder stores.
     cfg = make_cfg(tmp_path / "reference", src=study)
+    monkeypatch.setenv("HEADCT_PSEUDONYM_KEY", TEST_KEY)  # a regular ingest of this (non-synthetic) folder
     run_ingest(cfg)
     volume, _, _ = only_volume(cfg)
     classifier, _ = load_classifier(models / "classifier")
@@ -76,13 +77,15 @@ def test_predict_scores_the_series_ingest_would_choose_and_names_what_qc_set_asi
         assert secret not in text
 
 
-def test_embed_takes_a_dicom_folder_or_a_nifti_file_like_the_store_volume(tmp_path: Path, models: Path) -> None:
+def test_embed_takes_a_dicom_folder_or_a_nifti_file_like_the_store_volume(tmp_path: Path, models: Path,
+                                                                         monkeypatch) -> None:
     import headct
 
     encoder = headct.load_encoder(models / "encoder")
     write_series(tmp_path / "dicom" / "s", SeriesSpec())
     nib.save(nifti_of(SeriesSpec()), tmp_path / "head.nii.gz")
     cfg = make_cfg(tmp_path / "reference", src=tmp_path / "dicom")
+    monkeypatch.setenv("HEADCT_PSEUDONYM_KEY", TEST_KEY)
     run_ingest(cfg)
     volume, _, _ = only_volume(cfg)
     from_store = encoder.embed(volume)

@@ -67,10 +67,12 @@ def headct_ingest(src: Path, project: Path, tracking_uri: str) -> tuple[int, str
     # lands here, wherever the temp folder lies (a params.yaml in a folder above it would otherwise be found).
     (project / "params.yaml").write_text("{}\n")
     dest = project / "store"
-    args = ["ingest", str(src), str(dest), "--set", "ingest.demo_key=true", "--set", "ingest.workers=1",
+    args = ["ingest", str(src), str(dest), "--set", "ingest.workers=1",
             "--set", f"tracking.uri={tracking_uri}", "--set", "tracking.experiment=real-ct"]
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(project)
+        mp.setenv("HEADCT_PSEUDONYM_KEY", "headct-tests-only-pseudonym-key-real-ct")  # real data needs a key
+        mp.delenv("HEADCT_PSEUDONYM_KEY_FILE", raising=False)
         result = CliRunner().invoke(cli.app, args)
     output = result.output
     if result.exception is not None and not isinstance(result.exception, SystemExit):

@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from headct.config import LABELS, SynthConfig
+from headct.data.formats.dicom import is_synthetic
 from headct.data.synth import clinical, dataset, findings, plan, study, template
 from headct.errors import InputError
 
@@ -92,6 +93,7 @@ def test_dicom_round_trip_geometry_and_hu(tiny) -> None:
             assert first.SOPClassUID == pydicom.uid.CTImageStorage and first.Modality == "CT"
             assert first.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
             assert first.BodyPartExamined == "HEAD" and first.PatientPosition == "HFS"
+            assert all(is_synthetic(ds) for ds in files)  # the marker that admits the demo pseudonym key
             kinds.add(first.ImageType[-1])
             if first.ImageType[-1] == "LOCALIZER":
                 assert len(files) == 1

@@ -13,17 +13,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dicom_factory import SeriesSpec, head_phantom, slice_positions, voxel_lps, write_series  # noqa: E402
-from ingest_helpers import EXPECTED_MARKER_RAS, hu_at, make_cfg, marker_ras, run_ingest  # noqa: E402
+from ingest_helpers import EXPECTED_MARKER_RAS, TEST_KEY, hu_at, make_cfg, marker_ras, run_ingest  # noqa: E402
 from toy_format import ToyFormat, write_toy  # noqa: E402
 
 from headct.config import JobContext  # noqa: E402
 from headct.data import formats, store  # noqa: E402
-from headct.data.identity import DEMO_KEY, KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
+from headct.data.identity import KEY_ENV, KEY_FILE_ENV, Pseudonymizer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _no_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(KEY_ENV, raising=False)
+def _test_key_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, TEST_KEY)
     monkeypatch.delenv(KEY_FILE_ENV, raising=False)
 
 
@@ -61,7 +61,7 @@ def test_a_registered_toy_format_goes_through_the_real_ingest_job(tmp_path: Path
     assert (summary["files_toy"], summary["files_dicom"], summary["files_nifti"]) == (3, 32, 0)
     assert summary["files_other"] == 4 and summary["files_unreadable"] == 0  # three .npy and the notes
     assert summary["accepted"] == 2 and summary["rejected"] == {"not_selected": 1, "too_few_slices": 1}
-    pseudo = Pseudonymizer(DEMO_KEY)
+    pseudo = Pseudonymizer(TEST_KEY.encode())
     manifest = store.read_manifest(cfg.dest).set_index("scan_id")
     row = manifest.loc[pseudo.series("TOY-SOFT")]
     assert (row["source_format"], row["patient_key_source"], row["kernel"]) == ("toy", "dataset", "H30s")

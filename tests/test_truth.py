@@ -188,7 +188,7 @@ def test_ingest_writes_meta_keyed_by_pseudonyms_for_the_selected_series(generate
 
     cfg_synth, plans, _ = generated
     cfg = IngestConfig(src=cfg_synth.out, dest=tmp_path / "store", labels=cfg_synth.out / "reads.csv",
-                       demo_key=True, workers=1, report_dir=tmp_path / "reports",
+                       workers=1, report_dir=tmp_path / "reports",
                        preprocess=PreprocessSpec(shape=(32, 32, 32), spacing_mm=6.0))
     run(cfg, JobContext(root=tmp_path, tracking=sqlite_tracking))
     meta = pd.read_csv(cfg.dest / META, dtype=str, keep_default_na=False)

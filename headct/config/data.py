@@ -152,9 +152,10 @@ class IngestConfig(Section):
     # Patient key: DICOM PatientID, or the CQ500-layout folder name (`CQ500CT0 CQ500CT0/...` <-> `CQ500-CT-0`).
     patient_key: Literal["dicom", "cq500_folder"] = "cq500_folder"
     preprocess: PreprocessSpec = Field(default_factory=PreprocessSpec)
-    # The pseudonym key comes from HEADCT_PSEUDONYM_KEY or HEADCT_PSEUDONYM_KEY_FILE, never from here;
-    # `demo_key: true` allows the fixed, demo-only key when neither is set (synthetic data only).
-    demo_key: bool = False
+    # The pseudonym key comes from HEADCT_PSEUDONYM_KEY or HEADCT_PSEUDONYM_KEY_FILE, never from here. The public
+    # demo key is used only for data `headct synth` wrote, recognised from its files (headct/data/identity.py).
+    # `demo_key` is refused (any value), so an old params file that opted real data into the demo key stops.
+    demo_key: None = Field(None, exclude=True)
     # Pseudonym <-> source path/UIDs. Kept out of Git, DVC outputs, MLflow and reports. None means
     # `<project root>/private/linkage/<dest folder name>.csv`.
     linkage: Path | None = None
@@ -167,6 +168,9 @@ class IngestConfig(Section):
     # Job arrays: "K/N" converts only the studies whose pseudonym falls in shard K of N (1-based) and writes
     # DEST/shards/<K>of<N>/; `headct ingest merge DEST` joins the shards. None: the whole source.
     shard: str | None = None
+    # A store holds one preprocessing recipe and one SRC (headct/data/guards.py): a run with another recipe or
+    # SRC is refused unless `rebuild: true`, which converts every series again and replaces the store's volumes.
+    rebuild: bool = False
     export_nifti: bool = False  # also write DEST/nifti/<scan_id>.nii.gz (the canonical volume with its affine)
     # The job exits non-zero (after writing the store and reports) when more than this fraction of the series
     # found were rejected as broken (headct.data.guards.BROKEN: unreadable, invalid header, missing pixel data
@@ -181,6 +185,13 @@ class IngestConfig(Section):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError(f"workers must be 1-256 or 'auto', got {v}")
         return v
+
+    @field_validator("demo_key", mode="before")
+    @classmethod
+    def _demo_key_removed(cls, v: object) -> None:
+        raise ValueError("removed (issue 12): the public demo key is used only for data `headct synth` wrote, "
+                         "recognised from its files, with no setting; real data needs HEADCT_PSEUDONYM_KEY or "
+                         "HEADCT_PSEUDONYM_KEY_FILE. Delete this line from the params file")
 
     @field_validator("labels_format")
     @classmethod

@@ -18,6 +18,44 @@ from headct.errors import ConfigError  # noqa: F401  (re-exported: headct.config
 _TUNED_DEFAULT = FinetuneConfig.model_fields["tuned_params"].default
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, first: int, again: int) -> None:
+        super().__init__(f"the key {key!r} appears twice in one mapping (lines {first} and {again}); keep one")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently, so a
+    second `ingest:` section would quietly replace the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _DuplicateKey(key, seen[key] + 1, key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path, what: str = "params file") -> Any:
+    """A YAML file's content, or ConfigError naming the file: not readable, not UTF-8, not valid YAML, or a key
+    given twice in one mapping (line numbers in the message)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: {what} not readable ({exc.strerror or exc})") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: {what} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); "
+                          "save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506  a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+
+
 def find_project_root(start: Path | None = None) -> Path:
     """Nearest folder upward holding params.yaml or dvc.yaml, else the current folder."""
     here = (start or Path.cwd()).resolve()
@@ -129,10 +167,7 @@ def refuse_tuned_keys(tree: dict[str, Any], overrides: list[str] | tuple[str, ..
 
 def read_tuned_params(path: Path) -> dict[str, Any]:
     """The `finetune:` mapping of a tuned-parameters file (written by `headct tune`)."""
-    try:
-        loaded = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a readable YAML tuned-parameters file ({exc})") from None
+    loaded = _read_yaml(path, "tuned-parameters file") or {}
     values = loaded.get("finetune") if isinstance(loaded, dict) else None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping under the key 'finetune'")
@@ -159,10 +194,7 @@ def load_params(
         raise ConfigError(f"params file not found: {params_file}")
     if path.is_file():
         source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+        loaded = _read_yaml(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded

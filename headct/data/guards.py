@@ -8,20 +8,39 @@
   to SRC, with rich markup and bytes that are not UTF-8 escaped.
 - `unexpected`: an exception no check foresaw while one series is checked or converted becomes that series'
   reject (`internal_error`, the exception's type in rejects.csv, its text on the terminal), never the run's end.
+- `source_key` / `first_file_key`: the pseudonym key for a source: the configured one, or the public demo key
+  only when every file read was written by `headct synth` (its marker, headct/data/identity.py); otherwise the
+  run stops with one line naming a file that is not synthetic. `first_file_key` checks the first readable file
+  before the walk's full discovery, so a real export without a key stops at once.
+- `check_recipe` / `check_source`: a store holds one preprocessing recipe and one source. A run whose
+  preprocess version differs from DEST's preprocess.json, or whose SRC differs from the one DEST was ingested
+  from (`source.json`: a keyed hash of SRC's path, not the path), is refused before anything is converted,
+  unless `ingest.rebuild: true`, which converts every series again and removes the volumes the new manifest
+  does not name. So an existing store is never a mix of recipes, and a second SRC never deletes the first's
+  volumes as orphans.
 - `verdict`: why a finished run must exit non-zero: nothing usable, or more than `ingest.max_reject_fraction`
   of the series broken (`BROKEN` reasons; series set aside by a QC rule or by selection do not count).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
 
+from headct.config.base import PreprocessSpec
+from headct.data import store
+from headct.data.identity import Pseudonymizer, choose_key, demo_key_refusal
+from headct.data.series import SliceHeader
 from headct.errors import InputError
+
+SOURCE = "source.json"  # {"source_id": keyed hash of SRC's absolute path}: which SRC this store was ingested from
+FIRST_FILES = 50  # files looked at for the early key check (a reads.csv or README beside the series is skipped)
 
 # Reasons that mean a series' files are broken (cannot be read or placed as they are), as opposed to a series
 # set aside by a QC rule (localizer, dose report, kernel ...) or by selection (not_selected, duplicate): the
@@ -84,3 +103,80 @@ def verdict(summary: dict[str, Any], max_reject_fraction: float) -> str | None:
         return (f"{broken} of {seen} series were rejected as broken ({broken / seen:.0%}), more than "
                 f"ingest.max_reject_fraction={max_reject_fraction:g}{where}")
     return None
+
+
+def source_key(headers: list[SliceHeader], configured: bytes | None, src: Path,
+               warn: Callable[[str], None] | None, first: bool = False) -> bytes:
+    """The key for a source whose files read as `headers` (module docstring); InputError when the demo key
+    would be used for a file `headct synth` did not write (`first`: the headers are the first file's only)."""
+    real = [h for h in headers if not h.synthetic]
+    key = choose_key(configured, synthetic=bool(headers) and not real, warn=warn)
+    if key is None:
+        count = None if first else len({h.path for h in real})
+        raise InputError(demo_key_refusal(count, shown(real[0].path, src), configured is not None))
+    return key
+
+
+def first_file_key(files: list[Path], configured: bytes | None, src: Path) -> None:
+    """Before discovery: refuse at once when the demo key would apply and the first readable file (of the first
+    FIRST_FILES) is not synthetic. Nothing is decided here for a source that passes: `source_key` decides."""
+    from headct.data.discovery import read_headers
+
+    if choose_key(configured, synthetic=False, warn=None) is not None:
+        return  # a real key is set
+    for path in files[:FIRST_FILES]:
+        headers = read_headers([path], src).headers
+        if headers:
+            source_key(headers[:1], configured, src, warn=None, first=True)
+            return
+
+
+def _recipe(spec: dict[str, Any]) -> str:
+    return f"shape {list(spec.get('shape') or [])} at {spec.get('spacing_mm')} mm, version {spec.get('version')}"
+
+
+def check_recipe(dest: Path, spec: PreprocessSpec, rebuild: bool) -> None:
+    """Refuse a run whose preprocessing differs from the existing store's (module docstring)."""
+    path = dest / store.PREPROCESS
+    if rebuild or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not readable JSON ({exc}); set ingest.rebuild=true to write the store again") \
+            from None
+    if not isinstance(stored, dict) or stored.get("version") != spec.version:
+        ours = _recipe({**spec.model_dump(mode="json"), "version": spec.version})
+        theirs = _recipe(stored) if isinstance(stored, dict) else "unknown"
+        raise InputError(f"{dest} holds volumes of another preprocessing recipe ({theirs}) than this run's "
+                         f"({ours}); a store holds one recipe. Ingest into a new DEST, or set ingest.rebuild=true "
+                         "to convert every series again (the store's volumes are replaced)")
+
+
+def source_id(pseudo: Pseudonymizer, src: Path, root: Path) -> str:
+    """A keyed hash of SRC's path (`src_<16 hex>`): which source a store holds, without the path. The path under
+    the project root when SRC lies in it (the same store bytes in every checkout), else the absolute path."""
+    src, root = Path(src).resolve(), Path(root).resolve()
+    return pseudo.source((src.relative_to(root) if src.is_relative_to(root) else src).as_posix())
+
+
+def check_source(dest: Path, source: str, rebuild: bool) -> None:
+    """Refuse a run from another SRC than the one DEST was ingested from (module docstring)."""
+    path = dest / SOURCE
+    if rebuild or not path.is_file():
+        return
+    try:
+        stored = json.loads(path.read_text()).get("source_id")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    if stored != source:
+        raise InputError(f"{dest} was ingested from another SRC (or with another pseudonym key): a store holds one "
+                         "source, and this run would remove its volumes as orphans. Ingest into a new DEST (one "
+                         "store per export; splits and pre-training read several stores' scans through their "
+                         "own manifests), or set ingest.rebuild=true to replace the store with this SRC")
+
+
+def write_source(dest: Path, source: str) -> None:
+    from headct.io import write_json
+
+    write_json(dest / SOURCE, {"source_id": source})

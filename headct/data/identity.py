@@ -8,7 +8,11 @@
 A keyed hash (not a plain hash) because PatientIDs and UIDs are guessable: without the key nobody can
 recompute a pseudonym from a known PatientID. The key comes from the environment variable
 HEADCT_PSEUDONYM_KEY, or from the file named by HEADCT_PSEUDONYM_KEY_FILE; never from params.yaml, and it is
-never printed or logged. The fixed `DEMO_KEY` is for the synthetic demo data only.
+never printed or logged.
+
+The fixed, public `DEMO_KEY` is used only for data `headct synth` wrote, recognised from the data itself (never by
+a setting): the generator marks every file it writes (headct/data/synth/marker.py). A source holding any other file needs a real key (`demo_key_refusal`). The marker tells the
+generator's output from an export; it is not a security boundary (anyone can write it into a file on purpose).
 """
 
 from __future__ import annotations
@@ -35,15 +39,15 @@ _HOW_TO = (
     f"set {KEY_ENV} to a secret of at least {MIN_KEY_BYTES} characters "
     f"(e.g. `export {KEY_ENV}=$(python -c 'import secrets; print(secrets.token_hex(32))')`), "
     f"or {KEY_FILE_ENV} to a file holding it; keep the same key for every ingest of one project "
-    "(pseudonyms change with the key). For the synthetic demo only: `--set ingest.demo_key=true`"
+    "(pseudonyms change with the key). Data written by `headct synth` needs no key (the public demo key is used "
+    "for it, recognised from the files)"
 )
 
 
-def load_key(demo_key: bool, warn: Callable[[str], None] | None = print) -> tuple[bytes, bool]:
-    """The pseudonym key, and whether it is the demo key.
+def configured_key() -> bytes | None:
+    """The key from HEADCT_PSEUDONYM_KEY, else from the file HEADCT_PSEUDONYM_KEY_FILE names, else None.
 
-    Order: HEADCT_PSEUDONYM_KEY, then HEADCT_PSEUDONYM_KEY_FILE, then (only when `demo_key`) DEMO_KEY with a
-    one-line warning through `warn`. Raises InputError when none applies or the key is too short.
+    Raises InputError when both are set, the file is missing or the key is too short (never echoing it).
     """
     value = os.environ.get(KEY_ENV)
     key_file = os.environ.get(KEY_FILE_ENV)
@@ -56,15 +60,35 @@ def load_key(demo_key: bool, warn: Callable[[str], None] | None = print) -> tupl
         if not path.is_file():
             raise InputError(f"{KEY_FILE_ENV} names {path}, which is not a readable file")
         key, origin = path.read_bytes().strip(), f"the file {path}"
-    elif demo_key:
-        if warn is not None:
-            warn("WARNING: using the public DEMO-ONLY pseudonym key (ingest.demo_key=true); never use it for real data")
-        return DEMO_KEY, True
     else:
-        raise InputError(f"no pseudonym key: {_HOW_TO}")
+        return None
     if len(key) < MIN_KEY_BYTES:
         raise InputError(f"the pseudonym key from {origin} is shorter than {MIN_KEY_BYTES} bytes: {_HOW_TO}")
-    return key, False
+    return key
+
+
+def demo_key_refusal(not_synthetic: int | None, example: str, configured: bool) -> str:
+    """The message refusing the demo key for a source of which `not_synthetic` files (None: the first file
+    read), e.g. `example` (a path under SRC: terminal only), were not written by `headct synth`; `configured`:
+    the key set is the demo key."""
+    how = ("the key set is the public demo key, which is accepted only for data `headct synth` wrote"
+           if configured else "no pseudonym key is set")
+    which = (f"the first file read under SRC ({example}) is" if not_synthetic is None
+             else f"{not_synthetic} file(s) under SRC (e.g. {example}) are")
+    return f"{how}, and {which} not synthetic: pseudonyms under a public key protect nothing; {_HOW_TO}"
+
+
+def choose_key(configured: bytes | None, synthetic: bool, warn: Callable[[str], None] | None = print) -> bytes | None:
+    """The key for a source: the configured one; else, for a wholly synthetic source (`synthetic`), the demo key
+    (one line through `warn`); else None (the caller refuses with `demo_key_refusal`). A configured key equal to
+    the demo key counts as no key for real data."""
+    if configured is not None and configured != DEMO_KEY:
+        return configured
+    if not synthetic:
+        return None
+    if warn is not None and configured is None:
+        warn("using the public demo pseudonym key: every file under SRC was written by `headct synth`")
+    return DEMO_KEY
 
 
 class Pseudonymizer:
@@ -94,6 +118,10 @@ class Pseudonymizer:
     def series(self, series_uid: str) -> str:
         return self._digest("ser", series_uid)
 
+    def source(self, src_path: str) -> str:
+        """A store's source folder (headct.data.guards.check_source), never written in clear."""
+        return self._digest("src", src_path)
+
     def instances(self, sop_instance_uids: list[str] | tuple[str, ...] | set[str]) -> str:
         """One id for a set of SOP instances: equal for the same instances exported twice under other names."""
         return self._digest("ins", "\n".join(sorted(set(sop_instance_uids))))
@@ -119,4 +147,7 @@ def write_linkage(path: Path, rows: pd.DataFrame | list[dict]) -> None:
 def read_linkage(path: Path) -> pd.DataFrame:
     import pandas as pd
 
-    return pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors=LINKAGE_ERRORS)
+    try:
+        return pd.read_csv(path, dtype=object, keep_default_na=False, encoding_errors=LINKAGE_ERRORS)
+    except pd.errors.EmptyDataError:  # a run (a shard) that linked no series wrote an empty file
+        return pd.DataFrame(dtype=object)

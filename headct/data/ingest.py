@@ -18,6 +18,8 @@ format registered there) and never branches on one itself.
 5. write: manifest, rejects, labels (joined by `headct.data.label_sources`), preprocess.json (DEST, or
    DEST/shards/<K>of<N>/ for a shard), optional NIfTI exports, and the local linkage file (outside DEST and the
    reports). The job (`pipelines/ingest.py`) writes the reports from the returned summary.
+Before step 1 the paths, the pseudonym key (headct.data.guards: demo key only for `headct synth` data) and the
+store's lock (headct.data.locks), recipe and source are checked.
 Only pseudonyms leave this module, except in terminal messages about a bad file and the linkage file.
 """
 
@@ -43,11 +45,18 @@ from rich.progress import (
 )
 
 from headct.config.data import IngestConfig
-from headct.data import dedup, formats, guards, label_sources, parallel, shards, store
+from headct.data import dedup, formats, guards, label_sources, locks, parallel, shards, store
 from headct.data.convert import convert_study, crop_problem
 from headct.data.criteria import read_criteria
-from headct.data.discovery import Discovery, drop_repeated_instances, group_series, list_files, read_headers
-from headct.data.identity import Pseudonymizer, load_key, write_linkage
+from headct.data.discovery import (
+    Discovery,
+    Listing,
+    drop_repeated_instances,
+    group_series,
+    list_files,
+    read_headers,
+)
+from headct.data.identity import Pseudonymizer, configured_key, write_linkage
 from headct.data.label_sources.base import ScanKeys, scan_keys
 from headct.data.selection import QcResult, qc_series, rank_series, slice_thickness_mm, why_not_selected
 from headct.data.series import Series, StackGeometry
@@ -286,6 +295,8 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     if not files:
         n = len(listing.unreadable_folders)
         raise InputError(f"ingest source {cfg.src} is empty" + (f" ({n} folder(s) could not be read)" if n else ""))
+    configured = configured_key() if key is None else key  # a bad key fails before any work
+    guards.first_file_key(files, configured, cfg.src)  # real data without a key fails at its first file
     tables = shards.folder(cfg.dest, shard) if shard is not None else cfg.dest
     label_rows = label_sources.load(cfg)  # read first: a wrong labels file should fail before any work
     if cfg.qc.criteria_csv is not None:
@@ -294,9 +305,17 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     def warn(message: str) -> None:
         console.print(f"[yellow]{message}")
 
-    if key is None:
-        key, _ = load_key(cfg.demo_key, warn=warn)
-    pseudo = Pseudonymizer(key)
+    what = "headct ingest" + (f" --shard {cfg.shard}" if shard else "")
+    with locks.writing(cfg.dest, what, tables if shard is not None else None, warn):  # one writer per store
+        guards.check_recipe(cfg.dest, cfg.preprocess, cfg.rebuild)  # a store holds one recipe
+        return _ingest(cfg, root, console, listing, shard, tables, linkage, configured, label_rows, started, warn)
+
+
+def _ingest(cfg: IngestConfig, root: Path, console: Console, listing: Listing, shard: shards.Shard | None,
+            tables: Path, linkage: Path, configured: bytes | None, label_rows: Any, started: float,
+            warn: Callable[[str], None]) -> IngestResult:
+    """`ingest` past its checks, holding the store's lock."""
+    files = listing.files
     previous = store.converted_rows(cfg.dest, cfg.preprocess.version, tables, warn) if tables.is_dir() else {}
     readers = parallel.cpu_count() if cfg.workers == "auto" else cfg.workers
 
@@ -313,6 +332,9 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
             names = ", ".join(f.name for f in formats.registered())
             raise InputError(f"no readable DICOM or NIfTI file under {cfg.src} ({len(files)} files looked at; "
                              f"formats tried: {names})")
+        pseudo = Pseudonymizer(guards.source_key(headers, configured, cfg.src, warn))
+        source = guards.source_id(pseudo, cfg.src, root)
+        guards.check_source(cfg.dest, source, cfg.rebuild)  # a second SRC would remove the first's volumes
         studies = _plan(group_series(headers), cfg, pseudo, shard, lambda text: progress.console.print(
             f"[yellow]{text}"))
         accepted, reused = _convert(studies, previous, cfg, run, progress, tables)
@@ -324,6 +346,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     store.write_rejects(tables, rejects)
     store.write_labels(tables, labels)
     store.write_preprocess(cfg.dest, cfg.preprocess)
+    guards.write_source(cfg.dest, source)
     store.Journal(tables).remove()  # the manifest now holds every finished row
     exported = store.export_nifti(cfg.dest, manifest) if cfg.export_nifti else 0
     # a shard shares volumes/ with the others, so only a whole run may clear what its manifest does not name
@@ -368,4 +391,5 @@ def merge(cfg: IngestConfig, stores: list[Path], root: Path) -> dict[str, Any]:
     if not stores:
         raise InputError("ingest merge needs at least the store folder DEST")
     cfg = cfg.model_copy(update={"dest": stores[0]})
-    return shards.merge(stores, linkage_path(cfg, root))
+    with locks.writing(stores[0], "headct ingest merge"):  # no shard may still be writing
+        return shards.merge(stores, linkage_path(cfg, root))

@@ -71,6 +71,8 @@ class SliceHeader:
     # the input format that read this header; "dicom" (classic per-slice DICOM) for headers built by hand
     format: str = "dicom"
     extra: Any = None  # the format's own facts (picklable), e.g. headct.data.formats.nifti.NiftiInfo
+    # written by `headct synth` (its marker: headct/data/synth/marker.py): only such data may use the demo key
+    synthetic: bool = False
 
 
 @dataclass(frozen=True)

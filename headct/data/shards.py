@@ -170,8 +170,9 @@ def _merge_linkage(linkage: Path, found: list[tuple[Path, Path, dict[str, Any]]]
     frames = []
     for _, _, info in found:
         path = linkage_file(linkage, Shard(info["k"], info["n"]))
-        if path.is_file():
-            frames.append(read_linkage(path))
+        frame = read_linkage(path) if path.is_file() else None
+        if frame is not None and len(frame.columns):  # a shard that got no study wrote an empty file
+            frames.append(frame)
     if not frames:
         return 0
     frame = pd.concat(frames).drop_duplicates("scan_id")

@@ -18,7 +18,7 @@ import torch
 from headct.errors import InputError
 from headct.io import file_sha256, write_json
 from headct.models.heads import Classifier
-from headct.models.model_dir import load_weights_strict, read_config, save_weights
+from headct.models.model_dir import check_arch, load_weights_strict, read_config, save_weights
 from headct.models.resnet import build_backbone
 
 CONFIG = "config.json"
@@ -58,6 +58,7 @@ def load_classifier(path: Path | str, device: str | torch.device = "cpu") -> tup
         raise InputError(f"{weights}: not found")
     if file_sha256(weights) != config["weights_sha256"]:
         raise InputError(f"{weights}: SHA-256 differs from {path / CONFIG} (weights changed after saving)")
+    check_arch(config["arch"], path / CONFIG, weights)  # before anything is allocated
     try:
         backbone = build_backbone(config["arch"])
         classifier = Classifier(backbone, config["pool"], len(config["labels"]))

@@ -2,6 +2,10 @@
 (encoder weights only). The hand-over from pre-training to every evaluation.
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the keys, never a silent skip.
+Before anything is built, config.json's architecture is checked against bounds and against the size of the weights
+file (`check_arch`: an absurd width or depth in a corrupt or tampered config.json would otherwise allocate until
+the machine runs out of memory); after loading, every floating-point tensor must be finite (a diverged run's NaN
+weights would score every scan alike).
 """
 
 from __future__ import annotations
@@ -21,6 +25,11 @@ from headct.models.vit import ViT3D, build_encoder
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 REQUIRED = ("arch", "preprocess", "windows", "method", "provenance")
+# Integer architecture values a config.json may hold, inclusive (ViT-g: width 1536, depth 40, 24 heads)
+ARCH_BOUNDS = {"embed_dim": (1, 8192), "depth": (1, 256), "num_heads": (1, 256), "patch_size": (1, 128),
+               "in_chans": (1, 64), "num_registers": (0, 256)}
+MAX_GRID = 2048  # voxels along one axis of img_size
+MAX_TOKENS = 2**21  # patches (img_size / patch_size, multiplied out): the positional table is tokens x width
 
 
 def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
@@ -65,6 +74,50 @@ def read_config(path: Path, required: tuple[str, ...] = REQUIRED, what: str = "a
     return config
 
 
+def _int_in(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def check_arch(arch: Any, config_file: Path, weights: Path | None = None) -> None:
+    """Refuse, before anything is allocated, an architecture outside `ARCH_BOUNDS` / `MAX_GRID` / `MAX_TOKENS`, or
+    one whose parameter count (estimated from width, depth, MLP ratio and patch size; ViT keys, absent ones at
+    ViT-B's values) exceeds the bytes of `weights`: every stored parameter takes at least 2 bytes, so a config
+    that claims more parameters than its weights file has bytes does not describe that file."""
+    if not isinstance(arch, dict):
+        raise InputError(f"{config_file}: arch must be a mapping, got {type(arch).__name__}")
+    for key, (low, high) in ARCH_BOUNDS.items():
+        if key in arch and not _int_in(arch[key], low, high):
+            raise InputError(f"{config_file}: arch.{key} = {arch[key]!r} is not an integer in [{low}, {high}]")
+    grid = arch.get("img_size", 96)
+    grid = [grid] * 3 if isinstance(grid, int) and not isinstance(grid, bool) else grid
+    if not isinstance(grid, list) or len(grid) != 3 or not all(_int_in(g, 1, MAX_GRID) for g in grid):
+        raise InputError(f"{config_file}: arch.img_size = {arch.get('img_size')!r} is not 1 or 3 integers in "
+                         f"[1, {MAX_GRID}]")
+    ratio = arch.get("mlp_ratio", 4.0)
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio <= 16:
+        raise InputError(f"{config_file}: arch.mlp_ratio = {ratio!r} is not a number in (0, 16]")
+    if str(arch.get("name", "")).startswith("resnet"):
+        return  # a fixed ResNet: in_chans is its only setting
+    width, depth, patch = arch.get("embed_dim", 768), arch.get("depth", 12), arch.get("patch_size", 16)
+    tokens = (grid[0] // patch) * (grid[1] // patch) * (grid[2] // patch)
+    if tokens > MAX_TOKENS:
+        raise InputError(f"{config_file}: arch img_size {grid} at patch_size {patch} makes {tokens} patches, more "
+                         f"than {MAX_TOKENS}")
+    params = depth * (4 + 2 * ratio) * width**2 + patch**3 * arch.get("in_chans", 3) * width
+    if weights is not None and weights.is_file() and params > weights.stat().st_size:
+        raise InputError(f"{config_file}: arch describes about {params / 1e6:.1f} M parameters, but {weights} holds "
+                         f"{weights.stat().st_size / 1e6:.1f} MB: this config.json does not describe these weights")
+
+
+def check_finite(state: dict[str, torch.Tensor], weights: Path) -> None:
+    """InputError naming `weights` and each floating-point tensor holding NaN or infinity."""
+    bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise InputError(f"{weights}: NaN or infinite values in tensor(s) {shown}; these weights are broken (a "
+                         "diverged run?) and would score every input alike")
+
+
 def load_weights_strict(module: torch.nn.Module, weights: Path, described_by: Path) -> None:
     """Load `weights` (safetensors) into `module`: every key present, none extra, every shape equal, or an
     InputError naming the file and the keys (never a partial load)."""
@@ -74,6 +127,7 @@ def load_weights_strict(module: torch.nn.Module, weights: Path, described_by: Pa
         raise InputError(f"{weights}: not found") from None
     except (OSError, SafetensorError) as exc:
         raise InputError(f"{weights}: not a readable safetensors file ({exc})") from None
+    check_finite(state, weights)
     expected = module.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = sorted(f"{k} {list(state[k].shape)} != {list(v.shape)}" for k, v in expected.items()
@@ -88,6 +142,7 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[ViT3
     """-> (encoder in eval mode, config). Strict: missing/unexpected/mis-shaped weights raise InputError."""
     path = Path(path)
     config = read_config(path)
+    check_arch(config["arch"], path / CONFIG, path / WEIGHTS)  # before anything is allocated
     try:
         encoder = build_encoder(config["arch"])
     except (TypeError, ValueError) as exc:

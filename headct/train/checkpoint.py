@@ -8,6 +8,7 @@ job-specific extras (e.g. the loss history). Every value is a tensor, number, st
 
 from __future__ import annotations
 
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -65,14 +66,33 @@ def save_checkpoint(
         torch.save(state, tmp)
 
 
+# What `restore` and `load_for_resume` read; `extra` may be empty
+KEYS = ("format", "step", "model", "optimizer", "rng", "config", "extra")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint onto the CPU (weights_only: no arbitrary code runs); InputError if unreadable."""
+    """Read a checkpoint onto the CPU (weights_only: no arbitrary code runs); InputError naming the file when it
+    is unreadable, not a torch file, holds Python objects other than tensors and plain values (a pickle of some
+    class: refused, never run), or lacks one of `KEYS` (named)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        raise InputError(f"{path}: not a readable checkpoint ({exc})") from None
+    except pickle.UnpicklingError as exc:
+        # torch's text suggests weights_only=False, which would run whatever the file holds: name the cause only
+        found = str(exc).split("Unsupported global: GLOBAL ", 1)
+        what = (f"it holds a Python object ({found[1].split()[0]}) other than tensors and plain values, which is "
+                "never unpickled here" if len(found) == 2 and found[1].split()
+                else "the weights-only reader refused its pickle stream")
+        raise InputError(f"{path}: not a headct checkpoint: {what}. Delete it or point to a headct checkpoint") \
+            from None
+    except Exception as exc:  # noqa: BLE001  junk makes torch's readers fail in many ways (KeyError, zip, EOF...)
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise InputError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise InputError(f"{path}: not a headct checkpoint of format {FORMAT}")
+    missing = [key for key in KEYS if key not in state]
+    if missing:
+        raise InputError(f"{path}: headct checkpoint without {missing} (written by an older or interrupted "
+                         "writer?); delete it to start afresh")
     return state
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import struct
+import zlib
 from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ from headct.data.criteria import Criteria
 from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError, top_folder_word
 from headct.data.qc import QcResult
 from headct.data.series import Series, SliceHeader, StackGeometry, stack_geometry
+from headct.data.synth import marker
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an image
 _DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
@@ -34,6 +36,10 @@ _DOSE_TEXT = re.compile(r"\bDOSE\b|PATIENT PROTOCOL|DOSE ?REPORT")
 _PIXEL_DATA = (0x7FE0, 0x0010)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated (compressed) pixel data: fragments, no total length
+# Bytes a deflated file may inflate to: pydicom holds the inflated dataset whole, in discovery and pixel reads
+# (a 512 x 512 x 600-frame int16 Enhanced CT is 300 MiB)
+MAX_INFLATED = 512 * 2**20
+_INFLATE_CHUNK = 4 * 2**20
 _LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT")  # 4-byte length
 
 
@@ -58,8 +64,34 @@ def has_dicom_preamble(probe: Probe) -> bool:
 
 def _parse(probe: Probe) -> tuple[pydicom.Dataset, int | None]:
     with open(probe.path, "rb") as fp:
+        check_inflated_size(fp)
+        fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
         return ds, _pixel_data_bytes(fp, ds)
+
+
+class InflatesTooLarge(ValueError):
+    """A deflated file whose data inflates beyond MAX_INFLATED: refused before pydicom inflates it whole."""
+
+
+def check_inflated_size(fp: BinaryIO) -> None:
+    """For a Deflated Explicit VR Little Endian file: inflate its dataset in chunks, keeping none, and raise
+    InflatesTooLarge past MAX_INFLATED bytes. pydicom inflates the whole dataset into memory even to read the
+    header (a 2 MB file of zeros can inflate to 2 GiB), so this bounds that allocation; memory here stays at one
+    chunk. Other transfer syntaxes: nothing is read beyond the file meta."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    read_preamble(fp, False)
+    if str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) != _DEFLATED:
+        return
+    inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+    while chunk := fp.read(_INFLATE_CHUNK):
+        while chunk:
+            total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+            if total > MAX_INFLATED:
+                raise InflatesTooLarge(f"deflated data inflates beyond {MAX_INFLATED >> 20} MiB "
+                                       "(formats.dicom.MAX_INFLATED); not read")
+            chunk = inflater.unconsumed_tail
 
 
 def _pixel_data_bytes(fp: BinaryIO, ds: pydicom.Dataset) -> int | None:
@@ -158,6 +190,16 @@ def _padding(ds: pydicom.Dataset) -> tuple[int, int] | None:
     return (int(min(value, limit)), int(max(value, limit)))
 
 
+def is_synthetic(ds: pydicom.Dataset) -> bool:
+    """True when the file carries `headct synth`'s private marker (headct/data/synth/marker.py)."""
+    try:
+        item = ds.get_private_item(marker.GROUP, marker.ELEMENT, marker.CREATOR)
+    except (KeyError, ValueError):
+        return False
+    value = item.value.decode("latin-1") if isinstance(item.value, bytes) else str(item.value)
+    return value.strip() == marker.VALUE
+
+
 def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHeader | str:
     """The header facts of the file's top level, or a string saying why it cannot be placed in a series."""
     study_uid, series_uid = text(ds, "StudyInstanceUID"), text(ds, "SeriesInstanceUID")
@@ -191,6 +233,7 @@ def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHe
         padding=_padding(ds),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         format=fmt,
+        synthetic=is_synthetic(ds),
     )
 
 

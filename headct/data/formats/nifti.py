@@ -56,6 +56,7 @@ class NiftiInfo:
 
     shape: tuple[int, ...]
     affine: tuple[float, ...]  # 16 floats, row-major: voxel index -> RAS mm as stored
+    synthetic: bool = False  # its `descrip` is headct synth's marker (headct/data/synth/marker.py)
 
 
 def is_nifti_name(path: Path) -> bool:
@@ -72,8 +73,12 @@ def read_info(path: Path) -> NiftiInfo:
     """Header only (nibabel loads lazily); raises what nibabel raises for a broken file."""
     import nibabel as nib
 
+    from headct.data.synth.marker import VALUE
+
     image = nib.load(path)
-    return NiftiInfo(tuple(int(s) for s in image.shape), tuple(float(v) for v in np.ravel(image.affine)))
+    descrip = image.header.get("descrip") if hasattr(image.header, "get") else None  # NIfTI-1/2 only
+    synthetic = descrip is not None and bytes(np.asarray(descrip).item()).rstrip(b"\0") == VALUE.encode()
+    return NiftiInfo(tuple(int(s) for s in image.shape), tuple(float(v) for v in np.ravel(image.affine)), synthetic)
 
 
 def _orientation(info: NiftiInfo) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int]]:
@@ -173,12 +178,12 @@ class NiftiFormat(InputFormat):
         return is_nifti_name(probe.path)
 
     def read(self, probe: Probe) -> FileRead:
-        key = series_key(probe.relative)
+        key, info = series_key(probe.relative), read_info(probe.path)
         return FileRead(headers=(SliceHeader(
             path=probe.path, study_uid=key, series_uid=key, patient_id="", modality="CT", image_type=(),
             sop_class_uid="", rows=None, cols=None, pixel_spacing=None, orientation=None, position=None,
             frames=1, slice_thickness=None, kernel="", kvp=None, manufacturer="", body_part="",
-            series_description="", contrast_agent="", format=self.name, extra=read_info(probe.path),
+            series_description="", contrast_agent="", format=self.name, extra=info, synthetic=info.synthetic,
         ),))
 
     def header_qc(self, series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:

@@ -15,6 +15,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from headct.data.synth import marker
 from headct.data.synth.scanner import SliceStack
 
 AXIAL_ORIENTATION = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
@@ -105,6 +106,8 @@ def _base_dataset(study: StudyHeader, series: SeriesHeader) -> Dataset:
     ds.RescaleIntercept = series.intercept
     ds.RescaleSlope = 1.0
     ds.RescaleType = "HU"
+    # the marker that lets ingest use the public demo pseudonym key for this data (headct/data/synth/marker.py)
+    ds.private_block(marker.GROUP, marker.CREATOR, create=True).add_new(marker.ELEMENT, "LO", marker.VALUE)
     return ds
 
 
