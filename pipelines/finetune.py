@@ -87,12 +87,14 @@ def evaluate(
 
 
 def _write_reports(cfg: FinetuneConfig, metrics: dict[str, Any], table: Any, history: list[Any]) -> list[Path]:
+    from headct.config.finetune import CeilingConfig
     from headct.eval.plots import plot_pr_grid, plot_reliability_grid, plot_roc_grid
     from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
 
     write_json(cfg.report_dir / "metrics.json", metrics)
-    write_stage_headline(cfg.report_dir, "finetune", metrics)  # the DVC metric: a few numbers of it
+    stage = "ceiling" if isinstance(cfg, CeilingConfig) else "finetune"  # `headct ceiling` runs this job too
+    write_stage_headline(cfg.report_dir, stage, metrics)  # the DVC metric: a few numbers of it
     write_json(cfg.report_dir / "history.json", history)
     with atomic_path(cfg.report_dir / "predictions.csv") as tmp:
         table.to_csv(tmp, index=False, lineterminator="\n")

@@ -98,6 +98,12 @@ def check_arch(arch: Any, config_file: Path, weights: Path | None = None) -> Non
         raise InputError(f"{config_file}: arch.mlp_ratio = {ratio!r} is not a number in (0, 16]")
     if str(arch.get("name", "")).startswith("resnet"):
         return  # a fixed ResNet: in_chans is its only setting
+    if arch.get("name") == "cnn":  # the small CNN (headct.models.cnn): a few bounded stride-2 units
+        channels = arch.get("channels", [])
+        if not isinstance(channels, list) or not 1 <= len(channels) <= 8 or not all(_int_in(c, 1, 1024)
+                                                                                     for c in channels):
+            raise InputError(f"{config_file}: arch.channels = {channels!r} is not 1-8 integers in [1, 1024]")
+        return
     width, depth, patch = arch.get("embed_dim", 768), arch.get("depth", 12), arch.get("patch_size", 16)
     tokens = (grid[0] // patch) * (grid[1] // patch) * (grid[2] // patch)
     if tokens > MAX_TOKENS:
