@@ -182,7 +182,7 @@ def _write_project(root: Path) -> tuple[Path, Path]:
     splits.mkdir()
     (splits / "split.json").write_text(json.dumps({"store": "store"}))
     strata = np.where(y == 1, np.where(np.arange(80) % 2 == 0, "<5", ">30"), "")
-    pd.DataFrame({"scan_id": scans, "patient_id": patients, "bleed_stratum": strata}).to_csv(
+    pd.DataFrame({"scan_id": scans, "patient_id": patients, "stratum": strata}).to_csv(
         store / "meta.csv", index=False)
     ceiling = rows_of({"ceiling": y + rng.random(80) * 0.2}, y, patients, label="ICH", mode="finetune", scans=scans)
     ceiling.to_csv(root / "reports/ceiling.csv", index=False)
@@ -237,3 +237,12 @@ def test_cli_has_the_compare_command() -> None:
 
     result = CliRunner().invoke(app, ["compare", "--help"])
     assert result.exit_code == 0 and "--set" in result.output
+
+
+def test_the_default_stratum_column_is_the_one_the_generator_writes() -> None:
+    """compare reads strata from the store's meta.csv, which ingest copies from `headct synth`'s truth.csv: a default
+    naming another column silently drops every stratum (it did: reports said "no column 'bleed_stratum'")."""
+    from headct.config import CompareConfig
+    from headct.data.synth.truth import columns
+
+    assert CompareConfig().stratum_column in columns()

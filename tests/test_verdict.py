@@ -28,8 +28,8 @@ COMPARE: dict[str, Any] = {
     "ceiling": {"ICH": {"all": 0.93, "<5mL": 0.71, "5-30mL": 0.95}},
     "results": {
         "probe": {"ICH": {"all": _entry(0.88, 0.61, 0.75, True, True, True),
-                          "strata": {"<5mL": _entry(0.60, 0.55, 0.52, False, False, False, n_pos=8),
-                                     "5-30mL": _entry(0.91, 0.62, 0.80, True, True, True, n_pos=14)}}},
+                          "strata": {"5-30mL": _entry(0.91, 0.62, 0.80, True, True, True, n_pos=14),
+                                     "<5mL": _entry(0.60, 0.55, 0.52, False, False, False, n_pos=8)}}},
         "fewshot_k8": {"ICH": {"all": _entry(0.70, 0.60, 0.72, False, False, False)}},
         "fewshot_k16": {"ICH": {"all": _entry(0.80, 0.62, 0.74, False, True, False)}},
     },
@@ -40,7 +40,7 @@ def test_rows_cover_every_stratum_with_each_arm_and_the_ceiling() -> None:
     header, rows = headline_rows(COMPARE)
     assert header == ["stratum", "test pos/neg", "probe: pretrained", "probe: best random init",
                       "probe: hu_histogram", "K=16: pretrained", "K=16: best random init", "ceiling"]
-    assert [r[0] for r in rows] == ["all", "<5mL", "5-30mL"]
+    assert [r[0] for r in rows] == ["all", "<5mL", "5-30mL"]  # by severity, whatever the JSON's key order
     assert rows[0][1:] == ["30/100", "0.880 [0.830, 0.930]", "0.610 [0.560, 0.660]", "0.750 [0.700, 0.800]",
                            "0.800 [0.750, 0.850]", "0.620 [0.570, 0.670]", "0.930"]
     assert rows[1][-3:] == ["-", "-", "0.710"]  # few-shot has no strata here: shown as missing, never invented

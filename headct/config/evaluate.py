@@ -190,7 +190,8 @@ class CompareConfig(Section):
     ceiling_predictions: Path | None = None
     ceiling_model: ModelName | None = None
     ceiling_metrics: Path | None = None
-    stratum_column: str = "bleed_stratum"  # column of <store>/meta.csv; empty for negatives
+    # column of <store>/meta.csv (`headct synth`'s truth.csv carried by ingest: "stratum"); empty for negatives
+    stratum_column: str = "stratum"
     stratum_labels: list[Label] = Field(default_factory=lambda: ["ICH"])  # labels whose positives are stratified
     bootstrap: int = Field(1000, ge=10)  # patient (and seed) bootstrap resamples
     seed: int = Field(0, ge=0)

@@ -28,7 +28,11 @@ def _fewshot_setting(compare: dict[str, Any]) -> str | None:
 
 
 def _strata(entry: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    return [("all", entry["all"]), *entry.get("strata", {}).items()]
+    """("all", ...) then the strata by severity ("<5mL", "5-30mL", ">30mL"; metrics.json stores keys sorted)."""
+    from headct.eval.compare import stratum_order
+
+    strata = entry.get("strata", {})
+    return [("all", entry["all"]), *((s, strata[s]) for s in stratum_order(list(strata)))]
 
 
 def headline_rows(compare: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
