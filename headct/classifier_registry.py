@@ -12,7 +12,6 @@ Imported only by the fine-tuning job, after tracking has pointed MLflow at the s
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from headct.tracking import PACKAGE, pyfunc_requirements
+from headct.tracking import register_pyfunc
 
 
 class ClassifierPyfunc(mlflow.pyfunc.PythonModel):
@@ -44,23 +43,6 @@ def register_classifier(
 ) -> dict[str, Any]:
     """Log the classifier directory as a pyfunc in the active run and register a new version of `name` with
     `description` (the gate's summary) and `tags`. Returns {name, version}."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int16), (-1, *grid))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float64), (-1, len(labels)))]),
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        info = mlflow.pyfunc.log_model(
-            name="classifier_model", python_model=ClassifierPyfunc(), artifacts={"classifier_dir": str(classifier_dir)},
-            code_paths=[str(PACKAGE)], pip_requirements=pyfunc_requirements(), signature=signature,
-            registered_model_name=name,
-        )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    client.update_model_version(name, version, description=description)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    version = register_pyfunc("classifier_model", ClassifierPyfunc(), {"classifier_dir": str(classifier_dir)}, grid,
+                              ("float64", len(labels)), name, tags, description)
     return {"name": name, "version": version}

@@ -16,7 +16,6 @@ the store.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ import mlflow
 import mlflow.pyfunc
 import numpy as np
 
-from headct.tracking import PACKAGE, pyfunc_requirements
+from headct.tracking import register_pyfunc
 
 CHAMPION = "champion"
 
@@ -49,28 +48,8 @@ def register_encoder(
     """Log the model directory as a pyfunc in the active run, register a new version of `name` (with
     `description`: the model card's text, headct/model_card.py), and move the `champion` alias to it when
     `promote`. Returns {name, version, champion}."""
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
-
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.int16), (-1, *grid))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
-    )
-    with warnings.catch_warnings():
-        # No input example on purpose: it would run the encoder on a full volume at log time (slow for ViT-B)
-        # and store it; the signature above is explicit.
-        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        info = mlflow.pyfunc.log_model(
-            name="encoder", python_model=EncoderPyfunc(), artifacts={"model_dir": str(model_dir)},
-            code_paths=[str(PACKAGE)], pip_requirements=pyfunc_requirements(), signature=signature,
-            registered_model_name=name,
-        )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    if description:
-        client.update_model_version(name, version, description=description)
+    version = register_pyfunc("encoder", EncoderPyfunc(), {"model_dir": str(model_dir)}, grid,
+                              ("float32", embed_dim), name, tags, description)
     if promote:
-        client.set_registered_model_alias(name, CHAMPION, version)
+        mlflow.MlflowClient().set_registered_model_alias(name, CHAMPION, version)
     return {"name": name, "version": version, "champion": promote}

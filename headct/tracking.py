@@ -16,6 +16,7 @@ import hashlib
 import os
 import re
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,40 @@ def pyfunc_requirements() -> list[str]:
     from importlib.metadata import version
 
     return [f"{name}=={version(name).split('+')[0]}" for name in ("torch", "safetensors", "numpy")]
+
+
+def register_pyfunc(
+    artifact_path: str, python_model: Any, artifacts: dict[str, str], grid: list[int], output: tuple[str, int],
+    name: str, tags: Mapping[str, str], description: str | None = None,
+) -> str:
+    """Log a headct pyfunc (the package as code_paths, int16 HU volumes (B, *grid) in, (B, width) of `output`'s
+    dtype out) in the active run and register it as a new version of `name` with `tags` and `description`.
+    Returns the version."""
+    import mlflow
+    import mlflow.pyfunc
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    dtype, width = output
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.int16), (-1, *grid))]),
+                               outputs=Schema([TensorSpec(np.dtype(dtype), (-1, width))]))
+    with warnings.catch_warnings():
+        # No input example on purpose: it would run the model on a full volume at log time (slow for ViT-B) and
+        # store it; the signature above is explicit.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        info = mlflow.pyfunc.log_model(name=artifact_path, python_model=python_model, artifacts=artifacts,
+                                       code_paths=[str(PACKAGE)], pip_requirements=pyfunc_requirements(),
+                                       signature=signature, registered_model_name=name)
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    if description:
+        client.update_model_version(name, version, description=description)
+    return version
+
+
 LAST_RUN: dict[str, str] = {}  # run_id, name, experiment, uri (redacted) of the latest job run of this process
 
 
