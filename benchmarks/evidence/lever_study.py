@@ -8,6 +8,7 @@ per reported label. Step 0 is the variant's own random init (the twin). Val only
 are measured by `make evidence` on the declared seeds.
 
 Variants:
+    vit-dino the project's DINO pretext (headct.train.pretext.DinoTask) at its defaults; teacher CLS/mean/max.
     vit-mae  the project's MAE (headct.models.mae) on ViT-tiny, voxel targets (optionally per-patch normalised) or
              `--target hist`: each masked patch's log HU histogram (MaskFeat-style hand-made target, 5 HU bins from
              -20 HU read from the subdural window). Features: CLS, mean and max of the last block's patch tokens.
@@ -189,8 +190,40 @@ def run_vit_mae(a: argparse.Namespace) -> None:
     train_loop(a, WINDOWS, [mae], list(mae.parameters()), features, variants, loss_fn, betas=(0.9, 0.95), clip=3.0)
 
 
+# ------------------------------------------------------------------------------------------- vit-dino
+def run_vit_dino(a: argparse.Namespace) -> None:
+    """The project's DINO pretext (headct.train.pretext.DinoTask: multi-crop, teacher EMA, schedules) at its
+    config defaults; features from the teacher, whose CLS token DINO makes for linear probes."""
+    from headct.config.pretrain import PretrainConfig
+    from headct.models.vit import vit_tiny
+    from headct.train.pretext import DinoTask
+
+    cfg = PretrainConfig(method="dino", patch_size=a.patch, seed=a.seed)
+    enc = vit_tiny(img_size=64, patch_size=a.patch, in_chans=len(WINDOWS))
+    task = DinoTask(cfg, enc, torch.device("cpu"), 0, total_steps=a.steps, steps_per_epoch=max(1, 700 // a.batch))
+    teacher, d = task.encoder, enc.embed_dim
+
+    def features(x: torch.Tensor) -> np.ndarray:
+        t = teacher.forward_features(x)
+        return torch.cat([t[:, 0], t[:, 1:].mean(1), t[:, 1:].amax(1)], 1).numpy()
+
+    def variants(f: np.ndarray) -> dict[str, np.ndarray]:
+        return {"cls": f[:, :d], "mean": f[:, d: 2 * d], "max": f[:, 2 * d:], "all": f}
+
+    steps = iter(range(10**9))
+
+    def loss_fn(x: torch.Tensor, rng: np.random.Generator, hu: torch.Tensor) -> torch.Tensor:
+        task.step = next(steps)
+        return task.loss(task.model, hu, task.step, 0)
+
+    params = [p for p in task.model.student.parameters() if p.requires_grad]
+    train_loop(a, WINDOWS, [task.model], params, features, variants, loss_fn, betas=(0.9, 0.999), clip=3.0,
+               after_backward=lambda: task.after_backward(task.step), after_update=lambda: task.after_update(task.step))
+
+
 # ------------------------------------------------------------------------------------------- shared loop
-def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, clip) -> None:
+def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, clip,
+               after_backward=None, after_update=None) -> None:
     data = load(a.root, ("train", "val", "pool"))
     pool = np.concatenate([data["train"][1], data["pool"][1]])  # pre-training sees train + pool, never val/test
     print(f"pre-training volumes {len(pool)}", flush=True)
@@ -213,14 +246,21 @@ def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, 
         hu = pool[rng.choice(len(pool), a.batch, replace=False)]
         if rng.random() < 0.5:
             hu = hu[:, ::-1]  # left-right flip
-        loss = loss_fn(windowed(hu, windows), rng)
+        if a.variant == "vit-dino":  # DINO crops and windows the HU batch itself
+            loss = loss_fn(None, rng, torch.from_numpy(np.ascontiguousarray(hu)))
+        else:
+            loss = loss_fn(windowed(hu, windows), rng)
         for group in opt.param_groups:
             group["lr"] = a.lr * min(1.0, (step + 1) / a.warmup)
         opt.zero_grad()
         loss.backward()
         if clip:
             nn.utils.clip_grad_norm_(params, clip)
+        if after_backward is not None:
+            after_backward()
         opt.step()
+        if after_update is not None:
+            after_update()
         step += 1
         if step % 50 == 0:
             print(f"step {step} loss {loss.item():.4f} {step * a.batch / (time.time() - t0):.1f} vol/s", flush=True)
@@ -232,7 +272,7 @@ def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("variant", choices=["cnn-mim", "vit-mae"])
+    ap.add_argument("variant", choices=["cnn-mim", "vit-mae", "vit-dino"])
     ap.add_argument("--root", type=Path, required=True, help="an evidence workspace of a tuning seed")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall time of pre-training")
     ap.add_argument("--every", type=float, default=5.0, help="minutes between val probes")
@@ -247,6 +287,7 @@ def main() -> None:
     ap.add_argument("--normpix", action="store_true", help="vit-mae: per-patch normalised voxel targets")
     ap.add_argument("--target", choices=["pixels", "hist"], default="pixels", help="vit-mae: what masked patches predict")
     ap.add_argument("--bins", type=int, default=25, help="vit-mae --target hist: 5 HU bins from -20 HU")
+    ap.add_argument("--steps", type=int, default=1500, help="vit-dino: the schedules' length in steps")
     a = ap.parse_args()
     cnn = a.variant == "cnn-mim"
     a.lr = a.lr if a.lr is not None else (2e-3 if cnn else 1e-3)
@@ -254,7 +295,7 @@ def main() -> None:
     print(vars(a), flush=True)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)  # before the models are built: the seed fixes the random init (step 0's twin)
-    (run_cnn_mim if cnn else run_vit_mae)(a)
+    {"cnn-mim": run_cnn_mim, "vit-mae": run_vit_mae, "vit-dino": run_vit_dino}[a.variant](a)
 
 
 if __name__ == "__main__":
