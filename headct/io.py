@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +37,21 @@ def atomic_path(dest: Path, suffix: str | None = None) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+# A temp file of `atomic_path`: "." + the destination's name + "." + mkstemp's 8 random characters + ".tmp..."
+_TEMP = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp(\..*)?")
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temp files `atomic_path` left in `folder` (not below it) when its process was killed between
+    writing a file and renaming it into place (SIGKILL, power loss: no `finally` runs). Only for a folder with
+    one writer at a time (a job's own output folder), where no other process can be mid-write. Returns them."""
+    stale = [p for p in Path(folder).glob(".*.tmp*") if _TEMP.fullmatch(p.name) and p.is_file()]
+    for path in stale:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    return stale
 
 
 def write_text(dest: Path, text: str) -> None:

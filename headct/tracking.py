@@ -12,6 +12,7 @@ this process started (the CLI prints its id when a job ends).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
@@ -249,6 +250,27 @@ class RunLogger:
             yield logger
 
 
+@contextlib.contextmanager
+def _creation_lock(uri: str) -> Iterator[None]:
+    """Hold `<db>.lock` (an OS lock beside a local SQLite store) exclusively, waiting for it, while this process
+    first opens the store and looks up or creates the experiment. MLflow creates a fresh database's schema by
+    running its alembic migrations on first open, with nothing to stop a second process doing the same at the
+    same time: two jobs starting on a new `mlflow.db` then died with "duplicate column name" or an alembic
+    CommandError. Once this process has opened the store (MLflow caches it per URI), ordinary writes are
+    SQLite's own business. flock is freed by the kernel however the holder ends, so it never goes stale; the
+    lock file stays (removing it would let a waiter lock a file nobody else sees). Other stores: no lock."""
+    db = uri.removeprefix("sqlite:///").split("?", 1)[0] if uri.startswith("sqlite:///") else ""
+    if not db or db.startswith(":memory:") or not Path(db).parent.is_dir():
+        yield
+        return
+    fd = os.open(f"{db}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until the holder has opened the store (seconds at most)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _ensure_experiment(name: str, artifact_root: Path | None) -> str:
     import mlflow
 
@@ -310,7 +332,8 @@ def _run(
     import mlflow
 
     artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
-    experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
+    with _creation_lock(uri):
+        experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
     name, described = describe(job, params)
     run_tags = {"headct.job": job, **described, "headct.pipeline_id": pipeline_id(root), **(tags or {})}
     git = git_state(root)

@@ -148,6 +148,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.data.splits import path_for_files
     from headct.device import resolve_device
     from headct.eval.validation_gate import GateRule, describe, judge
+    from headct.io import remove_stale_temps
     from headct.models.classifier_dir import save_classifier
     from headct.run_identity import run_key
     from headct.run_meta import describe as describe_run
@@ -160,6 +161,10 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     data = load_data(cfg, ctx.root)
     identity = run_identity(cfg)
     checkpoint = cfg.checkpoint_dir / run_key(identity) / "last.pt" if cfg.checkpoint_dir is not None else None
+    # A run killed between writing a file and renaming it left its temp file: the outputs must hold the job's
+    # files only (they are DVC outputs and MLflow artifacts), so what a killed run left goes first.
+    for folder in (cfg.out_dir, cfg.report_dir, *([checkpoint.parent] if checkpoint is not None else [])):
+        remove_stale_temps(folder)
     resume = load_for_resume(checkpoint, identity, "finetune.checkpoint_dir")
 
     def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:

@@ -111,12 +111,13 @@ def _plan(series_list: list[Series], cfg: IngestConfig, pseudo: Pseudonymizer,
     rejected ones."""
     criteria = read_criteria(cfg.qc.criteria_csv) if cfg.qc.criteria_csv is not None else None
     studies: dict[str, list[SeriesRecord]] = defaultdict(list)
+    limit = parallel.series_limit()  # one series' conversion must fit in memory: checked before any decode
     for series in series_list:
         study_id = pseudo.study(series.study_uid)
         if shard is not None and not shard.holds(study_id):
             continue
         try:
-            qc = qc_series(series, cfg.qc, criteria)
+            qc = parallel.memory_check(series, qc_series(series, cfg.qc, criteria), cfg.preprocess, limit)
             # DICOM PatientID ("dicom"), the dataset's folder (`SYNCT12 SYNCT12` -> SYNCT12, "dataset"), or the
             # file itself ("self", a NIfTI): the format knows
             key, source = formats.of(series).patient_key(series, cfg.patient_key, cfg.src)

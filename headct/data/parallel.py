@@ -11,6 +11,9 @@ Peak memory of converting one series in a worker (measured terms, bytes):
 A 1,000-slice 512 x 512 series thus needs about 1.05 GB of stack (+0.5 GB as one multi-frame file), 1.4 GB in all;
 a 96^3 output adds 7 MB. Measured: 1.36 GB peak RSS for a fresh process ingesting one such series.
 The worker count is capped so that (workers x the largest series' estimate) fits in 80 % of available memory.
+One series whose estimate alone exceeds that (80 % of the memory available when the run starts, `series_limit`)
+is rejected `too_large` at QC, from its header, before any pixel is decoded (`memory_check`): a series larger
+than the machine is a rejects.csv row, not an out-of-memory kill of the run.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 from headct.config.base import PreprocessSpec
 from headct.data import formats
+from headct.data.qc import QcResult
 from headct.data.series import Series
 
 PROCESS_BYTES = 250 * 2**20
@@ -38,16 +43,62 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+# cgroup v2, then v1: (limit, usage, memory.stat key of the reclaimable page cache)
+_CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "inactive_file"),
+                 ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                  "total_inactive_file"))
+
+
+def cgroup_room(files: tuple[tuple[str, str, str], ...] = _CGROUP_FILES) -> int | None:
+    """Bytes this process's memory cgroup (a container's `--memory`, a Slurm job's allocation) may still use: its
+    limit minus its working set (usage less reclaimable page cache, as Kubernetes counts it); None without a
+    limit. psutil reports the host's memory inside a container, while the kernel kills at the cgroup's limit."""
+    for limit_file, usage_file, cache_key in files:
+        try:
+            limit, usage = Path(limit_file).read_text().strip(), int(Path(usage_file).read_text())
+            stat = dict(line.split() for line in Path(limit_file).with_name(
+                "memory.stat").read_text().splitlines() if len(line.split()) == 2)
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge page-aligned number
+            return None
+        return max(0, int(limit) - max(0, usage - int(stat.get(cache_key, 0))))
+    return None
+
+
 def available_memory() -> int:
+    """Memory this process can still get (bytes): the host's available memory, or less where a cgroup limits it."""
     import psutil
 
-    return int(psutil.virtual_memory().available)
+    host = int(psutil.virtual_memory().available)
+    room = cgroup_room()
+    return host if room is None else min(host, room)
 
 
 def series_bytes(series: Series, spec: PreprocessSpec) -> int:
     """Estimated peak bytes of converting `series` (module docstring)."""
     x, y, z = spec.shape
     return formats.of(series).source_bytes(series) + 8 * x * y * z + SCRATCH_BYTES + PROCESS_BYTES
+
+
+def series_limit(available: int | None = None) -> int:
+    """The most bytes converting one series may need: MEMORY_FRACTION of the memory available now."""
+    return int((available_memory() if available is None else available) * MEMORY_FRACTION)
+
+
+def memory_check(series: Series, qc: QcResult, spec: PreprocessSpec, limit: int) -> QcResult:
+    """`qc` of a series that passed its checks, turned into `too_large` when converting it would need more than
+    `limit` bytes (`series_bytes`, from the header: rows x columns x slices, or a NIfTI's shape); else `qc`."""
+    if qc.reason is not None:
+        return qc
+    need = series_bytes(series, spec)
+    if need <= limit:
+        return qc
+    files = {s.path for s in series.slices}
+    return QcResult("too_large", f"converting it needs ~{need / 2**30:.1f} GiB by its header, beyond the "
+                                 f"{limit / 2**30:.1f} GiB one series may use ({MEMORY_FRACTION:.0%} of the memory "
+                                 "available when the run started)",
+                    path=series.first.path if len(files) == 1 else None)  # one file (a NIfTI): named, not its folder
 
 
 def choose_workers(requested: int | str, largest_bytes: int, available: int | None = None) -> tuple[int, str]:

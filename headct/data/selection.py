@@ -20,7 +20,8 @@ every format run on the stack it returns; first failing check wins. DICOM (class
                            (headct.data.header_checks, like the three below: before any arithmetic or allocation)
     no_pixel_data          a file without PixelData
     pixel_data_mismatch    a file's PixelData shorter than Rows x Columns x frames x BitsAllocated needs
-    too_large              Rows or Columns beyond header_checks.MAX_MATRIX
+    too_large              Rows or Columns beyond header_checks.MAX_MATRIX; after every check, a series whose
+                           conversion would not fit in memory (headct.data.parallel.memory_check, by ingest)
     duplicate_positions    two images at the same position along the slice normal (< 0.01 mm apart)
     non_axial              slice normal more than `max_oblique_deg` from the head-foot axis (sagittal/coronal);
                            within it the series is oblique, accepted and resampled

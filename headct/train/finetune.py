@@ -161,7 +161,8 @@ def fit(
             epoch's val scoring; may raise (e.g. optuna.TrialPruned) to stop the run.
         on_log: the engine's training log once per epoch (loss, lr of the head, volumes/s), by global step.
         save_state: (completed steps, model, optimizer, extra) after each epoch, e.g. an atomic checkpoint;
-            extra holds the epoch, the history and the best epoch's weights, so a run can resume from it.
+            extra holds the epoch, the history, the best epoch's weights and the seconds trained so far, so a
+            run can resume from it.
         resume: a checkpoint written through `save_state` (headct.train.checkpoint.load_checkpoint): model,
             optimizer, RNG, history and best epoch are restored and training continues with the next epoch.
     """
@@ -194,7 +195,7 @@ def fit(
         return masked_bce(logits, targets.to(device), pos_weight)
 
     result = FitResult(best_epoch=-1, best_val_auroc=-math.inf, best_state={})
-    first_epoch = 0
+    first_epoch, earlier_seconds = 0, 0.0
     if resume is not None:
         from headct.train.checkpoint import restore
 
@@ -204,6 +205,10 @@ def fit(
         result.history = list(extra["history"])
         result.best_epoch, result.best_val_auroc = int(extra["best_epoch"]), float(extra["best_val_auroc"])
         result.best_state = dict(extra["best_state"])
+        # what the earlier invocations did: a run resumed after its last epoch reports the same steps, and the
+        # training time of all invocations (seconds; absent in checkpoints written before it was recorded)
+        result.steps, earlier_seconds = int(resume["step"]), float(extra.get("seconds", 0.0))
+        result.seconds = earlier_seconds
     start_time = time.perf_counter()
     for epoch in range(first_epoch, s.epochs):
         first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
@@ -230,11 +235,12 @@ def fit(
         if mean > result.best_val_auroc:  # ties keep the earlier epoch
             result.best_epoch, result.best_val_auroc = epoch, mean
             result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in classifier.state_dict().items()}
-        result.steps, result.seconds = last, time.perf_counter() - start_time
+        result.steps, result.seconds = last, earlier_seconds + time.perf_counter() - start_time
         if save_state is not None:
             save_state(last, classifier, optimizer, {
                 "epoch": epoch, "history": copy.deepcopy(result.history), "best_epoch": result.best_epoch,
-                "best_val_auroc": result.best_val_auroc, "best_state": result.best_state})
+                "best_val_auroc": result.best_val_auroc, "best_state": result.best_state,
+                "seconds": result.seconds})
         if on_epoch is not None:
             on_epoch(epoch, record)
     return result
