@@ -100,7 +100,7 @@ def top_run_names(base: str, exp_id: str) -> list[str]:
 
 @contextmanager
 def serve(store: str, artifacts: Path, port: int | None = None, host: str = "127.0.0.1",
-          timeout: float = 180.0) -> Iterator[str]:
+          timeout: float = 600.0) -> Iterator[str]:
     """`mlflow server` on `store` (a URI or SQLite file), yielding its base URL once /health answers; stopped
     (its whole process group: the web workers too) on exit."""
     exe = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
@@ -265,14 +265,15 @@ def workspace_experiment(workspace: Path) -> str:
     return ((tree or {}).get("tracking") or {}).get("experiment") or TrackingConfig().experiment
 
 
-def screenshot_runs(store: str, experiment: str, out: Path, width: int = 1280, height: int = 720,
-                    timeout: float = 120.0) -> Path:
-    """A PNG of `experiment`'s runs table, served from `store` by a throw-away `mlflow server`."""
+def screenshot_runs(store: str, experiment: str, out: Path, width: int = 1280, height: int = 800,
+                    timeout: float = 600.0) -> Path:
+    """A PNG of `experiment`'s runs table, served from `store` by a throw-away `mlflow server`, taken once the
+    newest runs are listed (the grid draws only the rows in view; the API returns the newest first)."""
     with tempfile.TemporaryDirectory() as scratch, serve(store, Path(scratch)) as base:
         exp_id = experiment_id(base, experiment)
         if exp_id is None:
             raise UIError(f"{store}: no MLflow experiment named {experiment!r} (run the pipeline first)")
-        names = top_run_names(base, exp_id)
+        names = top_run_names(base, exp_id)[:5]
         page = open_page(runs_url(base, exp_id), names, timeout, width, height, screenshot=out)
         if not page.found:
             missing = [n for n in names if n not in page.text]
