@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
-	bench-ingest bench-gpu-pretrain demo-slow evidence
+	bench-ingest bench-gpu-pretrain demo-slow evidence readme-figures
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,9 +57,14 @@ test-slow: setup ## Run only the tests marked slow
 lint: setup ## ruff over the code
 	$(PY) -m ruff check headct pipelines cli.py tests benchmarks scripts
 
-ui: setup ## Serve the MLflow store (mlflow.db) on http://127.0.0.1:5000
-	mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts \
-	  --host 127.0.0.1 --port 5000
+ui: setup ## Serve the MLflow store (mlflow.db) on http://127.0.0.1:5000 and print the address of its runs
+	$(PY) scripts/mlflow_ui.py serve --store $(CURDIR)/mlflow.db --artifacts $(CURDIR)/mlartifacts --port 5000
+
+# The README's figures (docs/figures/): the report's radar and few-shot plots and the MLflow runs table, from a
+# workspace after `dvc repro` (the repository after `make demo`, or e.g. WORKSPACE=build/demo-quick).
+WORKSPACE ?= .
+readme-figures: setup ## After `make demo` (or WORKSPACE=dir): docs/figures/ radar, few-shot, MLflow runs PNGs
+	$(PY) scripts/mlflow_ui.py figures --workspace $(WORKSPACE) --out docs/figures
 
 lock: ## Re-pin every dependency into constraints.txt from the current .venv
 	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^headct' | sed 's/+cpu$$//'; } \
