@@ -2,7 +2,9 @@
 
 Shape (DESIGN.md): ``headct <job> [PATHS...] [--params FILE] [--set section.key=value ...]``.
 Only typer, pydantic and yaml are imported at start-up; each job's heavy imports happen inside the job, so
-``headct --help`` is instant. Exit codes: 0 ok, 1 bad input found while working, 2 bad configuration.
+``headct --help`` is instant. Exit codes: 0 ok, 1 bad input found while working, 2 bad configuration, 75 stopped by
+SIGTERM/SIGUSR1 after writing a checkpoint (pretrain, finetune, ceiling, tune; requeued when under Slurm: run the
+same command again to resume; headct/train/preemption.py).
 """
 
 from __future__ import annotations
@@ -145,10 +147,14 @@ def _run_job(
     sections = {name: with_absolute_paths(getattr(params, name), root) for name in also}
     module = importlib.import_module(f"pipelines.{job}")
     from headct import tracking
+    from headct.train.preemption import EXIT_CODE, Preempted, requeue
 
     tracking.LAST_RUN.clear()  # so the closing line names this job's run, or none
     try:
         result = getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
+    except Preempted as exc:  # the checkpoint is on disk: hand the node back and come again
+        typer.echo(f"headct {section_name or job}: {exc}; {requeue()}")
+        raise typer.Exit(EXIT_CODE) from None
     except ConfigError as exc:  # a setting only the job can check (e.g. a label source's name)
         raise _fail(f"headct {section_name or job}: {exc}", 2) from None
     except InputError as exc:
