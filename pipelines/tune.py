@@ -6,11 +6,11 @@ MedianPruner stops trials below the median of earlier trials at the same epoch. 
 the tune run. Test is never read.
 
 Several processes may share one study (`storage`: SQLite by default, `sqlite:///<root>/optuna.db`, or any RDB
-URL such as PostgreSQL for many machines, or `journal:/shared/path/study.journal`: Optuna's JournalStorage on
-a file, for job arrays on a shared filesystem where SQLite is unsafe). Create the study (`create_study`) and the
-MLflow store before starting
-workers at once: two processes creating a new SQLite database together can collide. `n_trials` is the study's total: each process stops once the study holds that many trials (finished, pruned, running or queued); two
-workers finishing at the same instant can overshoot by at most one trial each.
+URL such as PostgreSQL for many machines, or `journal:/shared/path/study.journal`: Optuna's JournalStorage on a
+file, for job arrays on a shared filesystem where SQLite is unsafe). Create the study (`create_study`) and the
+MLflow store before starting workers at once: two processes creating a new SQLite database together can collide.
+`n_trials` is the study's total: each process stops once the study holds that many trials (finished, pruned,
+running or queued); two workers finishing at the same instant can overshoot by at most one trial each.
 Preemption (SIGTERM/SIGUSR1, headct/train/preemption.py): the running trial stops at its next step and fails with
 the user attribute `headct.preempted` (not counted); the next invocation enqueues it again with the same parameters
 (`headct.retry_of`), so no finished trial is lost and the interrupted one is retried.
