@@ -29,14 +29,14 @@ from headct.config.finetune import TUNED_KEYS, FinetuneConfig, TuneConfig
 from headct.errors import InputError
 
 TUNED = TUNED_KEYS
+JOURNAL = "journal:"  # tune.storage = journal:/shared/path/study.journal -> Optuna's JournalStorage on that file
 
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
-    """`tune.storage`, or `sqlite:///<root>/optuna.db`."""
+    """`tune.storage` (a relative `journal:` path taken under the project root), or `sqlite:///<root>/optuna.db`."""
+    if cfg.storage and cfg.storage.startswith(JOURNAL):
+        return JOURNAL + str(Path(root).resolve() / Path(cfg.storage[len(JOURNAL):]).expanduser())
     return cfg.storage or f"sqlite:///{Path(root).resolve()}/optuna.db"
-
-
-JOURNAL = "journal:"  # tune.storage = journal:/shared/path/study.log -> Optuna's JournalStorage on that file
 
 
 def _storage(url: str) -> Any:
