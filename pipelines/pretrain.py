@@ -151,6 +151,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     from headct.train import distributed
     from headct.train.checkpoint import save_checkpoint
     from headct.train.engine import TrainStats, adamw, train
+    from headct.train.preemption import ignore_in_worker
     from headct.train.pretext import build_task
     from headct.train.schedules import dino_weight_decay, warmup_cosine
 
@@ -235,7 +236,8 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
 
         sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start, total, dist.rank, dist.world_size)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=ignore_in_worker)  # the main process alone handles a preemption
         columns = (TextColumn(f"pretrain ({cfg.method})"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True, disable=not dist.is_rank0) as progress:

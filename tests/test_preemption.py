@@ -96,29 +96,36 @@ def test_requeue_asks_slurm_only_for_rank_0_of_a_slurm_job() -> None:
     assert "rank 0" in preemption.requeue({"SLURM_JOB_ID": "7", "RANK": "1"})
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir() for c in (task / "children").read_text().split()]
+
+
 def _signal_at_checkpoint(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
-    """Send this process SIGUSR1 right after the periodic checkpoint of `step` (a preemption notice arriving
-    while the next step runs)."""
+    """Send this process and its children (data workers) SIGUSR1 right after the periodic checkpoint of `step` (a
+    preemption notice arriving while the next step runs; Slurm signals every process of the step)."""
     save = checkpoint.save_checkpoint
 
     def save_then_signal(path, model, optimizer, done, config, extra=None):
         save(path, model, optimizer, done, config, extra)
         if done == step:
+            for child in _children(os.getpid()):
+                os.kill(child, signal.SIGUSR1)
             os.kill(os.getpid(), signal.SIGUSR1)
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_signal)
 
 
+@pytest.mark.parametrize("workers", [0, 1])
 def test_pretrain_signalled_mid_epoch_resumes_on_the_uninterrupted_trajectory(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers: int
 ) -> None:
     from pipelines.pretrain import run
 
     root = make_project(tmp_path)
     whole = run(make_cfg(root, checkpoint_every=2, checkpoint_dir=root / "ckpt_a", model_dir=root / "models/a",
-                         report_dir=root / "reports/a"), ctx_for(root))
+                         report_dir=root / "reports/a", register_as=None), ctx_for(root))
     cfg = make_cfg(root, checkpoint_every=2, checkpoint_dir=root / "ckpt_b", model_dir=root / "models/b",
-                   report_dir=root / "reports/b")
+                   report_dir=root / "reports/b", register_as=None, workers=workers)
     _signal_at_checkpoint(monkeypatch, step=2)
     with pytest.raises(preemption.Preempted) as stopped:
         run(cfg, ctx_for(root))

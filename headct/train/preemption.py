@@ -81,6 +81,14 @@ class PreemptionGuard:
             _active = None
 
 
+def ignore_in_worker(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: data workers ignore the preemption signals. Slurm signals every process of a
+    job step, and a worker that died of SIGTERM/SIGUSR1 would crash the main process's next batch before it could
+    checkpoint; the main process still ends its workers (the loader's shutdown, or their parent-death watchdog)."""
+    for name in SIGNALS:
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def active() -> bool:
     """True while a job's guard is installed (the engine then checks for a stop after every step)."""
     return _active is not None
