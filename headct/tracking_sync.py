@@ -37,6 +37,14 @@ def effective(cfg: TrackingConfig, root: Path) -> TrackingConfig:
     return cfg.model_copy(update={"uri": offline_uri(cfg, root)}) if cfg.offline else cfg
 
 
+def _artifact_root(uri: str) -> str | None:
+    """A SQLite store's artifacts beside it (`<folder>/mlartifacts`, as `headct.tracking` does), never in the
+    current folder (MLflow's default); a server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
+
+
 def _all_runs(client: Any, experiment_id: str) -> list[Any]:
     runs, token = [], None
     while True:
@@ -92,7 +100,8 @@ def sync(src_uri: str, dst_uri: str, experiments: list[str] | None = None) -> di
         counts["experiments"] += 1
         target = dst.get_experiment_by_name(exp.name)
         dst_exp = target.experiment_id if target is not None else dst.create_experiment(
-            exp.name, tags={k: v for k, v in exp.tags.items() if not k.startswith("mlflow.")})
+            exp.name, artifact_location=_artifact_root(dst_uri),
+            tags={k: v for k, v in exp.tags.items() if not k.startswith("mlflow.")})
         copies = {r.data.tags[SOURCE_TAG]: r for r in _all_runs(dst, dst_exp) if SOURCE_TAG in r.data.tags}
         mapping = {source: copy.info.run_id for source, copy in copies.items()}
         # Parents before children, so a child's parent tag can name the parent's copy.

@@ -57,7 +57,8 @@ def _log_runs(uri: str, root: Path) -> dict[str, str]:
     return {"parent": parent_id, "child": child_id}
 
 
-def test_offline_runs_sync_once_however_often_sync_runs(tmp_path: Path) -> None:
+def test_offline_runs_sync_once_however_often_sync_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path.parent)  # MLflow would put a new experiment's artifacts in ./mlruns
     src, dst = f"sqlite:///{tmp_path}/offline.db", f"sqlite:///{tmp_path}/server.db"
     assert effective(TrackingConfig(uri="http://mlflow:5000", offline=True, offline_uri=src), tmp_path).uri == src
     ids = _log_runs(src, tmp_path)
@@ -81,6 +82,7 @@ def test_offline_runs_sync_once_however_often_sync_runs(tmp_path: Path) -> None:
     assert parent.info.start_time == source.info.start_time and parent.info.end_time == source.info.end_time
     local = client.download_artifacts(parent.info.run_id, "reports", str(tmp_path / "back"))
     assert (Path(local) / "note.txt").read_text() == "hello"
+    assert (tmp_path / "mlartifacts").is_dir() and not (tmp_path.parent / "mlruns").exists()  # beside the store
 
 
 def test_a_partial_copy_left_by_an_interrupted_sync_is_redone(tmp_path: Path, monkeypatch) -> None:
