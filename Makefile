@@ -16,7 +16,8 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
-	bench-ingest bench-gpu-pretrain demo-slow evidence readme-figures
+	bench-ingest bench-gpu-pretrain demo-slow evidence readme-figures slurm-dev-up slurm-dev-down slurm-ingest \
+	slurm-pretrain slurm-tune
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -65,6 +66,23 @@ ui: setup ## Serve the MLflow store (mlflow.db) on http://127.0.0.1:5000 and pri
 WORKSPACE ?= .
 readme-figures: setup ## After `make demo` (or WORKSPACE=dir): docs/figures/ radar, few-shot, MLflow runs PNGs
 	$(PY) scripts/mlflow_ui.py figures --workspace $(WORKSPACE) --out docs/figures
+
+# Slurm (slurm/, docs/cluster.md). DRY=1 prints the sbatch commands only; SET='--set slurm.ingest.shards=16 ...'.
+SLURM_STATE ?= /tmp/headct-slurm
+slurm-dev-up: ## A one-node Slurm on this machine for trying the templates (needs slurm-wlm munge; then export SLURM_CONF)
+	slurm/dev/start-cluster.sh $(SLURM_STATE)
+
+slurm-dev-down: ## Stop the one-node Slurm of slurm-dev-up
+	slurm/dev/stop-cluster.sh $(SLURM_STATE)
+
+slurm-ingest: setup ## Submit ingest as a job array + dependent merge, resources from params.yaml's slurm section
+	$(VENV)/bin/headct slurm ingest $(if $(DRY),--dry-run) $(SET)
+
+slurm-pretrain: setup ## Submit multi-node pre-training (srun + torchrun, preemption-safe, requeues itself)
+	$(VENV)/bin/headct slurm pretrain $(if $(DRY),--dry-run) $(SET)
+
+slurm-tune: setup ## Submit a tuning sweep: an array of workers sharing one Optuna study (JournalStorage/PostgreSQL)
+	$(VENV)/bin/headct slurm tune $(if $(DRY),--dry-run) $(SET)
 
 lock: ## Re-pin every dependency into constraints.txt from the current .venv
 	@{ head -n 2 constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v '^headct' | sed 's/+cpu$$//'; } \

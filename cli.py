@@ -2,7 +2,9 @@
 
 Shape (DESIGN.md): ``headct <job> [PATHS...] [--params FILE] [--set section.key=value ...]``.
 Only typer, pydantic and yaml are imported at start-up; each job's heavy imports happen inside the job, so
-``headct --help`` is instant. Exit codes: 0 ok, 1 bad input found while working, 2 bad configuration.
+``headct --help`` is instant. Exit codes: 0 ok, 1 bad input found while working, 2 bad configuration, 75 stopped by
+SIGTERM/SIGUSR1 after writing a checkpoint (pretrain, finetune, ceiling, tune; requeued when under Slurm: run the
+same command again to resume; headct/train/preemption.py).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ app.add_typer(config_app, name="config")
 import_app = typer.Typer(help="Convert another project's checkpoint into a headct model directory.",
                          no_args_is_help=True)
 app.add_typer(import_app, name="import-weights")
+tracking_app = typer.Typer(help="MLflow tracking: upload runs logged offline.", no_args_is_help=True)
+app.add_typer(tracking_app, name="tracking")
 splits_app = typer.Typer(help="Convert another project's published split files into headct split files.",
                          no_args_is_help=True)
 app.add_typer(splits_app, name="import-splits")
@@ -141,19 +145,35 @@ def _run_job(
         except ValidationError as exc:
             raise _fail(format_validation_error(exc, "command-line arguments"), 2) from None
     section = with_absolute_paths(section, root)
-    ctx = JobContext(root=root, tracking=params.tracking)
+    from headct import tracking_sync
+
+    tracking_cfg = tracking_sync.effective(params.tracking, root)  # tracking.offline: the local store
+    if job != "slurm" and not tracking_cfg.offline:  # a server that does not answer stops the job before any work
+        from headct.tracking import TrackingUnreachableError, check_reachable
+
+        try:
+            check_reachable(tracking_cfg, root)
+        except TrackingUnreachableError as exc:
+            raise _fail(f"headct {section_name or job}: {exc}", 1) from None
+    ctx = JobContext(root=root, tracking=tracking_cfg)
     sections = {name: with_absolute_paths(getattr(params, name), root) for name in also}
     module = importlib.import_module(f"pipelines.{job}")
     from headct import tracking
+    from headct.train.preemption import EXIT_CODE, Preempted, requeue
 
     tracking.LAST_RUN.clear()  # so the closing line names this job's run, or none
     try:
         result = getattr(module, runner)(section, ctx, *([] if extra is None else [extra]), **sections)
+    except Preempted as exc:  # the checkpoint is on disk: hand the node back and come again
+        typer.echo(f"headct {section_name or job}: {exc}; {requeue()}")
+        raise typer.Exit(EXIT_CODE) from None
     except ConfigError as exc:  # a setting only the job can check (e.g. a label source's name)
         raise _fail(f"headct {section_name or job}: {exc}", 2) from None
     except InputError as exc:
         raise _fail(f"headct {section_name or job}: {exc}", 1) from None
-    merged_into = [extra[0]] if runner == "run_merge" and extra else []  # `ingest merge DEST ...` writes DEST
+    merged_into = [extra[0]] if runner == "run_merge" and extra else []
+    if job == "slurm":  # submitted, not run: the jobs print their own closing lines
+        return result  # `ingest merge DEST ...` writes DEST
     _print_outcome(section_name or job, section, root, merged_into)
     return result
 
@@ -173,6 +193,37 @@ def config_show(
         tree = {section: tree[section]}
     typer.echo(f"# project root: {root}")
     typer.echo(yaml.safe_dump(tree, sort_keys=False).rstrip())
+
+
+@tracking_app.command("sync")
+def tracking_sync_cmd(
+    src: Annotated[str | None, typer.Argument(help="Store holding the runs (default: the offline store, "
+                                                   "tracking.offline_uri or sqlite:///<root>/mlflow-offline.db).")]
+    = None,
+    dst: Annotated[str | None, typer.Argument(help="Store to upload to (default: tracking.uri, e.g. "
+                                                   "http://mlflow.example.org:5000).")] = None,
+    experiment: Annotated[list[str] | None, typer.Option("--experiment", help="Only this experiment. Repeatable.")]
+    = None,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Copy every finished run of SRC into DST once (params, metric histories, artifacts, nested runs); running it
+    again copies nothing twice."""
+    from headct import tracking
+    from headct.tracking_sync import offline_uri, sync
+
+    params, root = _resolve(params_file, overrides)
+    src = src or offline_uri(params.tracking, root)
+    online = params.tracking.model_copy(update={"offline": False})
+    dst = dst or tracking.tracking_uri(online, root)
+    try:
+        tracking.check_reachable(online.model_copy(update={"uri": dst}), root)
+        counts = sync(src, dst, experiment)
+    except (tracking.TrackingUnreachableError, ValueError) as exc:
+        raise _fail(f"headct tracking sync: {exc}", 1) from None
+    typer.echo(f"headct tracking sync {tracking.redact(src)} -> {tracking.redact(dst)}: {counts['copied']} run(s) "
+               f"copied, {counts['already']} already there, {counts['redone']} partial copies redone, "
+               f"{counts['unfinished']} still running (left for later), {counts['experiments']} experiment(s)")
 
 
 @import_app.command("fm-hct")
@@ -382,6 +433,20 @@ def report(params_file: ParamsOpt = None, overrides: SetOpt = None) -> None:
     """The results page (results.md + figures): probe, few-shot, retrieval, fine-tune and compare tables with 95%
     CIs, and pre-training's held-out loss."""
     _run_job("report", params_file, overrides)
+
+
+@app.command()
+def slurm(
+    job: Annotated[str, typer.Argument(help="ingest (array + dependent merge), pretrain (multi-node torchrun) or tune "
+                                            "(an array sharing one Optuna study).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the sbatch commands; submit nothing.")] = False,
+    params_file: ParamsOpt = None,
+    overrides: SetOpt = None,
+) -> None:
+    """Submit a Slurm template of slurm/ with resources from params.yaml's `slurm` section; --params and --set
+    reach the submitted jobs too. Prints each sbatch command and the job ids."""
+    request = [job, dry_run, params_file.resolve() if params_file else None, list(overrides or [])]
+    _run_job("slurm", params_file, overrides, runner="submit", extra=request, also=("ingest",))
 
 
 def main() -> None:

@@ -146,6 +146,47 @@ def tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root.resolve()}/mlflow.db"
 
 
+class TrackingUnreachableError(RuntimeError):
+    """The tracking server or database in tracking.uri does not answer (found before any work starts)."""
+
+
+def check_reachable(cfg: TrackingConfig, root: Path, timeout_s: float = 15.0) -> str:
+    """Fail fast, before a job does any work, when the tracking store is a server that does not answer: an HTTP(S)
+    MLflow server must answer GET /health; a database URI (postgresql, mysql, mssql) must accept a connection.
+    Local stores (SQLite, files) need no check. Returns the (redacted) URI; TrackingUnreachableError naming it and
+    the cause otherwise."""
+    uri = tracking_uri(cfg, root)
+    scheme = uri.split(":", 1)[0].lower()
+    hint = ("; start it, fix tracking.uri / MLFLOW_TRACKING_URI, or set tracking.offline=true to log locally and "
+            "upload later with `headct tracking sync`")
+    if scheme in ("http", "https"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as answer:  # noqa: S310
+                if answer.status != 200:
+                    raise TrackingUnreachableError(f"MLflow server {redact(uri)} answered /health with HTTP "
+                                                   f"{answer.status}{hint}")
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise TrackingUnreachableError(f"MLflow server {redact(uri)} unreachable ({reason}){hint}") from None
+    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(uri, pool_pre_ping=True, connect_args={"connect_timeout": int(timeout_s)}
+                                              if scheme.startswith(("postgres", "mysql")) else {})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # noqa: BLE001  drivers raise their own types (missing driver, refused, auth)
+            first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise TrackingUnreachableError(f"tracking database {redact(uri)} unreachable ({redact(first)}){hint}") \
+                from None
+    return redact(uri)
+
+
 def _git(root: Path, *args: str) -> str | None:
     """stdout of `git <args>` in `root`, or None when git is missing, fails (not a repository) or hangs."""
     try:

@@ -154,6 +154,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.run_meta import describe as describe_run
     from headct.train.checkpoint import load_for_resume, save_checkpoint
     from headct.train.finetune_data import load_data, train_classifier
+    from headct.train.preemption import Preempted, PreemptionGuard
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -167,9 +168,11 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
         remove_stale_temps(folder)
     resume = load_for_resume(checkpoint, identity, "finetune.checkpoint_dir")
 
-    def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> None:
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, model, optimizer, step, identity, extra)
+    def save_state(step: int, model: Any, optimizer: Any, extra: dict[str, Any]) -> Path | None:
+        if checkpoint is None:
+            return None
+        save_checkpoint(checkpoint, model, optimizer, step, identity, extra)
+        return checkpoint
 
     tags = {"headct.model": data.model_name, "headct.labels": ",".join(data.labels)}
     run_name = describe_run("finetune", cfg.model_copy(update={"labels": data.labels}))[0]  # e.g. "finetune ICH ..."
@@ -179,10 +182,16 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
                                **{f"val_auroc.{k}": v for k, v in record["val_auroc"].items()}}, step=epoch + 1)
 
         if resume is not None:
-            Console().print(f"resuming from {checkpoint} after epoch {int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
-        classifier, windows, preprocess, fitted = train_classifier(
-            cfg, ctx.root, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
-            on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
+            Console().print(f"resuming from {checkpoint} at step {int(resume['step'])}, after epoch "
+                            f"{int(resume['extra']['epoch']) + 1} of {cfg.epochs}")
+        try:  # SIGTERM/SIGUSR1: checkpoint at the next step, then Preempted (exit 75, headct.train.preemption)
+            with PreemptionGuard():
+                classifier, windows, preprocess, fitted = train_classifier(
+                    cfg, ctx.root, data, device, on_epoch=on_epoch, save_state=save_state, resume=resume,
+                    on_log=lambda step, m: mlrun.log_metrics({f"train.{k}": v for k, v in m.items()}, step=step))
+        except Preempted as exc:
+            mlrun.set_tags({"headct.preempted": f"{exc.signal_name} after step {exc.step}"})
+            raise
         shape = preprocess.get("shape") or data.preprocess.get("shape")
         metrics, table, thresholds, performance = evaluate(cfg, ctx, data, classifier, windows, shape)
         best = fitted.history[fitted.best_epoch]

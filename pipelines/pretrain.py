@@ -121,12 +121,14 @@ def run(cfg: PretrainConfig, ctx: JobContext) -> dict[str, Any]:
 
     from headct.device import resolve_device
     from headct.train import distributed
+    from headct.train.preemption import PreemptionGuard
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = distributed.start(resolve_device(cfg.device))
     try:
-        return _run(cfg, ctx, dist)
+        with PreemptionGuard():  # SIGTERM/SIGUSR1: checkpoint at the next step, then Preempted (exit 75)
+            return _run(cfg, ctx, dist)
     finally:
         distributed.stop(dist)
 
@@ -149,6 +151,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     from headct.train import distributed
     from headct.train.checkpoint import save_checkpoint
     from headct.train.engine import TrainStats, adamw, train
+    from headct.train.preemption import ignore_in_worker
     from headct.train.pretext import build_task
     from headct.train.schedules import dino_weight_decay, warmup_cosine
 
@@ -214,8 +217,9 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
             return {"heldout_loss_start": start_loss, "losses": [*extra.get("losses", []), *stats.losses],
                     **{k: extra.get(k, 0) + getattr(stats, k) for k in ("seconds", "data_seconds", "samples")}}
 
-        def save(done: int, stats: TrainStats) -> None:
+        def save(done: int, stats: TrainStats) -> Path:
             save_checkpoint(checkpoint, task.model, optimizer, done, identity, so_far(stats))
+            return checkpoint
 
         def on_log(done: int, metrics: dict[str, float]) -> None:
             progress.update(bar, loss=f"{metrics['loss']:.4f}")  # the mean since the last log
@@ -232,13 +236,14 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
 
         sampler = StepBatchSampler(len(train_set), cfg.batch_size, cfg.seed, start, total, dist.rank, dist.world_size)
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                            pin_memory=device.type == "cuda", persistent_workers=False)
+                            pin_memory=device.type == "cuda", persistent_workers=False,
+                            worker_init_fn=ignore_in_worker)  # the main process alone handles a preemption
         columns = (TextColumn(f"pretrain ({cfg.method})"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn())
         with Progress(*columns, console=console, transient=True, disable=not dist.is_rank0) as progress:
             bar = progress.add_task("steps", total=total, completed=start, loss="-")
-            stats = train(
-                step_model, optimizer, (hu for hu, _ in loader),
+            stats = _train_or_record_preemption(
+                mlrun, train, step_model, optimizer, (hu for hu, _ in loader),
                 lambda hu, step, micro: task.loss(step_model, hu, step, micro),
                 start_step=start, total_steps=total,
                 lr_at=lambda s: warmup_cosine(s, total, cfg.lr, warmup, cfg.min_lr), wd_at=wd_at,
@@ -259,6 +264,19 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     if checkpoint.is_file():
         checkpoint.replace(checkpoint.with_name("complete.pt"))
     return result
+
+
+def _train_or_record_preemption(mlrun: Any, train: Any, *args: Any, **kwargs: Any) -> Any:
+    """`train(*args, **kwargs)`; a preemption is tagged on the MLflow run (which then ends as failed: the
+    requeued job logs a new run that continues the same checkpoint) before it propagates."""
+    from headct.train.preemption import Preempted
+
+    try:
+        return train(*args, **kwargs)
+    except Preempted as exc:
+        if mlrun is not None:
+            mlrun.set_tags({"headct.preempted": f"{exc.signal_name} after step {exc.step}"})
+        raise
 
 
 def _finish(

@@ -6,10 +6,14 @@ MedianPruner stops trials below the median of earlier trials at the same epoch. 
 the tune run. Test is never read.
 
 Several processes may share one study (`storage`: SQLite by default, `sqlite:///<root>/optuna.db`, or any RDB
-URL such as PostgreSQL for many machines). Create the study (`create_study`) and the MLflow store before
-starting workers at once: two processes creating a new SQLite database together can collide. `n_trials` is the
-study's total: each process stops once the study holds that many trials (finished, pruned or running); two
-workers finishing at the same instant can overshoot by at most one trial each.
+URL such as PostgreSQL for many machines, or `journal:/shared/path/study.journal`: Optuna's JournalStorage on a
+file, for job arrays on a shared filesystem where SQLite is unsafe). Create the study (`create_study`) and the
+MLflow store before starting workers at once: two processes creating a new SQLite database together can collide.
+`n_trials` is the study's total: each process stops once the study holds that many trials (finished, pruned,
+running or queued); two workers finishing at the same instant can overshoot by at most one trial each.
+Preemption (SIGTERM/SIGUSR1, headct/train/preemption.py): the running trial stops at its next step and fails with
+the user attribute `headct.preempted` (not counted); the next invocation enqueues it again with the same parameters
+(`headct.retry_of`), so no finished trial is lost and the interrupted one is retried.
 
 Outputs: `best_params` (YAML, `finetune:` backbone_lr / head_lr / weight_decay of the best trial so far, written
 atomically; what `finetune.tuned_params` reads), report_dir/{metrics.json, trials.csv}.
@@ -25,19 +29,49 @@ from headct.config.finetune import TUNED_KEYS, FinetuneConfig, TuneConfig
 from headct.errors import InputError
 
 TUNED = TUNED_KEYS
+JOURNAL = "journal:"  # tune.storage = journal:/shared/path/study.journal -> Optuna's JournalStorage on that file
 
 
 def storage_url(cfg: TuneConfig, root: Path) -> str:
-    """`tune.storage`, or `sqlite:///<root>/optuna.db`."""
+    """`tune.storage` (a relative `journal:` path taken under the project root), or `sqlite:///<root>/optuna.db`."""
+    if cfg.storage and cfg.storage.startswith(JOURNAL):
+        return JOURNAL + str(Path(root).resolve() / Path(cfg.storage[len(JOURNAL):]).expanduser())
     return cfg.storage or f"sqlite:///{Path(root).resolve()}/optuna.db"
 
 
 def _storage(url: str) -> Any:
-    """An Optuna RDB storage; SQLite waits up to 60 s for a lock held by another worker instead of failing."""
+    """An Optuna storage. `journal:PATH`: JournalStorage on an append-only file, the one for job-array tasks on a
+    shared filesystem (NFS/Lustre/GPFS) without a database server (SQLite's locking is unsafe on NFS);
+    JournalFileOpenLock, since symlink locks are not atomic on every network filesystem. Otherwise an RDB URL
+    (PostgreSQL, MySQL, SQLite); SQLite waits up to 60 s for a lock held by another worker instead of failing."""
     import optuna
+    from optuna.storages import journal
 
+    if url.startswith(JOURNAL):
+        path = Path(url[len(JOURNAL):]).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return journal.JournalStorage(journal.JournalFileBackend(
+            str(path), lock_obj=journal.JournalFileOpenLock(str(path))))
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite:") else {}
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+
+
+PREEMPTED_ATTR, RETRY_ATTR = "headct.preempted", "headct.retry_of"
+
+
+def enqueue_retries(study: Any) -> list[int]:
+    """Enqueue once, with the same parameters, every trial a preemption stopped (failed with PREEMPTED_ATTR) that
+    no trial retries yet; returns their numbers. Two workers starting at the same instant could both enqueue one
+    retry (Optuna has no atomic test-and-enqueue): the study then holds one extra trial, never loses one."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get(RETRY_ATTR) for t in trials}
+    todo = [t for t in trials if t.state == TrialState.FAIL and PREEMPTED_ATTR in t.user_attrs
+            and t.number not in retried]
+    for t in todo:
+        study.enqueue_trial(dict(t.params), user_attrs={RETRY_ATTR: t.number})
+    return [t.number for t in todo]
 
 
 def auto_study_name(cfg: TuneConfig, base: FinetuneConfig) -> str:
@@ -113,6 +147,7 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
     from headct.headline import write_stage_headline
     from headct.io import atomic_path, write_json
     from headct.train.finetune_data import load_data, train_classifier
+    from headct.train.preemption import Preempted, PreemptionGuard
 
     base = finetune or FinetuneConfig()
     if cfg.study_name is None:
@@ -146,6 +181,10 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
                                               on_epoch=on_epoch)[3]
                 except optuna.TrialPruned as exc:
                     pruned_at = str(exc)
+                except Preempted as exc:  # the trial fails; the next invocation retries it (enqueue_retries)
+                    trial.set_user_attr(PREEMPTED_ATTR, f"{exc.signal_name} after step {exc.step}")
+                    child.set_tags({"optuna.trial": trial.number, "optuna.state": "PREEMPTED"})
+                    raise
                 child.set_tags({"optuna.trial": trial.number,
                                 "optuna.state": "PRUNED" if pruned_at else "COMPLETE"})
                 if pruned_at is None:
@@ -155,8 +194,17 @@ def run(cfg: TuneConfig, ctx: JobContext, finetune: FinetuneConfig | None = None
                 raise optuna.TrialPruned(pruned_at)
             return fitted.best_val_auroc
 
-        study.optimize(objective, n_trials=cfg.n_trials,
-                       callbacks=[MaxTrialsCallback(cfg.n_trials, states=None)], gc_after_trial=True)
+        # A trial failed by a preemption is not counted (its retry is): finished, pruned, running and queued are.
+        counted = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+        with PreemptionGuard():  # SIGTERM/SIGUSR1: the running trial stops at its next step (exit 75)
+            retries = enqueue_retries(study)
+            if retries:
+                Console().print(f"retrying trial(s) {retries} of study {cfg.study_name}, stopped by a preemption")
+            # The callback only runs after a trial: a process joining a full study must not start one more.
+            started = sum(t.state in counted[:3] for t in study.get_trials(deepcopy=False))
+            if cfg.n_trials - started > 0:
+                study.optimize(objective, n_trials=cfg.n_trials - started,
+                               callbacks=[MaxTrialsCallback(cfg.n_trials, states=counted)], gc_after_trial=True)
         trials = study.get_trials(deepcopy=False)
         counts = {state.name.lower(): sum(t.state == state for t in trials)
                   for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}

@@ -62,6 +62,7 @@ from headct.config.loader import (
 )
 from headct.config.params import Params
 from headct.config.pretrain import DinoConfig, PretrainConfig
+from headct.config.slurm import SlurmConfig, SlurmIngest, SlurmJob, SlurmPretrain, SlurmTune
 
 __all__ = [
     "DEFAULT_WINDOWS",
@@ -91,6 +92,11 @@ __all__ = [
     "RetrievalConfig",
     "Section",
     "Shots",
+    "SlurmConfig",
+    "SlurmIngest",
+    "SlurmJob",
+    "SlurmPretrain",
+    "SlurmTune",
     "SplitConfig",
     "SynthConfig",
     "TUNED_KEYS",

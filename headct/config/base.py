@@ -87,11 +87,16 @@ PREPROCESS_MODES: dict[str, dict[str, Any]] = {
 
 
 class TrackingConfig(Section):
-    """MLflow boundary. ``uri`` None means ``sqlite:///<project root>/mlflow.db``."""
+    """MLflow boundary. ``uri`` None means ``sqlite:///<project root>/mlflow.db``; a server (``http://host:5000``,
+    or a database URI such as ``postgresql://user@host/mlflow``) is checked before a job starts any work.
+    ``offline``: log to ``offline_uri`` (None: ``sqlite:///<project root>/mlflow-offline.db``) instead, without
+    contacting ``uri``; ``headct tracking sync`` uploads those runs later (headct/tracking_sync.py)."""
 
     uri: str | None = None
     experiment: str = "headct"
     system_metrics: bool = False
+    offline: bool = False
+    offline_uri: str | None = None
 
 
 class JobContext(BaseModel):

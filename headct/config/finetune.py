@@ -128,8 +128,8 @@ class TuneConfig(Section):
     """Optuna TPE over the fine-tuning learning rates and weight decay; trials start from the `finetune` section.
 
     Each trial fine-tunes for `epochs` epochs, reports mean val AUROC every epoch to a MedianPruner, and is an
-    MLflow child run. `storage` None means `sqlite:///<project root>/optuna.db`; any RDB URL lets many
-    processes share one study. The best values go to `best_params` (what finetune.tuned_params reads).
+    MLflow child run. `storage` None means `sqlite:///<project root>/optuna.db`; any RDB URL (PostgreSQL) or
+    `journal:PATH` (Optuna's JournalStorage on a shared file; never SQLite on NFS) lets many processes share one study. The best values go to `best_params` (what finetune.tuned_params reads).
     """
 
     storage: str | None = Field(None, json_schema_extra={"trajectory": False})

@@ -17,6 +17,7 @@ from headct.config.evaluate import (
 )
 from headct.config.finetune import CeilingConfig, FinetuneConfig, PredictConfig, TuneConfig
 from headct.config.pretrain import PretrainConfig
+from headct.config.slurm import SlurmConfig
 
 
 class Params(Section):
@@ -38,6 +39,7 @@ class Params(Section):
     explain: ExplainConfig = Field(default_factory=ExplainConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
     @model_validator(mode="after")
     def _coherent(self) -> Params:

@@ -16,6 +16,9 @@ all-reduce the others left), averages the logged loss over ranks and counts volu
 0 logs and checkpoints.
 Mixed precision: `amp_dtype` (bf16 on GPU, `headct.device.amp_dtype`) runs `compute_loss` under autocast; bf16
 needs no loss scaling.
+Preemption (`headct.train.preemption`): while a job's guard is installed, a trapped SIGTERM/SIGUSR1 makes the step
+it arrived in the last one: that step ends at a sync point (losses checked), the checkpoint is written
+(`save_on_preempt`, else `save_checkpoint`) and `Preempted` is raised; every rank stops after the same step.
 """
 
 from __future__ import annotations
@@ -176,6 +179,7 @@ def train(
     amp_dtype: torch.dtype | None = None,
     after_backward: Callable[[int], None] | None = None,
     after_update: Callable[[int], None] | None = None,
+    save_on_preempt: Callable[[int, TrainStats], str | None] | None = None,
 ) -> TrainStats:
     """Run global steps start_step .. total_steps - 1.
 
@@ -196,11 +200,19 @@ def train(
         after_backward: (global step) after the gradients of a step are complete, before clipping and the
             update (DINO zeroes its last layer's gradients here in the first epoch).
         after_update: (global step) after the optimizer step (DINO's teacher EMA update).
+        save_on_preempt: called on rank 0 instead of `save_checkpoint` when a trapped signal stops training
+            (fine-tuning's checkpoint needs its epoch context); it may return the checkpoint's path, for the
+            message. None: `save_checkpoint` is called (if given).
 
     Raises:
+        headct.train.preemption.Preempted: after the step in which a trapped signal arrived, once its
+            checkpoint is written (see the module docstring).
         NonFiniteLossError: at the first sync point after a non-finite loss, naming the first step it happened
             at; no checkpoint is written from that step on (the last one holds the state before it).
     """
+    from headct.train import preemption
+
+    guarded = preemption.active()  # the same on every rank: every rank's job installs its guard
     stats = TrainStats(start_step, start_step)
     rank0 = is_rank0()
     world = torch.distributed.get_world_size() if is_distributed() else 1
@@ -253,9 +265,10 @@ def train(
         if on_step is not None:
             on_step(step + 1)
 
+        stop = preemption.stop_requested() if guarded else None  # agreed over ranks
         last = step + 1 == total_steps
         logs = (step + 1) % log_every == 0 or last
-        saves = (bool(checkpoint_every) and (step + 1) % checkpoint_every == 0) or last
+        saves = (bool(checkpoint_every) and (step + 1) % checkpoint_every == 0) or last or stop is not None
         if not (logs or saves):  # the same steps on every rank: they depend on settings only
             continue
         # Sync point: the one wait for the device (and, under DDP, the one all-reduce) since the last one.
@@ -287,6 +300,11 @@ def train(
                     "data_wait_fraction": data_sum / world / window["seconds"],
                 })
             window = dict.fromkeys(window, 0.0)
+        if stop is not None:
+            saved = None
+            if rank0 and (save_on_preempt or save_checkpoint) is not None:
+                saved = (save_on_preempt or save_checkpoint)(step + 1, stats)
+            raise preemption.Preempted(step + 1, stop, str(saved) if saved else None)
         if rank0 and saves and save_checkpoint is not None:
             save_checkpoint(step + 1, stats)
     return stats

@@ -164,7 +164,10 @@ def fit(
             extra holds the epoch, the history, the best epoch's weights and the seconds trained so far, so a
             run can resume from it.
         resume: a checkpoint written through `save_state` (headct.train.checkpoint.load_checkpoint): model,
-            optimizer, RNG, history and best epoch are restored and training continues with the next epoch.
+            optimizer, RNG, history and best epoch are restored and training continues with the next epoch, or,
+            after a preemption (`headct.train.preemption`) mid-epoch, with the next step of the interrupted one.
+    A trapped SIGTERM/SIGUSR1 stops training after the current step: `save_state` gets the completed steps with
+    the interrupted epoch's losses so far ("epoch_losses") and "epoch" = the last complete epoch.
     """
     from torch.utils.data import DataLoader
 
@@ -195,7 +198,7 @@ def fit(
         return masked_bce(logits, targets.to(device), pos_weight)
 
     result = FitResult(best_epoch=-1, best_val_auroc=-math.inf, best_state={})
-    first_epoch, earlier_seconds = 0, 0.0
+    first_epoch, resume_step, epoch_losses, earlier_seconds = 0, 0, [], 0.0
     if resume is not None:
         from headct.train.checkpoint import restore
 
@@ -205,13 +208,15 @@ def fit(
         result.history = list(extra["history"])
         result.best_epoch, result.best_val_auroc = int(extra["best_epoch"]), float(extra["best_val_auroc"])
         result.best_state = dict(extra["best_state"])
+        resume_step, epoch_losses = int(resume["step"]), list(extra.get("epoch_losses", []))  # mid-epoch stop
         # what the earlier invocations did: a run resumed after its last epoch reports the same steps, and the
         # training time of all invocations (seconds; absent in checkpoints written before it was recorded)
-        result.steps, earlier_seconds = int(resume["step"]), float(extra.get("seconds", 0.0))
+        result.steps, earlier_seconds = resume_step, float(extra.get("seconds", 0.0))
         result.seconds = earlier_seconds
     start_time = time.perf_counter()
     for epoch in range(first_epoch, s.epochs):
-        first, last = epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch
+        first, last = max(epoch * steps_per_epoch, resume_step), (epoch + 1) * steps_per_epoch
+        done_before = epoch_losses if epoch == first_epoch else []  # this epoch's steps before a preemption
         frozen = epoch < s.freeze_backbone_epochs
         for name, param in classifier.named_parameters():
             if name.startswith("backbone."):
@@ -220,17 +225,27 @@ def fit(
                    if balanced is not None else StepBatchSampler(len(train_set), s.batch_size, s.seed, first, last))
         loader = DataLoader(train_set, batch_sampler=sampler, num_workers=0,
                             pin_memory=torch.device(device).type == "cuda")
+
+        def on_preempt(done: int, so_far: Any, epoch: int = epoch, before: list = done_before) -> Any:
+            if save_state is None:
+                return None
+            return save_state(done, classifier, optimizer, {
+                "epoch": epoch - 1, "history": copy.deepcopy(result.history), "best_epoch": result.best_epoch,
+                "best_val_auroc": result.best_val_auroc, "best_state": result.best_state,
+                "epoch_losses": [*before, *so_far.losses],
+                "seconds": earlier_seconds + time.perf_counter() - start_time})
+
         stats = train(classifier, optimizer, loader, compute_loss, start_step=first, total_steps=last,
                       lr_at=lambda step: warmup_cosine(step, total, 1.0, warmup), grad_clip=s.grad_clip,
                       accum_steps=s.accum_steps, log_every=max(1, steps_per_epoch), on_log=on_log,
-                      amp_dtype=s.amp_dtype)
+                      amp_dtype=s.amp_dtype, save_on_preempt=on_preempt)
         probs = score_volumes(classifier, val_paths, windows, s.eval_batch_size, train_set.shape)
         aurocs = label_aurocs(val_targets, probs, labels)
         if not aurocs:
             raise InputError("val has no label with both positives and negatives; nothing to select on")
         mean = float(np.mean(list(aurocs.values())))
         record = {"epoch": epoch, "step": last, "val_auroc_mean": mean, "val_auroc": aurocs,
-                  "train_loss": float(np.mean(stats.losses)), "backbone_frozen": frozen}
+                  "train_loss": float(np.mean([*done_before, *stats.losses])), "backbone_frozen": frozen}
         result.history.append(record)
         if mean > result.best_val_auroc:  # ties keep the earlier epoch
             result.best_epoch, result.best_val_auroc = epoch, mean
