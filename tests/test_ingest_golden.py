@@ -51,7 +51,8 @@ def _variants() -> dict[str, dict]:
     c, s = np.cos(np.radians(20.0)), np.sin(np.radians(20.0))
     return {
         "reference": {},
-        "reversed_shuffled": {"reverse_instances": True, "shuffle_names": True, "extension": "", "centre": (4.0, -3.0, 2.0)},
+        "reversed_shuffled": {"reverse_instances": True, "shuffle_names": True, "extension": "",
+                              "centre": (4.0, -3.0, 2.0)},
         "signed_slope_2": {"unsigned": False, "slope": 2.0, "intercept": -1000.0, "rows": 80, "cols": 70},
         "pixel_padding": {"unsigned": False, "fov_radius_mm": 80.0, "padding_value": -2000},
         "flipped_axes": {"orientation": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0), "pixel_spacing": (2.5, 3.5)},
