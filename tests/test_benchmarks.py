@@ -131,9 +131,15 @@ def test_ingest_benchmark_runs_every_method_on_tiny_series(tmp_path: Path) -> No
         assert result["series_per_s"] == pytest.approx(2 / result["seconds_min"])  # 2 series, the fastest repeat
     assert set(report["time_over_headct_w1"]) == methods and report["time_over_headct_w1"]["headct-w1"] == 1.0
     assert set(report["headct_speedup_by_workers"]) == {"1", "2"}
-    assert report["floor"]["ratio"] > 0 and isinstance(report["floor"]["met"], bool)
+    goal = report["targets"]
+    assert goal["seed_chain"]["monai_pydicom_time_over_headct_w1"] > 0 and isinstance(goal["seed_chain"]["met"], bool)
+    assert goal["decoding_limit"]["headct_w1_time_over_decode"] > 0
+    assert set(goal["scaling"]) == {"2"} and goal["scaling"]["2"]["share_of_ceiling"] > 0
+    assert len(report["limits"]["decode_seconds_all"]) == 2  # before the runs, then once per repeat
+    assert set(report["load_average_1_5_15_min"]) == {"start", "end"}
     limits = report["limits"]
     for key in ("disk_series_per_s", "input_cold_read_series_per_s", "decode_series_per_s"):
         assert limits[key] > 0, key
     assert limits["cpu_scaling_ceiling"]["2"] > 0
     assert "headct ingest" in out.stdout and "reading limit" in out.stdout
+    assert "seed's chain" in out.stdout and "decoding limit: headct" in out.stdout and "scaling: 2 workers" in out.stdout

@@ -30,9 +30,22 @@ def content_sha256(hu: np.ndarray, geometry: StackGeometry) -> str:
     view = apply_orientation(hu.transpose(2, 1, 0), io_orientation(np.vstack([np.c_[axes, np.zeros(3)],
                                                                                [0, 0, 0, 1]])))
     digest = hashlib.sha256(str(view.shape).encode())
+    plane = np.empty(view.shape[:2], view.dtype)
     for k in range(view.shape[2]):  # one contiguous slice at a time: no copy of the whole stack
-        digest.update(np.ascontiguousarray(view[:, :, k]).data)
+        digest.update(_contiguous(view[:, :, k], plane).data)
     return digest.hexdigest()
+
+
+def _contiguous(image: np.ndarray, out: np.ndarray, stripe: int = 32) -> np.ndarray:
+    """`image` as a C-contiguous array (itself when it is one, else copied into `out`). The usual view is a
+    slice transposed (x-major, the DICOM rows are y): copied `stripe` columns at a time, which reads whole cache
+    lines of the source and keeps the written stripe in cache: about twice as fast as numpy's element-strided
+    copy of the whole slice (measured on 512 x 512 float32)."""
+    if image.flags.c_contiguous:
+        return image
+    for j in range(0, image.shape[1], stripe):
+        np.copyto(out[:, j : j + stripe], image[:, j : j + stripe])
+    return out
 
 
 def find_duplicates(rows: Iterable[dict[str, Any]]) -> dict[str, tuple[str, str]]:

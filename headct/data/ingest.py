@@ -284,6 +284,7 @@ def ingest(cfg: IngestConfig, root: Path, console: Console, key: bytes | None = 
     `if __name__ == "__main__":` guard (the `headct` command and `python -c` need nothing).
     """
     started = time.perf_counter()
+    parallel.warm(parallel.cpu_count() if cfg.workers == "auto" else cfg.workers)  # while the checks run
     shard = shards.parse(cfg.shard)
     linkage = linkage_path(cfg, root)
     if shard is not None:

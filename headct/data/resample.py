@@ -46,17 +46,36 @@ def head_box_ras(hu: np.ndarray, geometry: StackGeometry, mode: str) -> tuple[np
         return _box_of_voxels(geometry, np.array([0, 0, 0]), np.array([cols - 1, rows - 1, n - 1]))
     step = max(1, int(round(_LOCALISE_MM / min(geometry.pixel_spacing))))
     row0, col0 = _phase(geometry, geometry.col_dir, 0, step), _phase(geometry, geometry.row_dir, 1, step)
-    mask = hu[:, row0::step, col0::step] > HEAD_THRESHOLD_HU
-    mask = ndimage.binary_opening(mask, structure=np.ones((1, 3, 3), bool))
+    mask = _open_in_plane(hu[:, row0::step, col0::step] > HEAD_THRESHOLD_HU)
     labels, count = ndimage.label(mask)
     if count == 0:
         raise NoHeadError(f"no voxel above {HEAD_THRESHOLD_HU:.0f} HU after opening")
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    ks, rs, cs = ndimage.find_objects(labels)[int(sizes.argmax()) - 1]
-    lo = np.array([col0 + cs.start * step, row0 + rs.start * step, ks.start])
-    hi = np.array([col0 + (cs.stop - 1) * step, row0 + (rs.stop - 1) * step, ks.stop - 1])
+    head = labels == int(sizes.argmax())  # the largest component (the first of equal ones)
+    ks, rs, cs = (np.flatnonzero(head.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1)))
+    lo = np.array([col0 + cs[0] * step, row0 + rs[0] * step, ks[0]])
+    hi = np.array([col0 + cs[-1] * step, row0 + rs[-1] * step, ks[-1]])
     return _box_of_voxels(geometry, lo, hi)
+
+
+def _open_in_plane(mask: np.ndarray) -> np.ndarray:
+    """Binary opening of each plane of `mask` (N, rows, cols) by a 3 x 3 square, outside the array counting as
+    background: what `ndimage.binary_opening(mask, np.ones((1, 3, 3)))` gives (a square's erosion and dilation are
+    each a row pass and a column pass), in a few whole-array logical operations instead of 9 x 2 per voxel."""
+    row_pass = np.zeros_like(mask)  # eroded along the columns: a pixel and both its neighbours in the row
+    np.logical_and(mask[:, :, :-2], mask[:, :, 1:-1], out=row_pass[:, :, 1:-1])
+    row_pass[:, :, 1:-1] &= mask[:, :, 2:]
+    eroded = np.zeros_like(mask)
+    np.logical_and(row_pass[:, :-2], row_pass[:, 1:-1], out=eroded[:, 1:-1])
+    eroded[:, 1:-1] &= row_pass[:, 2:]
+    grown = eroded.copy()
+    grown[:, :, 1:] |= eroded[:, :, :-1]
+    grown[:, :, :-1] |= eroded[:, :, 1:]
+    opened = grown.copy()
+    opened[:, 1:] |= grown[:, :-1]
+    opened[:, :-1] |= grown[:, 1:]
+    return opened
 
 
 def _phase(geometry: StackGeometry, direction: np.ndarray, spacing_index: int, step: int) -> int:
@@ -97,8 +116,19 @@ def resample(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray, shape:
     filled in slabs of whole z planes holding at most `chunk_voxels` points, so the coordinate arrays stay small
     (about 150 bytes per point, ~80 MB per slab) whatever the grid. scipy samples the float32 stack in place
     (order 1 needs no spline prefilter, hence no float64 copy). Points outside the source stack get `pad_hu`; the
-    "constant" mode does not blend the scanned border with the pad value.
+    "constant" mode does not blend the scanned border with the pad value. A stack whose rows and columns run
+    along patient axes (most series) gets the same samples from separable coordinates (`_resample_axis_aligned`).
     """
+    linear = affine[:3, :3]
+    if (all(_signed_axis(v) for v in (geometry.row_dir, geometry.col_dir, geometry.normal))
+            and not np.any(linear - np.diag(np.diag(linear)))):
+        return _resample_axis_aligned(hu, geometry, affine, shape, pad_hu)
+    return _resample_general(hu, geometry, affine, shape, pad_hu, chunk_voxels)
+
+
+def _resample_general(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray, shape: tuple[int, int, int],
+                      pad_hu: float, chunk_voxels: int = CHUNK_VOXELS) -> np.ndarray:
+    """`resample` for any geometry: every output point's source coordinates computed in full."""
     nx, ny, nz = shape
     out = np.empty(shape, np.float32)
     ii, jj = (a.ravel().astype(np.float64) for a in np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij"))
@@ -115,6 +145,54 @@ def resample(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray, shape:
                                          prefilter=False)
         # points are laid out plane by plane, and within a plane x-major (y fastest)
         out[:, :, z0:z1] = values.reshape(z1 - z0, nx, ny).transpose(1, 2, 0)
+    return out
+
+
+def _signed_axis(v: np.ndarray) -> tuple[int, float] | None:
+    """(axis, sign) of a vector that is exactly +-1 along one axis and 0 along the others, else None."""
+    nonzero = np.flatnonzero(v)
+    return (int(nonzero[0]), float(v[nonzero[0]])) if len(nonzero) == 1 and abs(v[nonzero[0]]) == 1.0 else None
+
+
+def _resample_axis_aligned(hu: np.ndarray, geometry: StackGeometry, affine: np.ndarray,
+                           shape: tuple[int, int, int], pad_hu: float) -> np.ndarray:
+    """`resample` for a stack whose rows and columns run exactly along patient axes (the usual axial series),
+    with the same numbers, computed separably.
+
+    The canonical affine is diagonal, so a point's LPS coordinate along axis d depends on its grid index along d
+    alone; with row, column and normal directions that are +-1 along one axis, every dot product of
+    `StackGeometry.source_coords` picks one coordinate (times +-1, plus exact zeros), so the fractional slice k
+    and the slice origin depend on the grid index along the normal's axis only, the row on that index and the
+    column-direction axis, the column on it and the row-direction axis. The same float64 operations are applied
+    to these 1-D and 2-D tables as `resample` applies point by point, so the coordinates are the same numbers (up
+    to the sign of a zero, which moves no sample) and map_coordinates samples the same values. Planes beyond the
+    first or last slice (k = -2) are the pad value, as map_coordinates' constant mode gives them; the others are
+    sampled one plane at a time, the column index varying fastest (neighbouring points read neighbouring bytes).
+    """
+    (n_axis, n_sign), (c_axis, c_sign), (r_axis, r_sign) = (_signed_axis(v) for v in (
+        geometry.normal, geometry.col_dir, geometry.row_dir))
+    flip = LPS_TO_RAS.diagonal()[:3]
+    lps = [(np.arange(n, dtype=np.float64) * affine[d, d] + affine[d, 3]) * flip[d] for d, n in enumerate(shape)]
+    n = geometry.n_slices
+    height = lps[n_axis] * n_sign
+    k = np.interp(height, geometry.along, np.arange(n, dtype=float))
+    k[(height < geometry.along[0] - 1e-6) | (height > geometry.along[-1] + 1e-6)] = -2.0
+    inside = np.clip(k, 0, n - 1)
+    origin = np.stack([np.interp(inside, np.arange(n), geometry.positions[:, d]) for d in range(3)], axis=1)
+    rs, cs = geometry.pixel_spacing
+    rows = (lps[c_axis][:, None] - origin[None, :, c_axis]) * c_sign / rs  # (grid along the column axis, planes)
+    cols = (lps[r_axis][:, None] - origin[None, :, r_axis]) * r_sign / cs  # (grid along the row axis, planes)
+    out = np.full(shape, np.float32(pad_hu), np.float32)
+    to_grid = np.argsort((n_axis, c_axis, r_axis))  # (plane, row axis, column axis) -> (x, y, z)
+    coords = np.empty((3, shape[c_axis], shape[r_axis]))
+    for plane in np.flatnonzero(k != -2.0):
+        coords[0] = k[plane]
+        coords[1] = rows[:, plane, None]
+        coords[2] = cols[None, :, plane]
+        values = ndimage.map_coordinates(hu, coords.reshape(3, -1), order=1, mode="constant", cval=pad_hu,
+                                         output=np.float32, prefilter=False)
+        where = tuple(plane if d == n_axis else slice(None) for d in range(3))
+        out[where] = values.reshape(1, *coords.shape[1:]).transpose(to_grid).squeeze(axis=n_axis)
     return out
 
 

@@ -3,7 +3,8 @@
 Headers are read with stop_before_pixels (one parse per file, shared with the Enhanced CT format through the
 probe's memo); DICOMDIR media indexes are recognised and skipped (the images they list are found by the walk).
 Slices are grouped by (StudyInstanceUID, SeriesInstanceUID) and ordered by position along the slice normal
-(headct.data.series). Pixels are read only for the series chosen per study (`load_hu`).
+(headct.data.series). Pixels are read only for the series chosen per study (`load_hu`, in
+headct.data.formats.dicom_pixels), at the offset this parse found, without parsing the header again.
 """
 
 from __future__ import annotations
@@ -11,48 +12,41 @@ from __future__ import annotations
 import re
 import struct
 import zlib
-from collections import defaultdict
 from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 import pydicom
-from pydicom.pixels import iter_pixels
 
 from headct.config.data import QcRules
 from headct.data import header_checks, qc
 from headct.data.criteria import Criteria
-from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError, top_folder_word
+from headct.data.formats import dicom_pixels, dicom_values
+from headct.data.formats.base import FileRead, InputFormat, Probe, top_folder_word
+from headct.data.formats.dicom_pixels import (  # noqa: F401 - the pixel errors are part of this format's API
+    NoPixelDataError,
+    PixelDataError,
+    PixelElement,
+    load_hu,
+)
+from headct.data.formats.dicom_values import ascii_charset, floats, integer, number, text
 from headct.data.qc import QcResult
 from headct.data.series import Series, SliceHeader, StackGeometry, stack_geometry
 from headct.data.synth import marker
 
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index, not an image
-_DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+_DEFLATED = dicom_pixels.DEFLATED  # Deflated Explicit VR Little Endian
 _SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # and its multi-frame variants .7.1-.7.4
 _DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
 _DOSE_TEXT = re.compile(r"\bDOSE\b|PATIENT PROTOCOL|DOSE ?REPORT")
 _PIXEL_DATA = (0x7FE0, 0x0010)
-_PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated (compressed) pixel data: fragments, no total length
 # Bytes a deflated file may inflate to: pydicom holds the inflated dataset whole, in discovery and pixel reads
 # (a 512 x 512 x 600-frame int16 Enhanced CT is 300 MiB)
 MAX_INFLATED = 512 * 2**20
 _INFLATE_CHUNK = 4 * 2**20
 _LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UC", b"UR", b"UT")  # 4-byte length
-
-
-class PixelDataError(SourceDataError):
-    """A file of the chosen series whose pixels cannot be turned into HU (reason `unreadable`)."""
-
-    reason = "unreadable"
-
-
-class NoPixelDataError(PixelDataError):
-    """A file of the chosen series without a PixelData element (reason `no_pixel_data`)."""
-
-    reason = "no_pixel_data"
 
 
 # ------------------------------------------------------------------------------------------------- headers
@@ -62,12 +56,14 @@ def has_dicom_preamble(probe: Probe) -> bool:
     return len(head) == 132 and head[128:132] == b"DICM"
 
 
-def _parse(probe: Probe) -> tuple[pydicom.Dataset, int | None]:
+def _parse(probe: Probe) -> tuple[pydicom.Dataset, int | None, PixelElement | None]:
     with open(probe.path, "rb") as fp:
         check_inflated_size(fp)
         fp.seek(0)
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        return ds, _pixel_data_bytes(fp, ds)
+        offset = fp.tell()
+        head = fp.read(12)
+        return ds, _pixel_data_bytes(head, ds), dicom_pixels.locate(fp, ds, offset, head)
 
 
 class InflatesTooLarge(ValueError):
@@ -94,16 +90,15 @@ def check_inflated_size(fp: BinaryIO) -> None:
             chunk = inflater.unconsumed_tail
 
 
-def _pixel_data_bytes(fp: BinaryIO, ds: pydicom.Dataset) -> int | None:
-    """The length of the PixelData value, read from its element header where the parse stopped (pydicom stops
-    right before it): 0 when the parse reached the end of the file (no PixelData), None when it cannot be told
-    (a deflated or big-endian file, encapsulated data, float pixel data)."""
+def _pixel_data_bytes(head: bytes, ds: pydicom.Dataset) -> int | None:
+    """The length of the PixelData value, read from its element header `head` (the 12 bytes where the parse
+    stopped: pydicom stops right before it): 0 when the parse reached the end of the file (no PixelData), None
+    when it cannot be told (a deflated or big-endian file, encapsulated data, float pixel data)."""
     if str(ds.file_meta.get("TransferSyntaxUID", "")) == _DEFLATED:
         return None  # pydicom parsed an inflated copy: this file's position says nothing
     implicit, little = ds.original_encoding
     if not little:
         return None
-    head = fp.read(12)
     if len(head) < 8:
         return 0
     if struct.unpack("<HH", head[:4]) != _PIXEL_DATA:
@@ -127,6 +122,11 @@ def pixel_data_bytes(probe: Probe) -> int | None:
     return probe.memo("dicom", lambda: _parse(probe))[1]
 
 
+def pixel_element(probe: Probe) -> PixelElement | None:
+    """Where a single-frame file's pixel data starts and how it decodes (headct.data.formats.dicom_pixels)."""
+    return probe.memo("dicom", lambda: _parse(probe))[2]
+
+
 def pixel_bytes_needed(ds: pydicom.Dataset) -> int | None:
     """Rows x Columns x frames x SamplesPerPixel x BitsAllocated / 8 (bytes, rounded up), or None when a
     value is missing or not a number."""
@@ -140,35 +140,6 @@ def pixel_bytes_needed(ds: pydicom.Dataset) -> int | None:
 
 def is_media_index(ds: pydicom.Dataset) -> bool:
     return str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == _MEDIA_DIRECTORY or "DirectoryRecordSequence" in ds
-
-
-def text(ds: pydicom.Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    if value is None:
-        return ""
-    if isinstance(value, pydicom.multival.MultiValue):
-        return "\\".join(str(v).strip() for v in value)
-    return str(value).strip()
-
-
-def number(ds: pydicom.Dataset, keyword: str) -> float | None:
-    value = ds.get(keyword)
-    try:
-        return float(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
-        return None
-
-
-def floats(item: pydicom.Dataset | None, keyword: str, n: int) -> tuple[float, ...] | None:
-    """`n` floats from a multi-valued attribute of `item` (a dataset or a functional-group item), or None
-    when the item, the attribute or a number in it is missing or malformed."""
-    value = item.get(keyword) if item is not None else None
-    if value is None or len(value) != n:
-        return None
-    try:
-        return tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
 
 
 def _rescale(ds: pydicom.Dataset) -> tuple[float, float] | None:
@@ -191,26 +162,33 @@ def _padding(ds: pydicom.Dataset) -> tuple[int, int] | None:
 
 
 def is_synthetic(ds: pydicom.Dataset) -> bool:
-    """True when the file carries `headct synth`'s private marker (headct/data/synth/marker.py)."""
-    try:
-        item = ds.get_private_item(marker.GROUP, marker.ELEMENT, marker.CREATOR)
-    except (KeyError, ValueError):
+    """True when the file carries `headct synth`'s private marker (headct/data/synth/marker.py).
+
+    What `ds.get_private_item(GROUP, ELEMENT, CREATOR)` finds, without its cost: pydicom finds the private block
+    by slicing the dataset (a copy of every element); here the creator elements (GROUP, 0x10-0xFF) are looked up
+    directly, in the same tag order, and the first holding CREATOR gives the item's tag."""
+    creators = sorted(int(t) for t in ds._dict if t >> 16 == marker.GROUP and 0x10 <= (t & 0xFFFF) < 0x100)
+    block = next((t & 0xFF for t in creators if dicom_values.lo_value(ds, t) == marker.CREATOR), None)
+    tag = None if block is None else marker.GROUP << 16 | block << 8 | marker.ELEMENT
+    if tag is None or tag not in ds._dict:
         return False
-    value = item.value.decode("latin-1") if isinstance(item.value, bytes) else str(item.value)
+    item = dicom_values.lo_value(ds, tag)
+    value = item.decode("latin-1") if isinstance(item, bytes) else str(item)
     return value.strip() == marker.VALUE
 
 
 def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHeader | str:
     """The header facts of the file's top level, or a string saying why it cannot be placed in a series."""
+    plain = ascii_charset(ds)  # LO and SH values may be read from their bytes (headct.data.formats.dicom_values)
     study_uid, series_uid = text(ds, "StudyInstanceUID"), text(ds, "SeriesInstanceUID")
     if not study_uid or not series_uid:
         return "no StudyInstanceUID/SeriesInstanceUID"
-    rows, cols = ds.get("Rows"), ds.get("Columns")
+    rows, cols = integer(ds, "Rows"), integer(ds, "Columns")
     return SliceHeader(
         path=path,
         study_uid=study_uid,
         series_uid=series_uid,
-        patient_id=text(ds, "PatientID"),
+        patient_id=text(ds, "PatientID", plain),
         modality=text(ds, "Modality").upper(),
         image_type=tuple(t.upper() for t in text(ds, "ImageType").split("\\") if t),
         sop_class_uid=text(ds, "SOPClassUID"),
@@ -219,16 +197,16 @@ def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHe
         pixel_spacing=floats(ds, "PixelSpacing", 2),
         orientation=floats(ds, "ImageOrientationPatient", 6),
         position=floats(ds, "ImagePositionPatient", 3),
-        frames=int(ds.get("NumberOfFrames") or 1),
+        frames=int(integer(ds, "NumberOfFrames") or 1),
         slice_thickness=number(ds, "SliceThickness"),
-        kernel=text(ds, "ConvolutionKernel"),
+        kernel=text(ds, "ConvolutionKernel", plain),
         kvp=number(ds, "KVP") or None,
-        manufacturer=text(ds, "Manufacturer"),
+        manufacturer=text(ds, "Manufacturer", plain),
         body_part=text(ds, "BodyPartExamined"),
-        series_description=text(ds, "SeriesDescription"),
-        contrast_agent=text(ds, "ContrastBolusAgent"),
+        series_description=text(ds, "SeriesDescription", plain),
+        contrast_agent=text(ds, "ContrastBolusAgent", plain),
         sop_instance_uid=text(ds, "SOPInstanceUID"),
-        study_description=text(ds, "StudyDescription"),
+        study_description=text(ds, "StudyDescription", plain),
         rescale=_rescale(ds),
         padding=_padding(ds),
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
@@ -265,56 +243,6 @@ def header_qc(series: Series, rules: QcRules, criteria: Criteria | None) -> QcRe
     return problem if problem is not None else stack_geometry(series)
 
 
-# -------------------------------------------------------------------------------------------------- pixels
-def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) -> np.ndarray:
-    """(N, rows, cols) float32 HU in stack order.
-
-    HU = stored * RescaleSlope + RescaleIntercept per slice (per frame for Enhanced CT), computed in float32
-    one slice at a time (no float64 copy of the stack). Stored values inside the pixel-padding range are set to
-    `pad_hu` first (air), so the outside of the reconstruction circle (often -2000 or -3024 HU) never blends
-    into the head when resampled. Compressed transfer syntaxes are decoded by pydicom's pixel plugins
-    (pylibjpeg: JPEG, JPEG-LS, JPEG 2000; RLE and deflate natively). Peak memory: this stack (4 bytes x rows x
-    cols x slices) plus one file's decoded pixels (all frames of an uncompressed multi-frame object).
-    """
-    hu = np.empty((geometry.n_slices, geometry.rows, geometry.cols), np.float32)
-    wanted: dict[Path, dict[int, int]] = defaultdict(dict)  # file -> frame -> stack position
-    for k, index in enumerate(geometry.order):
-        header = series.slices[index]
-        wanted[header.path][header.frame] = k
-    for path, frames in wanted.items():
-        header = series.slices[geometry.order[next(iter(frames.values()))]]
-        if header.rescale is None:
-            raise PixelDataError(path, "no RescaleSlope/RescaleIntercept, so HU cannot be derived")
-        ds = pydicom.Dataset()  # filled with the file's non-pixel elements by iter_pixels
-        indices = sorted(frames) if header.frames > 1 else None
-        try:
-            # iter_pixels reads pixel data straight from the file, except from a deflated one (the whole dataset
-            # is zlib-compressed): that is inflated by dcmread first
-            source = pydicom.dcmread(path) if header.transfer_syntax == _DEFLATED else path
-            if header.pixel_bytes == 0 or (isinstance(source, pydicom.Dataset)
-                                           and not any(k in source for k in _PIXEL_KEYWORDS)):
-                raise NoPixelDataError(path, "the file has no PixelData element")
-            for frame, stored in zip(indices or [0], iter_pixels(source, ds_out=ds, indices=indices), strict=True):
-                if stored.shape != (geometry.rows, geometry.cols):
-                    raise PixelDataError(path, f"pixel array {stored.shape} differs from Rows/Columns of the series")
-                k = frames[frame]
-                slope, intercept = series.slices[geometry.order[k]].rescale or header.rescale
-                hu[k] = stored
-                hu[k] *= np.float32(slope)
-                hu[k] += np.float32(intercept)
-                if header.padding is not None:
-                    lo, hi = header.padding
-                    hu[k][(stored >= lo) & (stored <= hi)] = pad_hu
-        except PixelDataError:
-            raise
-        except Exception as exc:  # pydicom raises many types for undecodable data; all mean "unreadable"
-            syntax = getattr(ds, "file_meta", {}).get("TransferSyntaxUID") or (
-                pydicom.uid.UID(header.transfer_syntax) if header.transfer_syntax else None)
-            name = getattr(syntax, "name", "unknown transfer syntax")
-            raise PixelDataError(path, f"pixel data could not be decoded ({type(exc).__name__}; {name})") from exc
-    return hu
-
-
 # -------------------------------------------------------------------------------------------------- format
 class DicomFormat(InputFormat):
     """Classic single-frame DICOM (multi-frame objects are claimed first by EnhancedCtFormat)."""
@@ -336,7 +264,7 @@ class DicomFormat(InputFormat):
         if isinstance(header, str):
             return FileRead(problem=header)
         return FileRead(headers=(replace(header, pixel_bytes=pixel_data_bytes(probe),
-                                         pixel_bytes_needed=pixel_bytes_needed(ds)),))
+                                         pixel_bytes_needed=pixel_bytes_needed(ds), extra=pixel_element(probe)),))
 
     def header_qc(self, series: Series, rules: QcRules, criteria: Criteria | None) -> QcResult | StackGeometry:
         return header_qc(series, rules, criteria)
