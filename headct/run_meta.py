@@ -19,7 +19,8 @@ from typing import Any
 from pydantic import BaseModel
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # MLflow's UI then opens the experiment on its runs (not GenAI)
+EXPERIMENT_KIND = "custom_model_development"  # marks a model-training experiment; MLflow 3.17's UI still opens on GenAI
+# unless the address asks for the runs (`#/experiments/<id>/runs?workflowType=machine_learning`, what `make ui` prints)
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_LABEL = 40
 

@@ -1,12 +1,14 @@
-"""The MLflow boundary: the only module in headct that imports mlflow.
+"""The MLflow boundary: with `headct.tracking_sync` (offline runs copied to a server later), the only module in
+headct that imports mlflow.
 
 One MLflow run per job invocation (`job_run`), nested child runs for labels/seeds/trials (`RunLogger.child`).
 Params are the job's whole validated config, flattened to dotted keys, with anything secret-looking removed and
 every path replaced by a label (`path_label`): a folder named after a patient or a record number must not land in
 the tracking database. Each run is named and tagged by `headct.run_meta.describe` (store label, model, method,
 stage) and carries a `headct.pipeline_id` that groups the runs of one `dvc repro` (`pipeline_id`). Experiments are
-created as `custom_model_development`, so MLflow's UI opens them on their runs. `LAST_RUN` records the latest run
-this process started (the CLI prints its id when a job ends).
+created as `custom_model_development` (a model-training experiment; MLflow 3.17's UI still opens an experiment on
+its GenAI overview unless the address asks for the runs, which is the address `make ui` prints). `LAST_RUN`
+records the latest run this process started (the CLI prints its id when a job ends).
 """
 
 from __future__ import annotations
