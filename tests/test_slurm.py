@@ -215,7 +215,8 @@ def test_scancel_signal_usr1_checkpoints_requeues_and_the_requeued_job_resumes(
     (record,) = _wait(job, env, logs)
     log = _logs(logs)
     assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log
-    assert "SIGUSR1 received: stopped after global step" in log and f"requeued Slurm job {job}" in log
+    whole_log = "".join(p.read_text() for p in logs.glob("*.out"))  # both runs, appended (--open-mode=append)
+    assert "SIGUSR1 received: stopped after global step" in whole_log and f"requeued Slurm job {job}" in whole_log
     metrics = json.loads((project / "reports/pretrain/metrics.json").read_text())
     assert 5 <= metrics["resumed_from_step"] < metrics["steps"] == 60, log
     whole = run(make_cfg(project, threads=1, register_as=None, samples=120, checkpoint_every=5,
