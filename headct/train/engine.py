@@ -222,89 +222,96 @@ def train(
     pending: list[list[torch.Tensor]] = []  # per step since the last sync point: its micro-batch losses, on device
     iterator = iter(batches)
     t_prev = time.perf_counter()  # wall time is counted step to step, so logging and checkpoints are in it
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        batch = next(iterator)
-        t_data = time.perf_counter() - t0
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            batch = next(iterator)
+            t_data = time.perf_counter() - t0
 
-        lr = lr_at(step)
-        for index, group in enumerate(optimizer.param_groups):
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-            if wd_at is not None and _decays(group, index):
-                group["weight_decay"] = wd_at(step)
+            lr = lr_at(step)
+            for index, group in enumerate(optimizer.param_groups):
+                group["lr"] = lr * group.get("lr_scale", 1.0)
+                if wd_at is not None and _decays(group, index):
+                    group["weight_decay"] = wd_at(step)
 
-        parts = _split(batch, accum_steps)
-        micro_losses = []
-        for micro, part in enumerate(parts):
-            with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = compute_loss(part, step, micro)
-            micro_losses.append(loss.detach())
-            # DDP all-reduces gradients in backward; with accumulation only the last micro-batch needs to.
-            sync = micro == len(parts) - 1 or not hasattr(model, "no_sync")
-            with contextlib.nullcontext() if sync else model.no_sync():
-                (loss / accum_steps).backward()
-        pending.append(micro_losses)
-        if after_backward is not None:
-            after_backward(step)
-        if grad_clip is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_update is not None:
-            after_update(step)
+            parts = _split(batch, accum_steps)
+            micro_losses = []
+            for micro, part in enumerate(parts):
+                with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = compute_loss(part, step, micro)
+                micro_losses.append(loss.detach())
+                # DDP all-reduces gradients in backward; with accumulation only the last micro-batch needs to.
+                sync = micro == len(parts) - 1 or not hasattr(model, "no_sync")
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    (loss / accum_steps).backward()
+            pending.append(micro_losses)
+            if after_backward is not None:
+                after_backward(step)
+            if grad_clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if after_update is not None:
+                after_update(step)
 
-        now = time.perf_counter()
-        seconds, t_prev = now - t_prev, now
-        n = _batch_len(batch)
-        stats.end_step = step + 1
-        stats.seconds += seconds
-        stats.data_seconds += t_data
-        stats.samples += n
-        for key, value in (("steps", 1), ("samples", n), ("seconds", seconds), ("data", t_data)):
-            window[key] += value
-        if on_step is not None:
-            on_step(step + 1)
+            now = time.perf_counter()
+            seconds, t_prev = now - t_prev, now
+            n = _batch_len(batch)
+            stats.end_step = step + 1
+            stats.seconds += seconds
+            stats.data_seconds += t_data
+            stats.samples += n
+            for key, value in (("steps", 1), ("samples", n), ("seconds", seconds), ("data", t_data)):
+                window[key] += value
+            if on_step is not None:
+                on_step(step + 1)
 
-        stop = preemption.stop_requested() if guarded else None  # agreed over ranks
-        last = step + 1 == total_steps
-        logs = (step + 1) % log_every == 0 or last
-        saves = (bool(checkpoint_every) and (step + 1) % checkpoint_every == 0) or last or stop is not None
-        if not (logs or saves):  # the same steps on every rank: they depend on settings only
-            continue
-        # Sync point: the one wait for the device (and, under DDP, the one all-reduce) since the last one.
-        first = step + 1 - len(pending)
-        losses = _step_losses(pending, accum_steps)
-        pending = []
-        bad = next((first + i for i, value in enumerate(losses) if not math.isfinite(value)), math.inf)
-        (first_bad,) = _all_reduce([bad], "min")
-        if math.isfinite(first_bad):
-            at = int(first_bad)
-            own = losses[at - first] if at >= first and at - first < len(losses) else None
-            what = own if own is not None and not math.isfinite(own) else "non-finite on another rank"
-            raise NonFiniteLossError(
-                f"loss is {what} at global step {at} (lr {lr_at(at):.3g}); training stopped at step {step + 1} "
-                "before any checkpoint of the diverged state. Lower the learning rate or check the input "
-                "volumes; the last checkpoint holds the state before the divergence."
-            )
-        stats.losses.extend(losses)
-        for value in losses:  # one by one, in step order: the same float sums as adding after every step
-            window["loss"] += value
-        if logs:
-            # Every rank joins the reduction; the loss is the mean over ranks, volumes/s the sum over them.
-            loss_sum, samples, data_sum = _all_reduce([window["loss"], window["samples"], window["data"]])
-            if rank0 and on_log is not None:
-                on_log(step + 1, {
-                    "loss": loss_sum / world / window["steps"],
-                    "lr": max(group["lr"] for group in optimizer.param_groups),
-                    "volumes_per_s": samples / window["seconds"],
-                    "data_wait_fraction": data_sum / world / window["seconds"],
-                })
-            window = dict.fromkeys(window, 0.0)
-        if stop is not None:
-            saved = None
-            if rank0 and (save_on_preempt or save_checkpoint) is not None:
-                saved = (save_on_preempt or save_checkpoint)(step + 1, stats)
-            raise preemption.Preempted(step + 1, stop, str(saved) if saved else None)
-        if rank0 and saves and save_checkpoint is not None:
-            save_checkpoint(step + 1, stats)
+            stop = preemption.stop_requested() if guarded else None  # agreed over ranks
+            last = step + 1 == total_steps
+            logs = (step + 1) % log_every == 0 or last
+            saves = (bool(checkpoint_every) and (step + 1) % checkpoint_every == 0) or last or stop is not None
+            if not (logs or saves):  # the same steps on every rank: they depend on settings only
+                continue
+            # Sync point: the one wait for the device (and, under DDP, the one all-reduce) since the last one.
+            first = step + 1 - len(pending)
+            losses = _step_losses(pending, accum_steps)
+            pending = []
+            bad = next((first + i for i, value in enumerate(losses) if not math.isfinite(value)), math.inf)
+            (first_bad,) = _all_reduce([bad], "min")
+            if math.isfinite(first_bad):
+                at = int(first_bad)
+                own = losses[at - first] if at >= first and at - first < len(losses) else None
+                what = own if own is not None and not math.isfinite(own) else "non-finite on another rank"
+                raise NonFiniteLossError(
+                    f"loss is {what} at global step {at} (lr {lr_at(at):.3g}); training stopped at step {step + 1} "
+                    "before any checkpoint of the diverged state. Lower the learning rate or check the input "
+                    "volumes; the last checkpoint holds the state before the divergence."
+                )
+            stats.losses.extend(losses)
+            for value in losses:  # one by one, in step order: the same float sums as adding after every step
+                window["loss"] += value
+            if logs:
+                # Every rank joins the reduction; the loss is the mean over ranks, volumes/s the sum over them.
+                loss_sum, samples, data_sum = _all_reduce([window["loss"], window["samples"], window["data"]])
+                if rank0 and on_log is not None:
+                    on_log(step + 1, {
+                        "loss": loss_sum / world / window["steps"],
+                        "lr": max(group["lr"] for group in optimizer.param_groups),
+                        "volumes_per_s": samples / window["seconds"],
+                        "data_wait_fraction": data_sum / world / window["seconds"],
+                    })
+                window = dict.fromkeys(window, 0.0)
+            if stop is not None:
+                saved = None
+                if rank0 and (save_on_preempt or save_checkpoint) is not None:
+                    saved = (save_on_preempt or save_checkpoint)(step + 1, stats)
+                raise preemption.Preempted(step + 1, stop, str(saved) if saved else None)
+            if rank0 and saves and save_checkpoint is not None:
+                save_checkpoint(step + 1, stats)
+    finally:
+        # Drop the data iterator on every way out (a preemption, an error): it shuts a DataLoader's workers down
+        # through their queues. Kept alive by a traceback until interpreter exit, its workers (which ignore the
+        # preemption signals, headct.train.preemption.ignore_in_worker) would block multiprocessing's exit handler,
+        # which ends daemonic children with SIGTERM and then joins them: the process hung instead of exiting.
+        iterator = None  # noqa: F841
     return stats

@@ -82,11 +82,13 @@ class PreemptionGuard:
 
 
 def ignore_in_worker(worker_id: int = 0) -> None:
-    """DataLoader `worker_init_fn`: data workers ignore the preemption signals. Slurm signals every process of a
-    job step, and a worker that died of SIGTERM/SIGUSR1 would crash the main process's next batch before it could
-    checkpoint; the main process still ends its workers (the loader's shutdown, or their parent-death watchdog)."""
-    for name in SIGNALS:
-        signal.signal(getattr(signal, name), signal.SIG_IGN)
+    """DataLoader `worker_init_fn`: data workers ignore SIGUSR1 (`scancel --signal=USR1`, `--signal=USR1@T`
+    reach every process of a step; a worker killed by it would crash the main process's next batch before it
+    could checkpoint). SIGTERM keeps its default: multiprocessing's exit handler ends daemonic children with
+    SIGTERM and then joins them, so a worker that ignored it kept its parent from ever exiting (a test process
+    hung after its last test). A SIGTERM to the whole step (preemption without a warning signal) can therefore
+    still end a worker first; request USR1 ahead of the grace period (docs/cluster.md)."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def active() -> bool:
