@@ -207,7 +207,10 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
             "provenance": {**tracking.git_state(ctx.root), "run_id": mlrun.run_id,
                            "splits": path_for_files(cfg.splits, ctx.root),
                            "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
-                           "params": dump_params(cfg)},
+                           # paths as the project sees them (a folder named after a person stays out)
+                           "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
+                                      ("splits", "model_dir", "out_dir", "report_dir", "checkpoint_dir",
+                                       "tuned_params") if getattr(cfg, k) is not None}}},
         })
         counts = {"train": len(data.train), "val": len(data.val),
                   "test": int(table.loc[table["split"] == "test", "scan_id"].nunique())}

@@ -197,6 +197,7 @@ def test_finetune_job_writes_predictions_metrics_and_a_strict_classifier_dir(
     classifier, config = load_classifier(cfg.out_dir)
     assert config["labels"] == ["ICH", "SDH"] and config["pool"] == "mean" and config["head"] == "linear"
     assert set(config["thresholds"]) == {"ICH", "SDH"}
+    assert str(project) not in json.dumps(config["provenance"])  # project-relative paths only (issue 12)
     test = pd.read_csv(cfg.splits / "test.csv")
     hu = np.stack([np.load(project / p) for p in test["img_path"]])
     probs = predict_proba(classifier, hu)
