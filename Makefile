@@ -104,4 +104,4 @@ docker-cuda: ## Build the CUDA image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cuda -t headct:cuda .
 
 clean: ## Remove generated data, models, reports, MLflow store and caches (keeps .venv)
-	rm -rf data/raw data/store data/splits models reports checkpoints private mlflow.db mlartifacts build .dvc/cache .dvc/tmp
+	rm -rf data/raw data/store data/splits models reports checkpoints private mlflow.db mlflow.db.lock mlartifacts build .dvc/cache .dvc/tmp
