@@ -68,20 +68,25 @@ def pretrain_facts(cfg: Any, data: Mapping[str, Any], preprocess: Mapping[str, A
     """Facts of a pre-trained encoder: cfg is the PretrainConfig, data the job's data provenance (counts),
     metrics its metrics.json content, provenance {"git commit": ...}."""
     method = cfg.method.upper()
-    recipe = {"method": method, "architecture": f"ViT-{cfg.arch} 3D, patch {cfg.patch_size}"
-                                                + (f", {cfg.num_registers} registers" if cfg.num_registers else ""),
+    cnn = cfg.arch == "cnn"
+    model = "small 3D CNN" if cnn else f"ViT-{cfg.arch} p{cfg.patch_size}"
+    recipe = {"method": method, "architecture": "small 3D CNN (4 strided residual units)" if cnn else
+              f"ViT-{cfg.arch} 3D, patch {cfg.patch_size}" + (f", {cfg.num_registers} registers"
+                                                              if cfg.num_registers else ""),
               "samples": metrics.get("samples"), "steps": metrics.get("steps"), "batch size": cfg.batch_size,
               "ranks": metrics.get("world_size"), "peak lr": cfg.lr, "weight decay": cfg.weight_decay,
               "seed": cfg.seed}
     if cfg.method == "mae":
         recipe.update({"mask ratio": cfg.mask_ratio, "normalised pixel loss": cfg.norm_pix_loss})
+    elif cfg.method == "mim":
+        recipe.update({"mask ratio (8^3-voxel cubes)": cfg.mask_ratio})
     else:
         recipe.update({"crops (global + local)": f"{cfg.dino.global_crops} + {cfg.dino.local_crops}",
                        "prototypes": cfg.dino.out_dim})
-    loss = "masked-patch MSE" if cfg.method == "mae" else "self-distillation cross-entropy"
+    loss = {"mae": "masked-patch MSE", "mim": "masked-cube MSE"}.get(cfg.method, "self-distillation cross-entropy")
     return {
-        "title": f"headct encoder: {method} ViT-{cfg.arch} p{cfg.patch_size}",
-        "summary": "A 3D ViT pre-trained self-supervised on non-contrast head CT; load it with "
+        "title": f"headct encoder: {method} {model}",
+        "summary": f"A {'3D CNN' if cnn else '3D ViT'} pre-trained self-supervised on non-contrast head CT; load it with "
                    "`headct.load_encoder(<this folder>)` (the preprocessing below is re-applied).",
         "data": {"store": label(data.get("store")), "training scans": data.get("train_scans"),
                  "training patients": data.get("train_patients"), "pool scans": data.get("pool_scans"),

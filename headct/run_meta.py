@@ -67,9 +67,9 @@ def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] |
     elif job in ("ingest", "ingest-merge", "split"):
         name = f"{job} {_store(cfg, job) or ''}".strip()
     elif job == "pretrain":
-        model = f"vit-{cfg.arch}-p{cfg.patch_size}"
+        model = "cnn" if cfg.arch == "cnn" else f"vit-{cfg.arch}-p{cfg.patch_size}"
         method = cfg.method
-        name = f"pretrain {cfg.method} vit-{cfg.arch} p{cfg.patch_size}{size}"
+        name = f"pretrain {cfg.method} {model.replace('-p', ' p')}{size}"
     elif job == "extract":
         model = label(_get(cfg, "model_dir")) or "baselines only"
         name = f"extract {model} features"

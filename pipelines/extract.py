@@ -4,7 +4,8 @@ Models: `pretrained` (the model directory's encoder), `random_init` (the same ar
 init, the baseline twin; `random_init.s<seed>` for each other seed of `extract.random_init_seeds`), `hu_histogram`
 (per-volume HU histogram, the non-learned baseline) and every external encoder named in `extract.external`
 (protocol: headct/eval/external.py, docs/contracts.md). Each ViT arm is run once per volume and pooled every way of
-`extract.pools` x `extract.blocks` (one cached model per variant, see headct/eval/feature_cache.py).
+`extract.pools` x `extract.blocks` (one cached model per variant, see headct/eval/feature_cache.py); a
+masked-restoration (mim) model directory gives the small CNN's pools and the `residual` read-out instead.
 Outputs under cfg.out: `<model>.npz` + `<model>.json` per model, then `index.json` (see headct/eval/feature_cache.py).
 """
 
@@ -44,10 +45,17 @@ def _encoder_models(
     from headct.data.volumes import check_preprocessing
     from headct.device import resolve_device
     from headct.eval.feature_cache import random_init_arm, variant_name
-    from headct.eval.features import extract_variants
+    from headct.eval.features import RESIDUAL, extract_restoration_variants, extract_variants
     from headct.io import file_sha256
-    from headct.models.model_dir import CONFIG, WEIGHTS, load_model_dir
-    from headct.models.vit import build_encoder
+    from headct.models.model_dir import (
+        CONFIG,
+        RESTORATION_HEAD,
+        WEIGHTS,
+        build_model_encoder,
+        load_model_dir,
+        load_restoration,
+    )
+    from headct.models.restoration import MaskedRestoration
 
     assert cfg.model_dir is not None
     encoder, config = load_model_dir(cfg.model_dir)
@@ -64,40 +72,48 @@ def _encoder_models(
         "preprocess_version": preprocess.get("version"),
         "windows": config["windows"],
     }
+    pools = cfg.pools or (cfg.pool,)
+    # A masked-restoration (mim) directory: the small CNN and its restoration head, read at one depth (`blocks`
+    # does not apply); its random-init twins are built as pre-training built its start (seed, encoder, head).
+    restoration = config["arch"].get("name") == "cnn" and config.get("method") == "mim"
+    if RESIDUAL in pools and not restoration:
+        raise InputError(f"extract.pools: {RESIDUAL!r} needs a masked-restoration (pretrain.method mim) model "
+                         f"directory; {cfg.model_dir / CONFIG} is method {config.get('method')!r}")
+    if restoration:
+        encoder = load_restoration(cfg.model_dir, encoder, config)
+        meta["restoration_head_sha256"] = file_sha256(cfg.model_dir / RESTORATION_HEAD)
+
+    def twin() -> Any:
+        built = build_model_encoder(config["arch"])
+        return MaskedRestoration(built, float(config.get("mask_ratio", 0.6))) if restoration else built
+
     # arm -> (encoder, the default variant's provenance, init seed)
     arms: dict[str, tuple[Any, dict, int | None]] = {"pretrained": (encoder, {**meta, "kind": "encoder"}, None)}
     if cfg.random_init:
         for seed in cfg.random_init_seeds or (cfg.seed,):
             torch.manual_seed(seed)
-            arms[random_init_arm(seed, cfg.seed)] = (
-                build_encoder(config["arch"]),
-                {**meta, "kind": "random_init", "seed": seed},
-                seed,
-            )
-    depth = len(encoder.blocks)
-    bad = [b for b in cfg.blocks if not -depth <= b < depth]
-    if bad or len({b % depth for b in cfg.blocks}) != len(cfg.blocks):
+            arms[random_init_arm(seed, cfg.seed)] = (twin(), {**meta, "kind": "random_init", "seed": seed}, seed)
+    depth = 1 if restoration else len(encoder.blocks)
+    blocks = (-1,) if restoration else cfg.blocks
+    bad = [b for b in blocks if not -depth <= b < depth]
+    if bad or len({b % depth for b in blocks}) != len(blocks):
         raise InputError(
             f"{cfg.model_dir / CONFIG}: extract.blocks {list(cfg.blocks)} must be distinct blocks of this "
             f"{depth}-block encoder (valid indices: -{depth} .. {depth - 1})"
         )
-    pools = cfg.pools or (cfg.pool,)
     device = resolve_device(cfg.device)
     out: dict[str, tuple[np.ndarray, dict]] = {}
     seconds: dict[str, float] = {}
     for arm, (model, arm_meta, init_seed) in arms.items():
         start = time.perf_counter()
-        variants = extract_variants(
-            model,
-            paths,
-            config["windows"],
-            pools=pools,
-            blocks=cfg.blocks,
-            batch_size=cfg.batch_size,
-            device=device,
-            shape=preprocess.get("shape"),
-            description=arm,
-        )
+        if restoration:
+            variants = extract_restoration_variants(model, paths, config["windows"], pools=pools,
+                                                    batch_size=cfg.batch_size, device=device,
+                                                    shape=preprocess.get("shape"), description=arm)
+        else:
+            variants = extract_variants(model, paths, config["windows"], pools=pools, blocks=cfg.blocks,
+                                        batch_size=cfg.batch_size, device=device, shape=preprocess.get("shape"),
+                                        description=arm)
         model.to("cpu")
         seconds[arm] = time.perf_counter() - start
         for (pool, block), embedding in variants.items():

@@ -145,6 +145,7 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     from headct import tracking
     from headct.data.volumes import StepBatchSampler, VolumeDataset
     from headct.device import amp_dtype
+    from headct.models.model_dir import build_model_encoder
     from headct.models.vit import build_encoder
     from headct.run_identity import run_key as key_of
     from headct.run_meta import describe
@@ -159,13 +160,18 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
     device = dist.device
     data = load_data(cfg, ctx)
     grid = tuple(data.preprocess["shape"])
-    if any(s % cfg.patch_size for s in grid):
+    if cfg.arch != "cnn" and any(s % cfg.patch_size for s in grid):
         raise InputError(f"pretrain.patch_size={cfg.patch_size} does not divide the store's grid {list(grid)}")
+    if cfg.arch == "cnn" and any(s % 16 for s in grid):  # the small CNN's four stride-2 units
+        raise InputError(f"pretrain.arch=cnn needs a grid divisible by 16 per axis, the store's is {list(grid)}")
     train_set = VolumeDataset(data.train_paths, data.train_ids, grid)
     heldout_set = VolumeDataset(data.heldout_paths, data.heldout_ids, grid)
     train_set.check()
     heldout_hu = heldout_set.load_all()
 
+    if cfg.method == "mim" and dist.world_size > 1:  # batch-norm statistics would differ rank by rank
+        raise InputError("pretrain.method=mim trains the small CNN in one process (its batch norm is not "
+                         f"synchronised across ranks); run it without torchrun (world size {dist.world_size})")
     global_batch = cfg.batch_size * dist.world_size
     total = cfg.samples // global_batch
     if total < 1:
@@ -177,8 +183,11 @@ def _run(cfg: PretrainConfig, ctx: JobContext, dist: Any) -> dict[str, Any]:
         """Encoder + pretext model at their seeded initial weights (the same on every rank; DDP also broadcasts
         rank 0's); built again at the end where the start is scored then (`start_scored_at_end`)."""
         torch.manual_seed(cfg.seed)
-        encoder = build_encoder({"name": cfg.arch, "img_size": list(grid), "patch_size": cfg.patch_size,
-                                 "in_chans": len(cfg.windows), "num_registers": cfg.num_registers})
+        if cfg.arch == "cnn":  # masked restoration (mim); `headct extract` builds its random-init twin alike
+            encoder = build_model_encoder({"name": "cnn", "in_chans": len(cfg.windows)})
+        else:
+            encoder = build_encoder({"name": cfg.arch, "img_size": list(grid), "patch_size": cfg.patch_size,
+                                     "in_chans": len(cfg.windows), "num_registers": cfg.num_registers})
         return build_task(cfg, encoder, device, dist.rank, total_steps=total, steps_per_epoch=steps_per_epoch)
 
     task = initial_task()
@@ -310,9 +319,11 @@ def _finish(
     provenance = {**tracking.git_state(ctx.root), "data": data.provenance,
                   "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
                              ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
+    extra = task.extra_weights() if hasattr(task, "extra_weights") else {}  # mim: the restoration head
     save_model_dir(cfg.model_dir, task.encoder, {
         "preprocess": data.preprocess, "windows": [w.model_dump(mode="json") for w in cfg.windows],
-        "method": cfg.method, "provenance": provenance})
+        "method": cfg.method, "provenance": provenance,
+        **({"mask_ratio": cfg.mask_ratio} if cfg.method == "mim" else {})}, extra=extra)
     seconds = run_so_far["seconds"]
     metrics = {
         "method": cfg.method, "heldout_loss_start": start_loss, "heldout_loss_end": end_loss, "steps": total,
@@ -327,8 +338,8 @@ def _finish(
     write_stage_headline(cfg.report_dir, "pretrain", metrics)  # the DVC metric: a few numbers of it
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
                                f"{cfg.method.upper()} training loss", task.metric_name())]
-    snapshot = task.snapshot(heldout_hu, cfg.report_dir / ("mae_reconstruction.png" if cfg.method == "mae"
-                                                           else "dino_views.png"))
+    snapshot = task.snapshot(heldout_hu, cfg.report_dir / {"mae": "mae_reconstruction.png", "dino": "dino_views.png",
+                                                           "mim": "mim_reconstruction.png"}[cfg.method])
     figures += [snapshot] if snapshot is not None else []
     mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "resumed_from_step"},
                       step=total)
@@ -356,7 +367,7 @@ def _finish(
     table.add_column("item")
     table.add_column("value", justify="right")
     for name, value in (
-        ("encoder", f"{cfg.arch}, patch {cfg.patch_size}, grid {grid}"
+        ("encoder", ("small CNN" if cfg.arch == "cnn" else f"{cfg.arch}, patch {cfg.patch_size}") + f", grid {grid}"
                     + (f", {cfg.num_registers} registers" if cfg.num_registers else "")
                     + f", {sum(p.numel() for p in task.encoder.parameters()) / 1e6:.2f} M parameters"),
         ("training scans / held-out scans", f"{len(data.train_paths)} / {len(data.heldout_paths)}"

@@ -11,8 +11,10 @@ from headct.config.base import Label, Section
 
 # How a ViT's tokens become one vector per scan (headct/eval/features.py): the CLS token, the mean or the max of
 # the patch tokens, or "meanmax" = mean and max concatenated (2 x D). GeM is left out on purpose: it needs
-# non-negative activations (a CNN after ReLU), and LayerNorm-ed tokens are signed.
-Pool = Literal["cls", "mean", "max", "meanmax"]
+# non-negative activations (a CNN after ReLU), and LayerNorm-ed tokens are signed. "residual" (masked-restoration
+# (mim) model directories only): 28 numbers summarising where the model could not restore the head from context
+# (headct/models/restoration.py); for the small CNN "cls" is its global max, the other pools read its last map.
+Pool = Literal["cls", "mean", "max", "meanmax", "residual"]
 
 
 def _unique(values: tuple | list | None, what: str) -> tuple | list | None:

@@ -35,7 +35,8 @@ class DinoConfig(Section):
 
 
 class PretrainConfig(Section):
-    """Self-supervised pre-training of the encoder: MAE or DINO, one process or many under `torchrun`.
+    """Self-supervised pre-training of the encoder: MAE, DINO or masked restoration (mim), one process or many
+    under `torchrun`.
 
     Under torchrun, `batch_size` is per process (each rank reads its own share of every step); `samples` counts
     all ranks, so the steps are samples // (batch_size * world size).
@@ -46,8 +47,10 @@ class PretrainConfig(Section):
     # Resume state lives outside DVC outputs (DVC deletes outputs before re-running a stage).
     checkpoint_dir: Path = Field(Path("checkpoints/pretrain"), json_schema_extra={"trajectory": False})
     report_dir: Path = Field(Path("reports/pretrain"), json_schema_extra={"trajectory": False})
-    method: Literal["mae", "dino"] = "mae"
-    arch: Literal["tiny", "small", "base"] = "tiny"
+    # mae / dino: a ViT (`arch` tiny, small or base); mim: masked restoration of the small 3D CNN (`arch` cnn,
+    # headct/models/restoration.py: cubes of 8 voxels hidden at `mask_ratio`; `patch_size` does not apply)
+    method: Literal["mae", "dino", "mim"] = "mae"
+    arch: Literal["tiny", "small", "base", "cnn"] = "tiny"
     num_registers: int = Field(0, ge=0, le=64)  # register tokens (Darcet et al. 2024); 0 = none
     # 64^3 demo: patch 16 gives 4^3 = 64 tokens; patch 8 (512 tokens, as FM-HCT at 96^3 / 12) is ~3x slower on CPU.
     patch_size: int = Field(16, ge=2, le=64)
@@ -56,7 +59,7 @@ class PretrainConfig(Section):
     # split has one; a split without a pool gives the same training scans either way. Not a trajectory setting:
     # the run key already hashes the training scan ids, which say whether the pool was read.
     pool: bool = Field(True, json_schema_extra={"trajectory": False})
-    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)
+    mask_ratio: float = Field(0.75, gt=0.0, lt=1.0)  # MAE: share of patches hidden; mim: share of cubes
     norm_pix_loss: bool = False
     decoder_dim: int | None = Field(None, ge=6)  # None: half the encoder width
     decoder_depth: int = Field(2, ge=1, le=16)
@@ -93,6 +96,14 @@ class PretrainConfig(Section):
     # to the newest version whose held-out loss improved.
     register_as: str | None = Field("headct-encoder", json_schema_extra={"trajectory": False})
     dino: DinoConfig = Field(default_factory=DinoConfig)
+
+    @model_validator(mode="after")
+    def _method_fits_arch(self) -> PretrainConfig:
+        if (self.method == "mim") != (self.arch == "cnn"):
+            raise ValueError(f"pretrain.method={self.method} does not fit pretrain.arch={self.arch}: masked "
+                             "restoration (mim) trains the small CNN (arch cnn); mae and dino train a ViT (tiny, "
+                             "small, base)")
+        return self
 
     @model_validator(mode="after")
     def _accum_divides_batch(self) -> PretrainConfig:

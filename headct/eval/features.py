@@ -97,6 +97,7 @@ def extract_features(
 
 
 POOLS: tuple[str, ...] = ("cls", "mean", "max", "meanmax")  # config: headct.config.evaluate.Pool
+RESIDUAL = "residual"  # the masked-restoration read-out (headct/models/restoration.py), mim models only
 
 
 def pool_tokens(patches: Any, cls: Any, pool: str) -> Any:
@@ -167,6 +168,49 @@ def extract_variants(
             parts.append(pool_tokens(patches, prefix[:, 0], pool).float().cpu().numpy())
         return np.concatenate(parts, axis=1)
 
+    if not paths:
+        return {key: np.zeros((0, dim), dtype=np.float32) for key, dim in zip(keys, dims, strict=True)}
+    with torch.inference_mode():
+        flat = map_volumes(embed, paths, batch_size=batch_size, shape=shape, description=description)
+    edges = np.cumsum([0, *dims])
+    return {key: np.ascontiguousarray(flat[:, a:b]) for key, a, b in zip(keys, edges[:-1], edges[1:], strict=True)}
+
+
+def extract_restoration_variants(
+    model: Any,
+    paths: Sequence[Path],
+    windows: Sequence[Any],
+    *,
+    pools: Sequence[str],
+    batch_size: int = 16,
+    device: Any = "cpu",
+    shape: Sequence[int] | None = None,
+    description: str = "features",
+) -> dict[tuple[str, int], np.ndarray]:
+    """Every pool of a frozen masked-restoration model (`headct.models.restoration.MaskedRestoration`) from one
+    pass per batch: the small CNN's tokens pooled as `pool_tokens` does ("cls" = the global max of its last map),
+    and "residual" = `MaskedRestoration.residual_features`. Keys (pool, -1): the CNN has one read-out depth."""
+    import torch
+
+    from headct.data.windows import hu_to_windows
+    from headct.models.restoration import RESIDUAL_DIM
+
+    unknown = [p for p in pools if p not in (*POOLS, RESIDUAL)]
+    if unknown:
+        raise ValueError(f"unknown pool(s) {unknown}; choose from {[*POOLS, RESIDUAL]}")
+    width = model.encoder.embed_dim
+    dims = [RESIDUAL_DIM if p == RESIDUAL else width * (2 if p == "meanmax" else 1) for p in pools]
+    model.eval()
+    model.to(device)
+
+    def embed(hu: np.ndarray) -> np.ndarray:
+        x = hu_to_windows(torch.from_numpy(hu).to(device, non_blocking=True), windows)
+        tokens = model.encoder.forward_features(x)
+        parts = [model.residual_features(x) if pool == RESIDUAL else pool_tokens(tokens[:, 1:], tokens[:, 0], pool)
+                 for pool in pools]
+        return np.concatenate([t.float().cpu().numpy() for t in parts], axis=1)
+
+    keys = [(pool, -1) for pool in pools]
     if not paths:
         return {key: np.zeros((0, dim), dtype=np.float32) for key, dim in zip(keys, dims, strict=True)}
     with torch.inference_mode():

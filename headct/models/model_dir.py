@@ -1,5 +1,6 @@
 """Model directories: `config.json` (arch, preprocessing spec, windows, method, provenance) + `model.safetensors`
-(encoder weights only). The hand-over from pre-training to every evaluation.
+(encoder weights only; a masked-restoration (`mim`) directory also keeps `restoration_head.safetensors`, which the
+residual read-out needs). The hand-over from pre-training to every evaluation.
 
 Loading is strict: a missing, unexpected or mis-shaped weight is an error naming the keys, never a silent skip.
 Before anything is built, config.json's architecture is checked against bounds and against the size of the weights
@@ -24,6 +25,7 @@ from headct.models.vit import ViT3D, build_encoder
 
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
+RESTORATION_HEAD = "restoration_head.safetensors"  # method mim only (headct/models/restoration.py)
 REQUIRED = ("arch", "preprocess", "windows", "method", "provenance")
 # Integer architecture values a config.json may hold, inclusive (ViT-g: width 1536, depth 40, 24 heads)
 ARCH_BOUNDS = {"embed_dim": (1, 8192), "depth": (1, 256), "num_heads": (1, 256), "patch_size": (1, 128),
@@ -32,8 +34,10 @@ MAX_GRID = 2048  # voxels along one axis of img_size
 MAX_TOKENS = 2**21  # patches (img_size / patch_size, multiplied out): the positional table is tokens x width
 
 
-def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
-    """Write `path/model.safetensors` then `path/config.json`, each atomically; returns `path`.
+def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any],
+                   extra: dict[str, torch.nn.Module] | None = None) -> Path:
+    """Write `path/model.safetensors` (and each `extra` module's weights under its file name) then
+    `path/config.json`, each atomically; returns `path`.
 
     `config` needs preprocess, windows, method and provenance; `arch` is taken from the encoder (a
     different one given in `config` is an error, since the weights would not fit it).
@@ -44,6 +48,8 @@ def save_model_dir(path: Path, encoder: ViT3D, config: dict[str, Any]) -> Path:
     if "arch" in config and config["arch"] != encoder.arch:
         raise ValueError(f"config arch {config['arch']} differs from the encoder's {encoder.arch}")
     path = Path(path)
+    for name, module in (extra or {}).items():
+        save_weights(module, path / name)
     save_weights(encoder, path / WEIGHTS)
     write_json(path / CONFIG, {**config, "arch": encoder.arch})
     return path
@@ -150,8 +156,32 @@ def load_model_dir(path: Path, device: str | torch.device = "cpu") -> tuple[ViT3
     config = read_config(path)
     check_arch(config["arch"], path / CONFIG, path / WEIGHTS)  # before anything is allocated
     try:
-        encoder = build_encoder(config["arch"])
+        encoder = build_model_encoder(config["arch"])
     except (TypeError, ValueError) as exc:
         raise InputError(f"{path / CONFIG}: unusable arch ({exc})") from None
     load_weights_strict(encoder, path / WEIGHTS, path / CONFIG)
     return encoder.to(device).eval(), config
+
+
+def build_model_encoder(arch: dict[str, Any]) -> Any:
+    """The encoder a model directory's arch describes: a ViT3D, or the small CNN (`{"name": "cnn", ...}`, the
+    masked-restoration encoder), at its random init."""
+    if arch.get("name") == "cnn":
+        from headct.models.resnet import build_backbone
+
+        return build_backbone(arch)
+    return build_encoder(arch)
+
+
+def load_restoration(path: Path, encoder: Any, config: dict[str, Any]) -> Any:
+    """-> the `MaskedRestoration` of a mim model directory (its loaded `encoder` plus the strictly loaded head),
+    in eval mode; InputError when the directory has no restoration head."""
+    from headct.models.restoration import MaskedRestoration
+
+    path = Path(path)
+    if config.get("method") != "mim" or not (path / RESTORATION_HEAD).is_file():
+        raise InputError(f"{path}: the residual read-out needs a masked-restoration (method mim) model directory "
+                         f"with {RESTORATION_HEAD}; this one is method {config.get('method')!r}")
+    model = MaskedRestoration(encoder, float(config.get("mask_ratio", 0.6)))
+    load_weights_strict(model.head, path / RESTORATION_HEAD, path / CONFIG)
+    return model.eval()

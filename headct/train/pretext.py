@@ -1,4 +1,4 @@
-"""Self-supervised pretext tasks as the pre-training job sees them: one object per method (MAE, DINO).
+"""Self-supervised pretext tasks as the pre-training job sees them: one object per method (MAE, DINO, mim).
 
 A task owns its model (the encoder plus what only pre-training needs: MAE's decoder, DINO's heads and teacher),
 turns a batch of int16 HU volumes into a loss on the training device (augmentation, crops, windows and masks
@@ -121,6 +121,48 @@ class MaeTask:
         self.model.train(was_training)
         vol, mask, recon = (t[0].float().cpu().numpy() for t in (x, mask, recon))
         return plot_reconstruction(vol[0], mask[0], recon[0], path, self.cfg.windows[0].name, title=title)
+
+
+class RestorationTask(MaeTask):
+    """Masked restoration of the small 3D CNN (headct/models/restoration.py): the same augmentation, windows and
+    seeded masks as MAE, cubes instead of patches; the model directory also keeps the restoration head
+    (`extra_weights`), which the residual read-out of `headct extract` needs."""
+
+    method = "mim"
+
+    def __init__(self, cfg: Any, encoder: nn.Module, device: torch.device, rank: int = 0) -> None:
+        from headct.models.restoration import MaskedRestoration
+
+        self.cfg, self.device, self.rank = cfg, device, rank
+        self.model = MaskedRestoration(encoder, cfg.mask_ratio).to(device)
+        self.encoder = self.model.encoder
+
+    def metric_name(self) -> str:
+        return "masked-cube MSE"
+
+    def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+        cfg = self.cfg
+        hu = hu.to(self.device, non_blocking=True)
+        aug = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 0))
+        hu = augment_hu(hu, aug, cfg.flip_lr, cfg.jitter_hu, cfg.jitter_scale)
+        masks = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 1))
+        return model(hu_to_windows(hu, cfg.windows), masks)
+
+    @torch.no_grad()
+    def heldout_loss(self, hu: torch.Tensor) -> float:
+        """Mean masked-cube MSE over held-out volumes: no augmentation, the same masks on every call."""
+        generator = step_generator(self.cfg.seed, 0, EVAL_STREAM)
+        total, was_training = 0.0, self.model.training
+        self.model.eval()
+        for chunk in hu.split(self.cfg.batch_size):
+            total += self.model(hu_to_windows(chunk.to(self.device), self.cfg.windows), generator).item() * len(chunk)
+        self.model.train(was_training)
+        return total / len(hu)
+
+    def extra_weights(self) -> dict[str, nn.Module]:
+        from headct.models.model_dir import RESTORATION_HEAD
+
+        return {RESTORATION_HEAD: self.model.head}
 
 
 class DinoTask:
@@ -246,4 +288,6 @@ def build_task(
         return MaeTask(cfg, encoder, device, rank)
     if cfg.method == "dino":
         return DinoTask(cfg, encoder, device, rank, total_steps, steps_per_epoch)
+    if cfg.method == "mim":
+        return RestorationTask(cfg, encoder, device, rank)
     raise ValueError(f"unknown pre-training method {cfg.method!r}")

@@ -1,0 +1,129 @@
+"""Masked restoration of the small CNN (pretrain.method mim) and its residual read-out (extract.pools residual)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pydantic import ValidationError
+
+from headct.config import ExtractConfig, PretrainConfig
+from headct.errors import InputError
+from headct.models.cnn import SmallCNN3D
+from headct.models.restoration import RESIDUAL_DIM, MaskedRestoration
+from tests.pretrain_helpers import SIZE, ctx_for, make_cfg, make_project
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def _model(seed: int = 0) -> MaskedRestoration:
+    torch.manual_seed(seed)
+    return MaskedRestoration(SmallCNN3D(3), 0.6).eval()
+
+
+def test_the_residual_is_input_minus_restoration_where_hidden_and_averaged_over_the_passes() -> None:
+    model = _model()
+    with torch.no_grad():  # a head that restores every voxel as 0: the residual is then the input itself
+        model.head.pred.weight.zero_()
+        model.head.pred.bias.zero_()
+    x = torch.rand(2, 3, SIZE, SIZE, SIZE)
+    residual, seen = model.residual_map(x)
+    assert 0.5 < seen.float().mean() < 1.0  # four masks at 60 % leave some cubes never hidden
+    assert torch.allclose(residual[:, :, seen[0]], x[:, :, seen[0]], atol=1e-6)
+    assert (residual[:, :, ~seen[0]] == 0).all()
+
+
+def test_residual_features_depend_on_the_volume_alone_not_on_its_batch() -> None:
+    model = _model()
+    a, b = torch.rand(1, 3, SIZE, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE, SIZE)
+    alone = model.residual_features(a)
+    together = model.residual_features(torch.cat([a, b]))
+    assert alone.shape == (1, RESIDUAL_DIM)
+    assert torch.allclose(alone[0], together[0], atol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+
+
+def test_a_grid_the_cnn_cannot_stride_is_refused_naming_the_step() -> None:
+    with pytest.raises(ValueError, match="divisible by 16"):
+        _model()(torch.rand(1, 3, 24, 32, 32))
+
+
+def test_mim_belongs_to_the_small_cnn_and_the_vit_methods_to_a_vit() -> None:
+    with pytest.raises(ValidationError, match="does not fit"):
+        PretrainConfig(method="mim", arch="tiny")
+    with pytest.raises(ValidationError, match="does not fit"):
+        PretrainConfig(method="mae", arch="cnn")
+
+
+@pytest.fixture(scope="module")
+def mim_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    from pipelines.pretrain import run
+
+    root = make_project(tmp_path_factory.mktemp("mim") / "proj")
+    out = run(make_cfg(root, method="mim", arch="cnn", mask_ratio=0.6, samples=32, lr=2e-3), ctx_for(root))
+    return root, out
+
+
+def test_the_mim_job_keeps_the_restoration_head_and_learns(mim_project: tuple[Path, dict]) -> None:
+    import mlflow
+
+    from headct.models.model_dir import RESTORATION_HEAD, load_model_dir, load_restoration
+
+    root, out = mim_project
+    assert out["heldout_loss_end"] < out["heldout_loss_start"]
+    encoder, config = load_model_dir(root / "models/mae")
+    assert isinstance(encoder, SmallCNN3D) and config["method"] == "mim" and config["mask_ratio"] == 0.6
+    assert (root / "models/mae" / RESTORATION_HEAD).is_file()
+    model = load_restoration(root / "models/mae", encoder, config)
+    assert model.residual_features(torch.rand(1, 3, SIZE, SIZE, SIZE)).shape == (1, RESIDUAL_DIM)
+    assert (root / "reports/pretrain/mim_reconstruction.png").stat().st_size > 1000
+    client = mlflow.MlflowClient(tracking_uri=ctx_for(root).tracking.uri)
+    experiment = client.get_experiment_by_name(ctx_for(root).tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`headct.job` = 'pretrain'")
+    assert run.info.run_name == f"pretrain mim cnn {SIZE}^3"
+    assert "- method: MIM" in (root / "models/mae/README.md").read_text()
+
+
+def test_extract_reads_the_residual_for_the_pretrained_model_and_its_twin(
+    mim_project: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from headct.eval.feature_cache import read_cache
+    from pipelines.extract import run
+
+    src, _ = mim_project
+    root = tmp_path / "proj"
+    shutil.copytree(src, root)
+    splits = root / "data/splits/t"
+    header, *rows = (splits / "val.csv").read_text().splitlines(keepends=True)  # the fixture's test.csv is
+    (splits / "val.csv").write_text(header + "".join(rows[:2]))                   # unreadable: val's second
+    (splits / "test.csv").write_text(header + "".join(rows[2:]))                  # patient becomes test
+    cfg = ExtractConfig(splits=splits, model_dir=root / "models/mae", out=root / "features",
+                        pools=("mean", "residual"), random_init_seeds=(0, 5), hu_histogram=False, batch_size=3)
+    run(cfg, ctx_for(root))
+    index = json.loads((root / "features/index.json").read_text())
+    for arm in ("pretrained", "random_init", "random_init.s5"):
+        assert f"{arm}.residual.b-1" in index["models"]
+    cache = read_cache(root / "features")
+    trained, twin = cache["pretrained.residual.b-1"], cache["random_init.residual.b-1"]
+    assert trained.embedding.shape == (len(trained.scan_id), RESIDUAL_DIM) == (12, RESIDUAL_DIM)
+    assert np.isfinite(trained.embedding).all()
+    assert not np.allclose(trained.embedding, twin.embedding)  # the trained head restores differently
+    assert cache["pretrained"].embedding.shape[1] == SmallCNN3D(3).embed_dim  # "mean" of the last map
+    assert trained.meta["restoration_head_sha256"] == twin.meta["restoration_head_sha256"]  # provenance of the dir
+
+
+def test_the_residual_pool_on_a_vit_model_directory_is_refused(tmp_path: Path) -> None:
+    from pipelines.extract import run
+    from pipelines.pretrain import run as pretrain
+
+    root = make_project(tmp_path / "proj")
+    pretrain(make_cfg(root, samples=4), ctx_for(root))
+    (root / "data/splits/t/test.csv").write_text("img_path,scan_id,patient_id,ICH\n")
+    cfg = ExtractConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", out=root / "features",
+                        pools=("residual",), hu_histogram=False)
+    with pytest.raises(InputError, match="masked-restoration"):
+        run(cfg, ctx_for(root))
