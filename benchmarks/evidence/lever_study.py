@@ -152,6 +152,70 @@ def run_cnn_mim(a: argparse.Namespace) -> None:
     train_loop(a, windows, [enc, head], params, features, variants, loss_fn, betas=(0.9, 0.999), clip=None)
 
 
+# ------------------------------------------------------------------------------------------- cnn-vicreg
+class Expander(nn.Module):
+    """VICReg's expander: three linear layers to `dim`, batch norm and ReLU between."""
+
+    def __init__(self, d_in: int, dim: int = 512) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, dim), nn.BatchNorm1d(dim), nn.ReLU(),
+                                 nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def vicreg(z1: torch.Tensor, z2: torch.Tensor, sim: float = 25.0, var: float = 25.0, cov: float = 1.0) -> torch.Tensor:
+    """Bardes et al. 2022: invariance (MSE) + variance hinge at std 1 + decorrelation of the embedding's dimensions."""
+    n, d = z1.shape
+    loss = sim * F.mse_loss(z1, z2)
+    for z in (z1, z2):
+        z = z - z.mean(0)
+        loss = loss + var * F.relu(1.0 - torch.sqrt(z.var(0) + 1e-4)).mean() / 2
+        c = (z.T @ z) / (n - 1)
+        loss = loss + cov * (c.pow(2).sum() - c.diagonal().pow(2).sum()) / d / 2
+    return loss
+
+
+def run_cnn_vicreg(a: argparse.Namespace) -> None:
+    """Two views of one head (left-right flip, a shift of up to 3 voxels per axis, noise, a small contrast change:
+    never a crop or a mask, which could hide the finding in one view and teach the encoder to ignore it) must give
+    the same pooled multi-stage features: what then tells heads apart is anatomy and findings."""
+    windows = WINDOWS + ([BLOOD_WINDOW] if a.blood else [])
+    enc = CnnEncoder(len(windows))
+    d_in = 2 * sum(CNN_CHANNELS)
+    expander = Expander(d_in)
+
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for m in enc(x):
+            t = m.flatten(2)
+            out += [t.amax(2), t.mean(2)]
+        return torch.cat(out, 1)
+
+    def features(x: torch.Tensor) -> np.ndarray:
+        return pooled(x).numpy()
+
+    offsets = np.cumsum([0] + [2 * c for c in CNN_CHANNELS])
+
+    def variants(f: np.ndarray) -> dict[str, np.ndarray]:
+        return {"all": f, "last": f[:, offsets[-2]:],
+                "maxall": np.concatenate([f[:, offsets[k]: offsets[k] + c] for k, c in enumerate(CNN_CHANNELS)], 1)}
+
+    def view(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        if rng.random() < 0.5:
+            x = x.flip(2)
+        x = torch.roll(x, tuple(int(s) for s in rng.integers(-3, 4, 3)), dims=(2, 3, 4))
+        x = x * float(rng.uniform(0.95, 1.05)) + float(rng.uniform(-0.03, 0.03))
+        return x + a.noise * torch.randn_like(x)
+
+    def loss_fn(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        return vicreg(expander(pooled(view(x, rng))), expander(pooled(view(x, rng))))
+
+    params = list(enc.parameters()) + list(expander.parameters())
+    train_loop(a, windows, [enc, expander], params, features, variants, loss_fn, betas=(0.9, 0.999), clip=3.0)
+
+
 # ------------------------------------------------------------------------------------------- vit-mae
 def run_vit_mae(a: argparse.Namespace) -> None:
     from headct.models.mae import MAE
@@ -272,7 +336,7 @@ def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("variant", choices=["cnn-mim", "vit-mae", "vit-dino"])
+    ap.add_argument("variant", choices=["cnn-mim", "cnn-vicreg", "vit-mae", "vit-dino"])
     ap.add_argument("--root", type=Path, required=True, help="an evidence workspace of a tuning seed")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall time of pre-training")
     ap.add_argument("--every", type=float, default=5.0, help="minutes between val probes")
@@ -283,19 +347,20 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.6, help="cnn-mim: share of 8^3 cubes hidden")
     ap.add_argument("--blood", action="store_true", help="cnn-mim: add a 40-80 HU window channel")
+    ap.add_argument("--noise", type=float, default=0.03, help="cnn-vicreg: Gaussian noise per view (window units)")
     ap.add_argument("--patch", type=int, default=8, help="vit-mae: patch edge (voxels)")
     ap.add_argument("--normpix", action="store_true", help="vit-mae: per-patch normalised voxel targets")
     ap.add_argument("--target", choices=["pixels", "hist"], default="pixels", help="vit-mae: what masked patches predict")
     ap.add_argument("--bins", type=int, default=25, help="vit-mae --target hist: 5 HU bins from -20 HU")
     ap.add_argument("--steps", type=int, default=1500, help="vit-dino: the schedules' length in steps")
     a = ap.parse_args()
-    cnn = a.variant == "cnn-mim"
+    cnn = a.variant.startswith("cnn")
     a.lr = a.lr if a.lr is not None else (2e-3 if cnn else 1e-3)
     a.warmup = a.warmup if a.warmup is not None else (50 if cnn else 100)
     print(vars(a), flush=True)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)  # before the models are built: the seed fixes the random init (step 0's twin)
-    {"cnn-mim": run_cnn_mim, "vit-mae": run_vit_mae, "vit-dino": run_vit_dino}[a.variant](a)
+    {"cnn-mim": run_cnn_mim, "cnn-vicreg": run_cnn_vicreg, "vit-mae": run_vit_mae, "vit-dino": run_vit_dino}[a.variant](a)
 
 
 if __name__ == "__main__":
