@@ -12,6 +12,9 @@ Variants:
     vit-mae  the project's MAE (headct.models.mae) on ViT-tiny, voxel targets (optionally per-patch normalised) or
              `--target hist`: each masked patch's log HU histogram (MaskFeat-style hand-made target, 5 HU bins from
              -20 HU read from the subdural window). Features: CLS, mean and max of the last block's patch tokens.
+    residual the reconstruction-residual read-outs of a `cnn-mim --save` checkpoint vs its random init (the lever
+             that worked; headct's `pretrain.method: mim` + `extract.pools: [residual]`).
+    cnn-vicreg VICReg (Bardes et al. 2022) for the small CNN on two views of one head (flip, shift, noise, contrast).
     cnn-mim  masked restoration for the small 3D CNN (headct.models.cnn's units; SparK-like but with zeroed cubes,
              not sparse convolutions): 8^3-voxel cubes hidden at `--ratio`, a light head on strides 8 and 16
              predicts each hidden cube's voxels. Features: global max and mean of each stage ("all"), of the
@@ -141,6 +144,10 @@ def run_cnn_mim(a: argparse.Namespace) -> None:
                 "maxall": np.concatenate([f[:, offsets[k]: offsets[k] + c] for k, c in enumerate(CNN_CHANNELS)], 1)}
 
     params = list(enc.parameters()) + list(head.parameters())
+    if a.save:  # what `residual --checkpoint` reads: the encoder and the head, as headct's mim model names them
+        import atexit
+
+        atexit.register(lambda: torch.save({"enc": enc.state_dict(), "dec": head.state_dict()}, a.save))
 
     def loss_fn(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         g = x.shape[-1] // 8
@@ -285,6 +292,56 @@ def run_vit_dino(a: argparse.Namespace) -> None:
                after_backward=lambda: task.after_backward(task.step), after_update=lambda: task.after_update(task.step))
 
 
+# ------------------------------------------------------------------------------------------- residual
+def run_residual(a: argparse.Namespace) -> None:
+    """The reconstruction-residual read-outs of a `cnn-mim --save` checkpoint against the same architecture at its
+    random init (seed `--seed`): `smooth` is headct's declared read-out (MaskedRestoration.residual_features);
+    `base` skips its 3^3 smoothing; `tissue` and `tissue_smooth` keep only voxels of -10..100 HU farther than 6 mm
+    from bone, a hand-made anatomical mask that turns any model's residual into an intensity histogram of brain
+    tissue (measured to show why the declared read-out has none)."""
+    from headct.models.cnn import SmallCNN3D
+    from headct.models.restoration import RESIDUAL_CHANNELS, MaskedRestoration
+
+    data = load(a.root, ("train", "val"))
+    torch.manual_seed(a.seed)
+    random = MaskedRestoration(SmallCNN3D(len(WINDOWS)), a.ratio).eval()
+    trained = MaskedRestoration(SmallCNN3D(len(WINDOWS)), a.ratio).eval()
+    state = torch.load(a.checkpoint, weights_only=True)
+    trained.encoder.load_state_dict(state["enc"], strict=True)
+    trained.head.load_state_dict(state["dec"], strict=True)
+    q = torch.tensor([0.5, 0.9, 0.99, 0.999])
+
+    def stats(v: torch.Tensor) -> torch.Tensor:
+        pos, neg = v.clamp(min=0), (-v).clamp(min=0)
+        return torch.cat([torch.quantile(pos, q), torch.quantile(neg, q), pos.mean()[None], (v**2).mean()[None],
+                          torch.stack([(pos > t).float().mean() for t in (0.05, 0.1, 0.2, 0.3)])])
+
+    @torch.no_grad()
+    def readouts(model: MaskedRestoration, hu: np.ndarray) -> dict[str, np.ndarray]:
+        x = windowed(hu, WINDOWS)
+        residual, seen = model.residual_map(x)
+        h = torch.from_numpy(np.ascontiguousarray(hu)).float()
+        bone = F.max_pool3d((h > 300).float()[:, None], 5, 1, 2)[:, 0] > 0
+        tissue = (h > -10) & (h < 100) & ~bone & seen
+        r = residual[:, list(RESIDUAL_CHANNELS)]
+        rs = F.avg_pool3d(r, 3, 1, 1)
+        out = {"base": [], "smooth": [], "tissue": [], "tissue_smooth": []}
+        for b in range(len(hu)):
+            for name, maps, where in (("base", r, seen), ("smooth", rs, seen), ("tissue", r, tissue),
+                                      ("tissue_smooth", rs, tissue)):
+                out[name].append(torch.cat([stats(maps[b, c][where[b]]) for c in range(maps.shape[1])]))
+        return {k: torch.stack(v).numpy() for k, v in out.items()}
+
+    for arm, model in (("random init", random), ("trained", trained)):
+        f = {}
+        for split in ("train", "val"):
+            hu = data[split][1]
+            parts = [readouts(model, hu[i : i + 10]) for i in range(0, len(hu), 10)]
+            f[split] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        for name in f["train"]:
+            print(arm, name, probe(f["train"][name], data["train"][0], f["val"][name], data["val"][0]), flush=True)
+
+
 # ------------------------------------------------------------------------------------------- shared loop
 def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, clip,
                after_backward=None, after_update=None) -> None:
@@ -336,7 +393,7 @@ def train_loop(a, windows, modules, params, features, variants, loss_fn, betas, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("variant", choices=["cnn-mim", "cnn-vicreg", "vit-mae", "vit-dino"])
+    ap.add_argument("variant", choices=["cnn-mim", "cnn-vicreg", "vit-mae", "vit-dino", "residual"])
     ap.add_argument("--root", type=Path, required=True, help="an evidence workspace of a tuning seed")
     ap.add_argument("--minutes", type=float, default=15.0, help="wall time of pre-training")
     ap.add_argument("--every", type=float, default=5.0, help="minutes between val probes")
@@ -346,6 +403,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ratio", type=float, default=0.6, help="cnn-mim: share of 8^3 cubes hidden")
+    ap.add_argument("--save", type=Path, default=None, help="cnn-mim: write the encoder and head here at the end")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="residual: a `cnn-mim --save` file")
     ap.add_argument("--blood", action="store_true", help="cnn-mim: add a 40-80 HU window channel")
     ap.add_argument("--noise", type=float, default=0.03, help="cnn-vicreg: Gaussian noise per view (window units)")
     ap.add_argument("--patch", type=int, default=8, help="vit-mae: patch edge (voxels)")
@@ -360,7 +419,7 @@ def main() -> None:
     print(vars(a), flush=True)
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)  # before the models are built: the seed fixes the random init (step 0's twin)
-    {"cnn-mim": run_cnn_mim, "cnn-vicreg": run_cnn_vicreg, "vit-mae": run_vit_mae, "vit-dino": run_vit_dino}[a.variant](a)
+    {"cnn-mim": run_cnn_mim, "cnn-vicreg": run_cnn_vicreg, "vit-mae": run_vit_mae, "vit-dino": run_vit_dino, "residual": run_residual}[a.variant](a)
 
 
 if __name__ == "__main__":
