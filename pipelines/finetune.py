@@ -134,7 +134,7 @@ def run_identity(cfg: FinetuneConfig) -> dict[str, Any]:
     from headct.run_identity import inputs_sha256, trajectory_params
 
     inputs = sorted(Path(cfg.splits).glob("*.csv"))
-    if cfg.arch == "vit" and cfg.init == "pretrained":
+    if cfg.init == "pretrained" and cfg.arch in ("vit", "cnn"):  # weights read from the model directory
         inputs.append(Path(cfg.model_dir) / "model.safetensors")
     return {**trajectory_params(cfg), "inputs_sha256": inputs_sha256(inputs)}
 
@@ -153,7 +153,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
     from headct.run_identity import run_key
     from headct.run_meta import describe as describe_run
     from headct.train.checkpoint import load_for_resume, save_checkpoint
-    from headct.train.finetune_data import load_data, train_classifier
+    from headct.train.finetune_data import from_model_dir, load_data, train_classifier
     from headct.train.preemption import Preempted, PreemptionGuard
 
     if cfg.threads:
@@ -206,7 +206,7 @@ def run(cfg: FinetuneConfig, ctx: JobContext) -> dict[str, Any]:
             "init": data.model_name, "best_epoch": fitted.best_epoch, "performance": performance,
             "provenance": {**tracking.git_state(ctx.root), "run_id": mlrun.run_id,
                            "splits": path_for_files(cfg.splits, ctx.root),
-                           "model_dir": path_for_files(cfg.model_dir, ctx.root) if cfg.arch == "vit" else None,
+                           "model_dir": path_for_files(cfg.model_dir, ctx.root) if from_model_dir(cfg) else None,
                            # paths as the project sees them (a folder named after a person stays out)
                            "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
                                       ("splits", "model_dir", "out_dir", "report_dir", "checkpoint_dir",

@@ -362,7 +362,7 @@ def test_cnn_baselines_run_and_their_classifier_dirs_reload(project: Path, job_c
     from headct.models.classifier_dir import load_classifier
     from pipelines import finetune as job
 
-    cfg = finetune_cfg(project, arch=arch, epochs=1, labels="ICH", checkpoint_dir=None,
+    cfg = finetune_cfg(project, arch=arch, init="random", epochs=1, labels="ICH", checkpoint_dir=None,
                        out_dir=tmp_path / "clf", report_dir=tmp_path / "rep")
     assert job.run(cfg, JobContext(root=project, tracking=job_ctx.tracking))["model"] == arch
     classifier, config = load_classifier(cfg.out_dir)

@@ -127,3 +127,35 @@ def test_the_residual_pool_on_a_vit_model_directory_is_refused(tmp_path: Path) -
                         pools=("residual",), hu_histogram=False)
     with pytest.raises(InputError, match="masked-restoration"):
         run(cfg, ctx_for(root))
+
+
+def test_fine_tuning_starts_the_small_cnn_from_the_mim_model_directory(mim_project: tuple[Path, dict],
+                                                                       tmp_path: Path) -> None:
+    from headct.config import FinetuneConfig
+    from headct.models.model_dir import load_model_dir
+    from headct.train.finetune_data import build_classifier, load_data, model_name
+
+    root, _ = mim_project
+    cfg = FinetuneConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", arch="cnn", init="pretrained",
+                         tuned_params=None, min_positives=1, labels=["ICH"])
+    data = load_data(cfg, root)
+    classifier, windows, preprocess = build_classifier(cfg, data, root)
+    encoder, config = load_model_dir(root / "models/mae")
+    state = classifier.backbone.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in encoder.state_dict().items())  # the pre-trained weights
+    assert windows == config["windows"] and model_name(cfg) == "pretrained"
+    scratch = build_classifier(cfg.model_copy(update={"init": "random"}), data, root)[0].backbone.state_dict()
+    assert not torch.equal(scratch["units.0.conv.unit0.conv.weight"], state["units.0.conv.unit0.conv.weight"])
+
+
+def test_fine_tuning_the_cnn_from_a_vit_model_directory_is_refused(tmp_path: Path) -> None:
+    from headct.config import FinetuneConfig
+    from headct.train.finetune_data import build_classifier, load_data
+    from pipelines.pretrain import run as pretrain
+
+    root = make_project(tmp_path / "proj")
+    pretrain(make_cfg(root, samples=4), ctx_for(root))
+    cfg = FinetuneConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", arch="cnn", init="pretrained",
+                         tuned_params=None, min_positives=1, labels=["ICH"])
+    with pytest.raises(InputError, match="small-CNN model directory"):
+        build_classifier(cfg, load_data(cfg, root), root)

@@ -21,7 +21,9 @@ class FinetuneConfig(Section):
     `init`: "pretrained" loads `model_dir`; "random" builds the same architecture from a seeded random init (the
     baseline twin). `arch`: "vit" (the encoder of `model_dir`), a MONAI 3D ResNet from scratch
     ("resnet18"/"resnet10", a baseline; `init` is then ignored), or "cnn": a small strided residual CNN with a
-    global-max token (`headct.models.cnn`), the supervised ceiling that learns focal findings on CPU budgets. Learning rates are peaks of a warm-up + cosine
+    global-max token (`headct.models.cnn`), the supervised ceiling that learns focal findings on CPU budgets; with
+    `init: pretrained` it starts from the CNN of `model_dir` (a masked-restoration `mim` run), with `init: random`
+    from scratch. Learning rates are peaks of a warm-up + cosine
     schedule (per optimizer step). A tuned-parameters file (`tuned_params`, written by `headct tune`), when it
     exists, sets its keys and is overridden by --set (DESIGN.md precedence; see `load_params`); while
     `tuned_params` names one, params.yaml may not set TUNED_KEYS (refused, so no value is silently ignored).

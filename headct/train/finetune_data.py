@@ -33,7 +33,10 @@ class FinetuneData:
 def model_name(cfg: Any) -> str:
     """The `model` column of the predictions: pretrained, random_init, or the ResNet's name; prefixed with
     `ceiling_` when trained on the pool's labels too (the supervised ceiling, e.g. ceiling_resnet18)."""
-    name = cfg.arch if cfg.arch != "vit" else "pretrained" if cfg.init == "pretrained" else "random_init"
+    if cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN of a masked-restoration model directory
+        name = "pretrained"
+    else:
+        name = cfg.arch if cfg.arch != "vit" else "pretrained" if cfg.init == "pretrained" else "random_init"
     return f"ceiling_{name}" if "pool" in cfg.train_splits else name
 
 
@@ -80,13 +83,19 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
                          "val.csv")
     labels, skipped = choose_labels(cfg, train, val)
     preprocess = read_preprocess(split_store(cfg.splits, root))
-    if cfg.arch == "vit":  # the encoder must have been trained on the store's recipe (before any training)
+    if from_model_dir(cfg):  # the encoder must have been trained on the store's recipe (before any training)
         from headct.data.volumes import check_preprocessing
         from headct.models.model_dir import CONFIG, read_config
 
         check_preprocessing(cfg.splits, root, read_config(cfg.model_dir), cfg.model_dir / CONFIG,
                             allow_mismatch=cfg.allow_preprocess_mismatch, setting="finetune.allow_preprocess_mismatch")
     return FinetuneData(train, val, labels, skipped, preprocess, model_name(cfg))
+
+
+def from_model_dir(cfg: Any) -> bool:
+    """Whether the backbone comes from `cfg.model_dir`: a ViT (pre-trained or its random twin), or the small CNN
+    with init pretrained (a masked-restoration model directory); ResNets and the CNN at init random do not."""
+    return cfg.arch == "vit" or (cfg.arch == "cnn" and cfg.init == "pretrained")
 
 
 def backbone_width(cfg: Any) -> tuple[int, str]:
@@ -139,7 +148,18 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
     from headct.models.vit import build_encoder
 
     torch.manual_seed(cfg.seed)
-    if cfg.arch != "vit":  # a CNN from scratch: the default windows, the store's recipe
+    if cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN a masked-restoration (mim) run pre-trained
+        from headct.errors import InputError
+        from headct.models.model_dir import CONFIG
+
+        backbone, config = load_model_dir(cfg.model_dir)
+        if config["arch"].get("name") != "cnn":
+            raise InputError(f"{cfg.model_dir / CONFIG}: finetune.arch=cnn with init=pretrained starts from a "
+                             "small-CNN model directory (pretrain.method mim); this one holds a "
+                             f"{config['arch'].get('name')!r} encoder. Set finetune.arch=vit for it, or "
+                             "finetune.init=random to train the small CNN from scratch")
+        windows, preprocess = config["windows"], config["preprocess"]
+    elif cfg.arch != "vit":  # a CNN from scratch: the default windows, the store's recipe
         windows = [w.model_dump(mode="json") for w in DEFAULT_WINDOWS]
         backbone = build_backbone({"name": cfg.arch, "in_chans": len(windows)})
         preprocess = data.preprocess
