@@ -86,6 +86,11 @@ def test_the_mim_job_keeps_the_restoration_head_and_learns(mim_project: tuple[Pa
     (run,) = client.search_runs([experiment.experiment_id], "tags.`headct.job` = 'pretrain'")
     assert run.info.run_name == f"pretrain mim cnn {SIZE}^3"
     assert "- method: MIM" in (root / "models/mae/README.md").read_text()
+    import headct  # the model card's promise: the public loader embeds with it
+
+    volumes = np.full((2, SIZE, SIZE, SIZE), -1000, np.int16)
+    volumes[:, 8:24, 8:24, 8:24] = 35
+    assert headct.load_encoder(root / "models/mae").embed(volumes).shape == (2, encoder.embed_dim)
 
 
 def test_extract_reads_the_residual_for_the_pretrained_model_and_its_twin(

@@ -44,3 +44,13 @@ class SmallCNN3D(nn.Module):
         """(B, C, X, Y, Z) -> (B, 1 + N, D): the global max first, then the last feature map's positions."""
         tokens = self.units(x).flatten(2).transpose(1, 2)  # (B, N, D)
         return torch.cat([tokens.amax(dim=1, keepdim=True), tokens], dim=1)
+
+    def forward_pooled(self, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B, D): "cls" = the global max (token 0), "mean" = the mean over positions; as
+        `ViT3D.forward_pooled`, so `headct.load_encoder(...).embed` serves a masked-restoration model directory."""
+        tokens = self.forward_features(x)
+        if pool == "cls":
+            return tokens[:, 0]
+        if pool == "mean":
+            return tokens[:, 1:].mean(dim=1)
+        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
