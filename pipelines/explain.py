@@ -2,9 +2,9 @@
 
 Recipe: read the chosen split (val by default: test is kept for the final evaluation); per label, take a positive
 scan (the classifier's most confident one when `classifier_dir` is given, else the first by scan id, so the
-choice is reproducible); compute the requested maps on its canonical volume (CLS attention and rollout from the
-encoder; occlusion sensitivity through the classifier's probability for that label); write one montage PNG per
-method under cfg.report_dir plus explain.json naming the scans (pseudonyms) and the slices shown.
+choice is reproducible); compute the requested maps on its canonical volume (CLS attention and rollout from a ViT
+encoder, or the restoration residual of a masked-restoration CNN; occlusion sensitivity through the classifier's
+probability for that label); write one montage PNG per method under cfg.report_dir plus explain.json naming the scans (pseudonyms) and the slices shown.
 """
 
 from __future__ import annotations
@@ -90,6 +90,20 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
     if "occlusion" in methods and scorer is None:
         console.print("[yellow]note:[/] occlusion needs explain.classifier_dir (a fine-tuned classifier); skipped")
         methods.remove("occlusion")
+    restoration = None
+    if encoder.method == "mim":  # the small CNN: no attention; its restoration head explains instead
+        from headct.models.model_dir import load_restoration, read_config
+
+        for method in [m for m in methods if m in ("cls", "rollout")]:
+            console.print(f"[yellow]note:[/] {method} needs a ViT's attention; {cfg.model_dir} is a masked-restoration "
+                          "CNN (use the residual method); skipped")
+            methods.remove(method)
+        restoration = load_restoration(cfg.model_dir, encoder.model, read_config(cfg.model_dir)).to(device)
+    elif "residual" in methods:
+        console.print(f"[yellow]note:[/] residual needs a masked-restoration (mim) model directory; {cfg.model_dir} "
+                      f"is {encoder.method}; skipped")
+        methods.remove("residual")
+    cube = restoration.cube if restoration is not None else encoder.model.patch_size  # occlusion's cube edge
     frame = read_split(cfg.splits, cfg.split)
     chosen = _choose_scans(cfg, frame, scorer)
     if not chosen:
@@ -108,9 +122,11 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
             maps["cls"] = cls_attention(encoder.model, x)[0]
         if "rollout" in methods:
             maps["rollout"] = attention_rollout(encoder.model, x)[0]
+        if "residual" in methods:
+            maps["residual"] = restoration.residual_heat(x)[0].float().cpu().numpy()
         if "occlusion" in methods:
-            maps["occlusion"] = occlusion_sensitivity(lambda v, lab=label: scorer.scores(v, lab), hu,
-                                                      encoder.model.patch_size, cfg.baseline_hu)
+            maps["occlusion"] = occlusion_sensitivity(lambda v, lab=label: scorer.scores(v, lab), hu, cube,
+                                                      cfg.baseline_hu)
         head = hu.numpy() > -300  # HU: skin and everything denser
         for method, heat in maps.items():
             rows[method].append(MontageRow(label, row["scan_id"], display, heat, head))
@@ -118,9 +134,10 @@ def run(cfg: ExplainConfig, ctx: JobContext) -> dict[str, Any]:
                         "slices": {m: slices_for(h, cfg.slices, head) for m, h in maps.items()}}
 
     titles = {"cls": "last-block CLS attention (mean over heads)", "rollout": "attention rollout",
-              "occlusion": f"occlusion sensitivity (cubes set to {cfg.baseline_hu:g} HU)"}
-    outputs = [plot_montage(rows[m], cfg.slices, cfg.report_dir / f"attention_{m}.png"
-                            if m != "occlusion" else cfg.report_dir / "occlusion.png",
+              "occlusion": f"occlusion sensitivity (cubes set to {cfg.baseline_hu:g} HU)",
+              "residual": "restoration residual (hyperdense, not restorable from context)"}
+    files = {"occlusion": "occlusion.png", "residual": "restoration_residual.png"}
+    outputs = [plot_montage(rows[m], cfg.slices, cfg.report_dir / files.get(m, f"attention_{m}.png"),
                             f"{titles[m]} - {cfg.split} split, {encoder.method} encoder") for m in methods]
     summary = {"split": cfg.split, "methods": methods, "scans": shown,
                "map_normalisation": "each map sums to 1 over the volume's voxels"}

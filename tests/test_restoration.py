@@ -164,3 +164,25 @@ def test_fine_tuning_the_cnn_from_a_vit_model_directory_is_refused(tmp_path: Pat
                          tuned_params=None, min_positives=1, labels=["ICH"])
     with pytest.raises(InputError, match="small-CNN model directory"):
         build_classifier(cfg, load_data(cfg, root), root)
+
+
+def test_explain_shows_a_mim_model_s_restoration_residual_instead_of_attention(
+    mim_project: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from headct.config import ExplainConfig
+    from pipelines.explain import run
+
+    src, _ = mim_project
+    root = tmp_path / "proj"
+    shutil.copytree(src, root)
+    cfg = ExplainConfig(splits=root / "data/splits/t", model_dir=root / "models/mae",
+                        report_dir=root / "reports/explain", slices=3, methods=("cls", "residual"), device="cpu")
+    out = run(cfg, ctx_for(root))
+    assert out["labels_explained"] == 1
+    assert (root / "reports/explain/restoration_residual.png").stat().st_size > 2000
+    assert not (root / "reports/explain/attention_cls.png").exists()  # a CNN has no attention: skipped, said so
+    summary = json.loads((root / "reports/explain/explain.json").read_text())
+    assert summary["methods"] == ["residual"] and len(summary["scans"]["ICH"]["slices"]["residual"]) == 3
+    heat = _model().residual_heat(torch.rand(2, 3, SIZE, SIZE, SIZE))
+    assert heat.shape == (2, SIZE, SIZE, SIZE) and (heat >= 0).all()
+    assert torch.allclose(heat.flatten(1).sum(1), torch.ones(2))

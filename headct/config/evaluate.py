@@ -160,7 +160,10 @@ class ExplainConfig(Section):
     classifier_dir: Path | None = None
     split: Literal["train", "val", "test"] = "val"  # val by default: test is read once, by the final evaluation
     labels: list[Label] | None = None  # None: every label with a positive scan in the split
-    methods: tuple[Literal["cls", "rollout", "occlusion"], ...] = ("cls", "rollout")
+    # cls / rollout: a ViT's attention; residual: a masked-restoration (mim) model's restoration residual; occlusion:
+    # the classifier's probability under occluded cubes (any encoder). A method the encoder cannot give is skipped
+    # with a note.
+    methods: tuple[Literal["cls", "rollout", "occlusion", "residual"], ...] = ("cls", "rollout")
     slices: int = Field(6, ge=1, le=16)  # axial slices per row
     baseline_hu: float = Field(30.0, ge=-1024, le=3000)  # occlusion fill (brain parenchyma)
     report_dir: Path = Path("reports/explain")

@@ -147,3 +147,12 @@ class MaskedRestoration(nn.Module):
                         torch.stack([(pos > t).float().mean() for t in RESIDUAL_THRESHOLDS])]
             rows.append(torch.cat(row))
         return torch.stack(rows)
+
+    @torch.no_grad()
+    def residual_heat(self, volumes: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) windows -> (B, X, Y, Z): the hyperdense part of the first summarised window's smoothed
+        residual (what the model could not restore and is brighter than it expected: blood, in the brain window),
+        summing to 1 per volume (an explanation map, `headct explain`'s `residual` method)."""
+        residual, _ = self.residual_map(volumes)
+        heat = F.avg_pool3d(residual[:, RESIDUAL_CHANNELS[0]: RESIDUAL_CHANNELS[0] + 1], 3, 1, 1)[:, 0].clamp(min=0)
+        return heat / heat.flatten(1).sum(1).clamp(min=1e-12)[:, None, None, None]
