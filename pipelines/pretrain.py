@@ -338,8 +338,9 @@ def _finish(
     write_stage_headline(cfg.report_dir, "pretrain", metrics)  # the DVC metric: a few numbers of it
     figures = [plot_loss_curve(run_so_far["losses"], cfg.report_dir / "loss_curve.png",
                                f"{cfg.method.upper()} training loss", task.metric_name())]
-    snapshot = task.snapshot(heldout_hu, cfg.report_dir / {"mae": "mae_reconstruction.png", "dino": "dino_views.png",
-                                                           "mim": "mim_reconstruction.png"}[cfg.method])
+    # One name for every method (MAE / mim: a reconstruction; DINO: its views), so the DVC stage's outputs hold
+    # whichever method `-S pretrain.method=...` picks
+    snapshot = task.snapshot(heldout_hu, cfg.report_dir / "pretext.png")
     figures += [snapshot] if snapshot is not None else []
     mlrun.log_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "resumed_from_step"},
                       step=total)

@@ -171,7 +171,7 @@ def test_pretrain_job_writes_model_dir_metrics_figures_and_mlflow_run(trained: t
                 "data_wait_fraction"):
         assert key in metrics
     assert metrics["heldout_loss_end"] < metrics["heldout_loss_start"]  # it learned something
-    for name in ("loss_curve.png", "mae_reconstruction.png"):
+    for name in ("loss_curve.png", "pretext.png"):
         assert (project / "reports/pretrain" / name).stat().st_size > 1000
     encoder, config = load_model_dir(project / "models/mae")
     assert config["method"] == "mae" and config["preprocess"]["shape"] == [SIZE] * 3
@@ -407,7 +407,7 @@ def test_dino_job_resumes_exactly_and_saves_the_teacher_encoder(
         return dino_cfg(root, tag, **kw)
 
     assert whole["method"] == "dino" and whole["steps"] == 8
-    assert (root / "reports/a/dino_views.png").stat().st_size > 1000
+    assert (root / "reports/a/pretext.png").stat().st_size > 1000
     encoder, config = load_model_dir(root / "models/a")
     assert config["method"] == "dino"
     die_after_checkpoint(monkeypatch, step=3)

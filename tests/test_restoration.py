@@ -80,7 +80,7 @@ def test_the_mim_job_keeps_the_restoration_head_and_learns(mim_project: tuple[Pa
     assert (root / "models/mae" / RESTORATION_HEAD).is_file()
     model = load_restoration(root / "models/mae", encoder, config)
     assert model.residual_features(torch.rand(1, 3, SIZE, SIZE, SIZE)).shape == (1, RESIDUAL_DIM)
-    assert (root / "reports/pretrain/mim_reconstruction.png").stat().st_size > 1000
+    assert (root / "reports/pretrain/pretext.png").stat().st_size > 1000
     client = mlflow.MlflowClient(tracking_uri=ctx_for(root).tracking.uri)
     experiment = client.get_experiment_by_name(ctx_for(root).tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id], "tags.`headct.job` = 'pretrain'")
