@@ -160,7 +160,7 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
         "preprocess_version": cfg.preprocess.version, "volume_sha256": facts["volume_sha256"],
         "source_format": formats.of(record.series).source_format,
         "content_sha256": facts["content_sha256"], "instances_id": record.instances_id,
-        **dict(zip(store.CROP_COLUMNS, facts["crop_mm"], strict=True)),
+        **dict(zip(store.CROP_COLUMNS, facts["crop_mm"], strict=True)), "pixel_fix": facts["pixel_fix"],
     }
 
 
