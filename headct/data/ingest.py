@@ -343,10 +343,12 @@ def _ingest(cfg: IngestConfig, root: Path, console: Console, listing: Listing, s
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
     manifest, rejects, linkage_rows = _tables(studies, accepted, cfg)
-    labels, unlabelled, label_counts = label_sources.join(label_rows, _scan_keys(manifest, studies, cfg.src))
+    labels, unlabelled, label_counts = label_sources.join(label_rows, _scan_keys(manifest, studies, cfg.src),
+                                                          found)  # what discovery met: why keys reached no scan
     store.write_manifest(tables, manifest)
     store.write_rejects(tables, rejects)
     store.write_labels(tables, labels)
+    label_sources.write_issues(tables, label_rows, label_counts, unlabelled)  # label-side problems, counts
     store.write_preprocess(cfg.dest, cfg.preprocess)
     guards.write_source(cfg.dest, source)
     store.Journal(tables).remove()  # the manifest now holds every finished row
