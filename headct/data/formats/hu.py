@@ -2,15 +2,15 @@
 format), and the one correction of stored values that is made: negative HU that wrapped around.
 
 Plausible CT in HU (`check_hu`): air (about -1000) among the darkest 1 % of the voxels and the brightest 1 %
-below 3000 HU (bone and enamel; the top of the 12-bit CT range is 3071). MR intensities, 0-1 normalised images, unscaled stored values
-(air at 0) and wrapped values (air at +3000) all fail it: reason `not_hu`.
+below 3000 HU (bone and enamel; the top of the 12-bit CT range is 3071). MR intensities, 0-1 normalised images,
+unscaled stored values (air at 0) and wrapped values (air at about +3100) all fail it: reason `not_hu`.
 
 Wrapped negative HU (`plausible`): a file whose pixels are two's-complement numbers of `BitsStored` bits but
 whose header declares them unsigned (PixelRepresentation 0), with a RescaleIntercept near 0, reads every negative
 HU h as h + 2^BitsStored x slope: air at about +3100 HU instead of -1000 in 12-bit data (the RSNA 2019 download's
 known defect, seen there with BitsStored 12 and RescaleIntercept about 0). It is detected from the values, never
 from a list of files, and corrected when the pattern is unambiguous:
-    1. the volume as declared fails `check_hu`, and the header says unsigned with BitsStored b (< 16 + 1);
+    1. the volume as declared fails `check_hu`, and the header says unsigned with BitsStored b (8 to 16);
     2. every stored value fits b bits (else the wrap is not one of b bits);
     3. re-read as signed (stored >= 2^(b-1) -> stored - 2^b), the volume passes `check_hu`;
     4. at most AMBIGUOUS_FRACTION of the voxels land below -1100 HU once re-read (below air, so either reading

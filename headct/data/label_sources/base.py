@@ -230,10 +230,10 @@ def join(rows: LabelRows | None, scans: list[ScanKeys], seen: Seen | None = None
         reached = pd.Series(np.isin(np.arange(len(scans)), first["_scan"].to_numpy()))
     unmatched = table.index[~table.index.isin(pd.Index(keys, dtype=object)[hit])]
     counts["label_keys_unmatched"] = len(unmatched)
-    found = seen.keys(rows.level) if seen is not None else None
-    if found is not None:
-        read = unmatched.isin(pd.Index([rows.normalise(k) for k in found[0]], dtype=object))
-        unreadable = ~read & unmatched.isin(pd.Index([rows.normalise(k) for k in found[1]], dtype=object))
+    met = seen.keys(rows.level) if seen is not None else None
+    if met is not None:
+        read = unmatched.isin(pd.Index([rows.normalise(k) for k in met[0]], dtype=object))
+        unreadable = ~read & unmatched.isin(pd.Index([rows.normalise(k) for k in met[1]], dtype=object))
         counts["label_keys_series_not_accepted"] = int(read.sum())
         counts["label_keys_file_unreadable"] = int(unreadable.sum())
         counts["label_keys_not_in_source"] = int((~read & ~unreadable).sum())
