@@ -8,6 +8,7 @@ world origin and the marker where RAS+ puts it.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -128,8 +129,8 @@ def test_pydicoms_bundled_compressed_files_decode_like_the_uncompressed_one(tmp_
         assert not found.bad_files
         series = group_series(found.headers)[0]
         header = series.slices[0]
-        series = type(series)(series.study_uid, series.series_uid, (type(header)(**{
-            **header.__dict__, "rescale": (1.0, 0.0)}),))  # an MR slice has no rescale; HU here = stored
+        series = type(series)(series.study_uid, series.series_uid, (dataclasses.replace(
+            header, rescale=(1.0, 0.0)),))  # an MR slice has no rescale; HU here = stored
         geometry = stack_geometry(series)
         return load_hu(series, geometry)[0]
 

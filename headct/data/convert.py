@@ -18,6 +18,7 @@ from typing import Any
 from headct.config.base import PreprocessSpec
 from headct.data import dedup, formats, guards, store
 from headct.data.formats import SourceDataError
+from headct.data.formats.hu import plausible
 from headct.data.resample import NoHeadError, to_canonical
 from headct.data.series import Series, StackGeometry
 
@@ -67,6 +68,8 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path,
             continue
         try:
             hu = formats.of(series).load_hu(series, geometry, float(spec.pad_hu))
+            # every format's stack must look like HU; wrapped negative values are undone (headct.data.formats.hu)
+            hu, pixel_fix = plausible(hu, series, geometry, series.first.path.parent)
             content = dedup.content_sha256(hu, geometry)
             volume, affine, crop = to_canonical(hu, geometry, spec)
             del hu  # the source stack is the largest allocation: free it before writing
@@ -89,7 +92,7 @@ def convert_study(candidates: list[Candidate], spec: PreprocessSpec, dest: Path,
         sha = store.write_volume(dest, scan_id, volume)
         spacing = spec.spacing_mm if spec.fit == "isotropic" else None  # stretch: per axis, see the affine
         facts = {"affine": [float(v) for v in affine.ravel()], "spacing_mm": spacing, "volume_sha256": sha,
-                 "content_sha256": content, "crop_mm": crop_mm}
+                 "content_sha256": content, "crop_mm": crop_mm, "pixel_fix": pixel_fix}
         attempts.append(Attempt(scan_id, None, "ok", "", facts))
         break
     return attempts

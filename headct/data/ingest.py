@@ -160,7 +160,7 @@ def _manifest_row(record: SeriesRecord, facts: dict[str, Any], cfg: IngestConfig
         "preprocess_version": cfg.preprocess.version, "volume_sha256": facts["volume_sha256"],
         "source_format": formats.of(record.series).source_format,
         "content_sha256": facts["content_sha256"], "instances_id": record.instances_id,
-        **dict(zip(store.CROP_COLUMNS, facts["crop_mm"], strict=True)),
+        **dict(zip(store.CROP_COLUMNS, facts["crop_mm"], strict=True)), "pixel_fix": facts["pixel_fix"],
     }
 
 
@@ -343,10 +343,12 @@ def _ingest(cfg: IngestConfig, root: Path, console: Console, listing: Listing, s
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
     manifest, rejects, linkage_rows = _tables(studies, accepted, cfg)
-    labels, unlabelled, label_counts = label_sources.join(label_rows, _scan_keys(manifest, studies, cfg.src))
+    labels, unlabelled, label_counts = label_sources.join(label_rows, _scan_keys(manifest, studies, cfg.src),
+                                                          found)  # what discovery met: why keys reached no scan
     store.write_manifest(tables, manifest)
     store.write_rejects(tables, rejects)
     store.write_labels(tables, labels)
+    label_sources.write_issues(tables, label_rows, label_counts, unlabelled)  # label-side problems, counts
     store.write_preprocess(cfg.dest, cfg.preprocess)
     guards.write_source(cfg.dest, source)
     store.Journal(tables).remove()  # the manifest now holds every finished row

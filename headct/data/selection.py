@@ -40,7 +40,9 @@ format's `load_hu` raises SourceDataError with the code):
                            cannot be read (corrupt or truncated gzip)
     no_pixel_data          a file without PixelData that the header read could not tell (a deflated file)
     not_finite             a NIfTI with a NaN or infinite value anywhere (every voxel is checked)
-    not_hu                 a NIfTI whose values are not HU (no air below -500, or bright voxels beyond 3100)
+    not_hu                 values that are not HU (no air below -500, or bright voxels beyond 3000), any format;
+                           negative HU wrapped in unsigned pixels are corrected instead when unambiguous
+                           (`headct.data.formats.hu`; the manifest's `pixel_fix` says so)
     empty_volume           no voxel above the head threshold (nothing to centre on)
     head_cropped           the canonical grid cuts more than `max_crop_mm` of the head along an axis
                            (`headct.data.convert`; the cropped mm per axis are in the manifest either way)

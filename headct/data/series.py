@@ -24,7 +24,7 @@ import numpy as np
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-instance __dict__, 0.8 KB less per slice (750,000 in RSNA)
 class SliceHeader:
     """The header facts of one slice (one file, or one frame of a multi-frame file) that ingestion needs.
 
@@ -73,6 +73,10 @@ class SliceHeader:
     extra: Any = None  # the format's own facts (picklable), e.g. headct.data.formats.nifti.NiftiInfo
     # written by `headct synth` (its marker: headct/data/synth/marker.py): only such data may use the demo key
     synthetic: bool = False
+    # BitsStored and whether PixelRepresentation says signed (None: not given), for the wrap test of
+    # headct.data.formats.hu (negative HU stored as two's complement in data declared unsigned)
+    bits_stored: int | None = None
+    pixel_signed: bool | None = None
 
 
 @dataclass(frozen=True)

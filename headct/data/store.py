@@ -49,7 +49,7 @@ MANIFEST_COLUMNS = (
     "scan_id", "study_id", "patient_id", "patient_key_source", "volume", "affine", "spacing_mm", "src_shape",
     "src_spacing_mm", "slice_thickness_mm", "tilt_deg", "kvp", "kernel", "manufacturer", "body_part",
     "series_description", "n_slices", "preprocess_version", "volume_sha256", "source_format", "content_sha256",
-    "instances_id", *CROP_COLUMNS,
+    "instances_id", *CROP_COLUMNS, "pixel_fix",
 )
 REJECT_COLUMNS = ("series_id", "study_id", "reason", "message")
 
@@ -121,6 +121,7 @@ def write_manifest(store: Path, rows: list[dict[str, Any]]) -> None:
         frame[column] = frame[column].astype("float64")
     for column in ("source_format", "content_sha256", "instances_id"):
         frame[column] = frame[column].fillna("").astype(str)
+    frame["pixel_fix"] = frame["pixel_fix"].astype(object).fillna("").astype(str)  # rows built without it: ""
     with atomic_path(store / MANIFEST) as tmp:
         frame.to_parquet(tmp, index=False)
 
@@ -134,6 +135,8 @@ def read_manifest(store: Path) -> pd.DataFrame:
         frame = pd.read_parquet(path)
     except (OSError, ValueError) as exc:
         raise InputError(f"{path}: not a readable parquet file ({exc})") from exc
+    if "pixel_fix" not in frame.columns:  # a store written before the column existed: nothing was corrected
+        frame["pixel_fix"] = ""
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
         raise InputError(f"{path}: missing column(s) {missing}; re-run `headct ingest`")
@@ -300,6 +303,7 @@ def converted_rows(store: Path, version: str, tables: Path | None = None,
                 "volume_sha256": row["volume_sha256"],
                 "content_sha256": row["content_sha256"],
                 "crop_mm": [float(row[column]) for column in CROP_COLUMNS],
+                "pixel_fix": str(row.get("pixel_fix") or ""),  # absent in older layouts: nothing was corrected
             }
     return facts
 

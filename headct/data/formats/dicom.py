@@ -212,7 +212,17 @@ def slice_header(path: Path, ds: pydicom.Dataset, fmt: str = "dicom") -> SliceHe
         transfer_syntax=str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         format=fmt,
         synthetic=is_synthetic(ds),
+        bits_stored=_int_or_none(integer(ds, "BitsStored")),
+        pixel_signed=None if (sign := _int_or_none(integer(ds, "PixelRepresentation"))) is None else sign == 1,
     )
+
+
+def _int_or_none(value: object) -> int | None:
+    """A US value as an int, or None when absent or not one number (a malformed header is judged elsewhere)."""
+    try:
+        return None if value is None else int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------- QC

@@ -12,7 +12,8 @@ with a sheared third axis (uncorrected gantry tilt) read as per-slice positions.
 HU: the stored values with the header's scl_slope/scl_inter applied (nibabel's convention: no scaling when they
 are 0 or NaN), in float32 slice by slice; data that cannot be read is `unreadable`, a NaN or infinite value
 anywhere `not_finite` (every voxel is checked, slice by slice as it is scaled), a volume whose values do not
-look like HU `not_hu`; an axis longer than headct.data.header_checks.MAX_MATRIX is `too_large`.
+look like HU `not_hu` (headct.data.formats.hu: the test every format's volume passes); an axis longer than
+headct.data.header_checks.MAX_MATRIX is `too_large`.
 nibabel is imported only when a NIfTI file is met.
 """
 
@@ -27,21 +28,11 @@ from headct.config.data import QcRules
 from headct.data import header_checks
 from headct.data.criteria import Criteria
 from headct.data.formats.base import FileRead, InputFormat, Probe, SourceDataError
+from headct.data.formats.hu import AIR_BELOW_HU, BRIGHT_BELOW_HU, NotHuError, check_hu  # noqa: F401 (its API)
 from headct.data.qc import QcResult
 from headct.data.series import LPS_TO_RAS, Series, SliceHeader, StackGeometry
 
 _SUFFIXES = (".nii", ".nii.gz")
-# Plausible CT in HU: air (about -1000) among the darkest 1 % of voxels and the brightest 1 % below the top of
-# the 12-bit CT range (3071 HU). MR intensities, 0-1 normalised images and unscaled stored values (air at 0)
-# all fail the first test.
-AIR_BELOW_HU = -500.0
-BRIGHT_BELOW_HU = 3100.0
-
-
-class NotHuError(SourceDataError):
-    """The values are not Hounsfield units (reason `not_hu`)."""
-
-    reason = "not_hu"
 
 
 class NotFiniteError(SourceDataError):
@@ -157,16 +148,6 @@ def load_hu(series: Series, geometry: StackGeometry) -> np.ndarray:
                                        "order); not a CT volume in HU")
     check_hu(hu, path)
     return hu
-
-
-def check_hu(hu: np.ndarray, path: Path) -> None:
-    """Raise NotHuError unless the finite values `hu` (load_hu checked every voxel) look like CT Hounsfield
-    units (see AIR_BELOW_HU, BRIGHT_BELOW_HU), judged on a sample."""
-    sample = hu[:: max(1, hu.shape[0] // 32), ::4, ::4]
-    low, high = np.percentile(sample, [1, 99])
-    if low > AIR_BELOW_HU or high > BRIGHT_BELOW_HU:
-        raise NotHuError(path, f"values do not look like HU (1st percentile {low:.0f}, 99th {high:.0f}; CT in HU has "
-                               f"air below {AIR_BELOW_HU:.0f} and bone below {BRIGHT_BELOW_HU:.0f})")
 
 
 class NiftiFormat(InputFormat):

@@ -15,6 +15,7 @@ This module imports nothing heavy (pandas is imported with a source). An unknown
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from headct.errors import ConfigError
@@ -23,9 +24,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from headct.config.data import IngestConfig
+    from headct.data.discovery import Discovery
     from headct.data.label_sources.base import LabelRows, LabelSource, ScanKeys
 
 NONE = "none"  # labels_format for unlabelled data: no source at all
+ISSUES = "label_issues.csv"  # in the store (or shard folder) beside labels.csv: label-side problems, counts only
 _BUILTIN = ("cq500", "rsna2019", "table")  # modules of this package, each holding `SOURCE`; imported on first use
 _registered: dict[str, LabelSource] = {}
 
@@ -73,9 +76,28 @@ def load(cfg: IngestConfig) -> LabelRows | None:
     return check_rows(source.read(cfg), cfg.labels_format)
 
 
-def join(rows: LabelRows | None, scans: list[ScanKeys]) -> tuple[pd.DataFrame, int, dict[str, int]]:
+def join(rows: LabelRows | None, scans: list[ScanKeys], found: Discovery | None = None
+         ) -> tuple[pd.DataFrame, int, dict[str, int]]:
     """labels.csv rows for `scans` (scan_id, patient_id, one Int64 column per label of the source), the number of
-    scans no label row reached, and the join's counts for the summary (`base.join`)."""
+    scans no label row reached, and the join's counts for the summary (`base.join`; `found`: what discovery met,
+    to tell why a key reached no scan)."""
+    from headct.data.label_sources.base import Seen
     from headct.data.label_sources.base import join as join_rows
 
-    return join_rows(rows, scans)
+    return join_rows(rows, scans, None if found is None else Seen.of(found.headers, found.bad_files))
+
+
+def write_issues(folder: Path, rows: LabelRows | None, counts: dict[str, int], unlabelled: int) -> Path | None:
+    """`<folder>/label_issues.csv` when labels were read (`rows`): one row (reason, count) per label-side fact of
+    the join (`counts`, the summary's `label_*` keys without the prefix) and `scans_unlabelled`; counts only,
+    never an ID, key or path. Zero counts are written too, so two runs compare row by row."""
+    from headct.io import write_text
+
+    if rows is None:
+        return None
+
+    rows = [(key.removeprefix("label_"), int(n)) for key, n in counts.items() if key.startswith("label_")]
+    rows.append(("scans_unlabelled", int(unlabelled)))
+    path = Path(folder) / ISSUES
+    write_text(path, "reason,count\n" + "".join(f"{reason},{n}\n" for reason, n in rows))
+    return path

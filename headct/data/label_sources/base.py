@@ -31,7 +31,7 @@ from headct.errors import InputError
 
 if TYPE_CHECKING:
     from headct.config.data import IngestConfig
-    from headct.data.series import Series
+    from headct.data.series import Series, SliceHeader
 
 Level = Literal["patient", "study", "series", "instance", "path"]
 LEVELS: tuple[str, ...] = get_args(Level)
@@ -162,12 +162,46 @@ def check_rows(rows: LabelRows, name: str) -> LabelRows:
     return rows
 
 
-def join(rows: LabelRows | None, scans: list[ScanKeys]) -> tuple[pd.DataFrame, int, dict[str, int]]:
+@dataclass(frozen=True)
+class Seen:
+    """What discovery met, to tell why a label key reached no accepted scan (built inside ingest, never written):
+    the study, series and SOP instance keys of every header read, and the names of the files that could not be
+    read, without their extension (RSNA names each file after its SOP instance: `ID_<hex>.dcm`)."""
+
+    studies: frozenset[str] = frozenset()
+    series: frozenset[str] = frozenset()
+    instances: frozenset[str] = frozenset()
+    unreadable: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, headers: list[SliceHeader], bad_files: list[tuple[Path, str]]) -> Seen:
+        names = set()
+        for path, _ in bad_files:
+            name = path.name
+            for ext in _EXTENSIONS:
+                if name.lower().endswith(ext):
+                    name = name[: -len(ext)]
+                    break
+            names.add(name)
+        return cls(frozenset(h.study_uid for h in headers), frozenset(h.series_uid for h in headers),
+                   frozenset(h.sop_instance_uid for h in headers if h.sop_instance_uid), frozenset(names))
+
+    def keys(self, level: str) -> tuple[frozenset[str], frozenset[str]] | None:
+        """(keys read, names of unreadable files) at `level`, or None where discovery cannot tell (patient, path)."""
+        found = {"study": self.studies, "series": self.series, "instance": self.instances}.get(level)
+        return None if found is None else (found, self.unreadable if level == "instance" else frozenset())
+
+
+def join(rows: LabelRows | None, scans: list[ScanKeys], seen: Seen | None = None
+         ) -> tuple[pd.DataFrame, int, dict[str, int]]:
     """(labels.csv frame: scan_id, patient_id and the source's label columns; scans no row reached; counts).
 
     Counts: the source's own, `label_keys_unmatched` (keys no accepted scan carries: other patients, slices of
     rejected series or of files not in SRC), and for instance level `label_scans_partial` (scans with some but
-    not all slices labelled).
+    not all slices labelled). With `seen` (study, series and instance levels) the unmatched keys are split by
+    why: `label_keys_series_not_accepted` (a file carrying the key was read, but its series was rejected or not
+    selected: rejects.csv says why), `label_keys_file_unreadable` (the file named after the key could not be
+    read), `label_keys_not_in_source` (no file of SRC carries it).
     """
     frame = pd.DataFrame({"scan_id": [s.scan_id for s in scans], "patient_id": [s.patient_id for s in scans]},
                          columns=["scan_id", "patient_id"])
@@ -194,7 +228,15 @@ def join(rows: LabelRows | None, scans: list[ScanKeys]) -> tuple[pd.DataFrame, i
         first = found[found["_hit"]].sort_values(["_scan", "_rank"], kind="stable").drop_duplicates("_scan")
         labels = first.set_index("_scan")[list(table.columns)].reindex(range(len(scans)))
         reached = pd.Series(np.isin(np.arange(len(scans)), first["_scan"].to_numpy()))
-    counts["label_keys_unmatched"] = int((~table.index.isin(pd.Index(keys, dtype=object)[hit])).sum())
+    unmatched = table.index[~table.index.isin(pd.Index(keys, dtype=object)[hit])]
+    counts["label_keys_unmatched"] = len(unmatched)
+    met = seen.keys(rows.level) if seen is not None else None
+    if met is not None:
+        read = unmatched.isin(pd.Index([rows.normalise(k) for k in met[0]], dtype=object))
+        unreadable = ~read & unmatched.isin(pd.Index([rows.normalise(k) for k in met[1]], dtype=object))
+        counts["label_keys_series_not_accepted"] = int(read.sum())
+        counts["label_keys_file_unreadable"] = int(unreadable.sum())
+        counts["label_keys_not_in_source"] = int((~read & ~unreadable).sum())
     labels.index = frame.index
     out = pd.concat([frame, labels.astype("Int64")], axis=1)
     return out, int((~reached.to_numpy()).sum()), counts
