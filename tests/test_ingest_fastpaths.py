@@ -163,6 +163,63 @@ def test_the_synthetic_marker_is_found_as_get_private_item_finds_it(corpus: Path
     assert results[moved] == (True, True) and sum(a for a, _ in results.values()) > 20
 
 
+def _reference_header_facts(path: Path):
+    """What discovery's header helpers computed with pydicom's conversions before the raw reads (issue 16)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.pixels import as_pixel_options
+
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        deflated = str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) == dicom._DEFLATED
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * int(
+            ds.get("SamplesPerPixel") or 1)
+        needed = (bits + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        needed = None
+    index = (str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10"
+             or "DirectoryRecordSequence" in ds)
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    try:
+        options = list(as_pixel_options(ds, transfer_syntax_uid=syntax).items())
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        options = type(exc).__name__
+    return deflated, needed, index, options
+
+
+def _header_facts(path: Path):
+    with open(path, "rb") as fp:
+        plain = dicom.plainly_not_deflated(fp)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    try:
+        options = list(dicom_pixels.pixel_options(ds, syntax).items())
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        options = type(exc).__name__
+    return plain, dicom.pixel_bytes_needed(ds), dicom.is_media_index(ds), options
+
+
+def test_header_facts_read_from_raw_bytes_equal_pydicoms(corpus: Path) -> None:
+    """The file meta's transfer syntax (the deflate guard), the pixel bytes a header needs, the DICOMDIR test and
+    the decoding options, each read from raw bytes where plain, against pydicom's conversions."""
+    files = [p for p in list_files(corpus).files if dicom.has_dicom_preamble(formats.Probe(p))]
+    compared = plain = 0
+    for path in files:
+        try:
+            expected = _reference_header_facts(path)
+        except Exception:  # noqa: BLE001 - a file pydicom cannot read: discovery reports it, nothing to compare
+            continue
+        found = _header_facts(path)
+        assert not (found[0] and expected[0]), path  # never "plainly not deflated" for a deflated file
+        assert found[1:] == expected[1:], path.relative_to(corpus)
+        types = [type(v) for _, v in found[3]] if isinstance(found[3], list) else None
+        assert types == ([type(v) for _, v in expected[3]] if isinstance(expected[3], list) else None)
+        compared, plain = compared + 1, plain + found[0]
+    assert compared > 150 and plain > 100 and sum(_reference_header_facts(p)[0] for p in files
+                                                   if "deflate" in str(p)) >= 1
+
+
 # ------------------------------------------------------------------------------------------------ pixels
 LENIENT = QcRules(min_slices=2, min_coverage_mm=1.0)
 def _load(series, geometry):

@@ -29,13 +29,16 @@ from typing import Any, BinaryIO
 import numpy as np
 import pydicom
 from pydicom.pixels import as_pixel_options, get_decoder, iter_pixels
+from pydicom.pixels.utils import _IMAGE_PIXEL  # the elements as_pixel_options reads, in its order
 from pydicom.uid import UID
 
+from headct.data.formats import dicom_values
 from headct.data.formats.base import SourceDataError
 from headct.data.series import Series, StackGeometry
 
 DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+_PHOTOMETRIC, _NUMBER_OF_FRAMES = 0x00280004, 0x00280008
 _KEYWORD_OF_TAG = {0x7FE00010: "PixelData", 0x7FE00008: "FloatPixelData", 0x7FE00009: "DoubleFloatPixelData"}
 
 
@@ -61,6 +64,19 @@ class PixelElement:
     options: tuple[tuple[str, Any], ...]  # pydicom decoding options, as iter_pixels builds them
 
 
+def pixel_options(ds: pydicom.Dataset, syntax: UID) -> dict[str, Any]:
+    """`as_pixel_options(ds, transfer_syntax_uid=syntax)`, with the usual single-frame file's values (US and one
+    CS, no NumberOfFrames) read from their raw bytes (headct.data.formats.dicom_values); anything else is pydicom's."""
+    options: dict[str, Any] = {}
+    for tag, attr in _IMAGE_PIXEL.items():
+        if tag in ds._dict:
+            value = dicom_values.cs_value(ds, tag) if tag == _PHOTOMETRIC else dicom_values.us_value(ds, tag)
+            if value is None or tag == _NUMBER_OF_FRAMES:
+                return as_pixel_options(ds, transfer_syntax_uid=syntax)
+            options[attr] = value
+    return {**options, "number_of_frames": 1, "transfer_syntax_uid": syntax}
+
+
 def locate(fp: BinaryIO, ds: pydicom.Dataset, offset: int, head: bytes) -> PixelElement | None:
     """The PixelElement of a file whose header parse stopped at `offset`, where the bytes `head` (the first 12 or
     fewer) begin; None where the file is not one the direct read applies to (module docstring)."""
@@ -73,7 +89,7 @@ def locate(fp: BinaryIO, ds: pydicom.Dataset, offset: int, head: bytes) -> Pixel
     if keyword is None or 0x7FE00001 in ds._dict:  # an extended offset table: iter_pixels reads it
         return None
     try:
-        options = as_pixel_options(ds, transfer_syntax_uid=syntax)
+        options = pixel_options(ds, syntax)
     except Exception:  # a malformed image-pixel element: iter_pixels names the problem when pixels are read
         return None
     if options.get("number_of_frames") != 1 or not all(isinstance(v, int | str) for v in options.values()):
