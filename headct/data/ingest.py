@@ -189,6 +189,8 @@ def _convert(studies: dict[str, list[SeriesRecord]], previous: dict[str, dict], 
     if tasks:
         in_flight, why = parallel.choose_workers(cfg.workers, largest)
         progress.console.print(f"converting with {why}")
+    if in_flight > 1:  # largest first (by the first candidate's slices): the last task to finish is a small one
+        tasks.sort(key=lambda task: -len(task[0][0][1].slices))
     by_scan = {r.scan_id: r for records in studies.values() for r in records}
     bar = progress.add_task("converting", total=len(tasks))
     with store.Journal(tables) as journal:
