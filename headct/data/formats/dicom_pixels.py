@@ -32,6 +32,7 @@ from pydicom.pixels import as_pixel_options, get_decoder, iter_pixels
 from pydicom.pixels.utils import _IMAGE_PIXEL  # the elements as_pixel_options reads, in its order
 from pydicom.uid import UID
 
+from headct.data import buffers
 from headct.data.formats import dicom_values
 from headct.data.formats.base import SourceDataError
 from headct.data.series import Series, StackGeometry
@@ -187,12 +188,12 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
     (pylibjpeg: JPEG, JPEG-LS, JPEG 2000; RLE and deflate natively). Peak memory: this stack (4 bytes x rows x
     cols x slices) plus one file's decoded pixels (all frames of an uncompressed multi-frame object).
     """
-    hu = np.empty((geometry.n_slices, geometry.rows, geometry.cols), np.float32)
+    hu = buffers.stack((geometry.n_slices, geometry.rows, geometry.cols))  # every slice is written below
     wanted: dict[Path, dict[int, int]] = defaultdict(dict)  # file -> frame -> stack position
     for k, index in enumerate(geometry.order):
         header = series.slices[index]
         wanted[header.path][header.frame] = k
-    buffers: dict[tuple[np.dtype, int, int], np.ndarray] = {}  # one frame buffer per layout, reused per file
+    frame_buffers: dict[tuple[np.dtype, int, int], np.ndarray] = {}  # one per layout, reused file after file
     for path, frames in wanted.items():
         header = series.slices[geometry.order[next(iter(frames.values()))]]
         if header.rescale is None:
@@ -208,10 +209,10 @@ def load_hu(series: Series, geometry: StackGeometry, pad_hu: float = -1024.0) ->
                 layout = native_layout(options)
                 if layout is not None:
                     key = (layout[0], options["rows"], options["columns"])
-                    if key not in buffers:
-                        buffers[key] = np.empty(key[1:], key[0])
-                    if _read_native(path, header.extra, layout[1], buffers[key]):
-                        arrays = iter([buffers[key]])
+                    if key not in frame_buffers:
+                        frame_buffers[key] = np.empty(key[1:], key[0])
+                    if _read_native(path, header.extra, layout[1], frame_buffers[key]):
+                        arrays = iter([frame_buffers[key]])
                 else:
                     arrays = _direct(path, header.extra)
             if arrays is None:
