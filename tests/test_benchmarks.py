@@ -129,11 +129,13 @@ def test_ingest_benchmark_runs_every_method_on_tiny_series(tmp_path: Path) -> No
     for result in report["results"].values():
         assert len(result["seconds_all"]) == 1 and result["seconds_min"] == min(result["seconds_all"])
         assert result["series_per_s"] == pytest.approx(2 / result["seconds_min"])  # 2 series, the fastest repeat
+        assert 0 < result["cpu_seconds_min"] == min(result["cpu_seconds_all"])
     assert set(report["time_over_headct_w1"]) == methods and report["time_over_headct_w1"]["headct-w1"] == 1.0
     assert set(report["headct_speedup_by_workers"]) == {"1", "2"}
     goal = report["targets"]
     assert goal["seed_chain"]["monai_pydicom_time_over_headct_w1"] > 0 and isinstance(goal["seed_chain"]["met"], bool)
     assert goal["decoding_limit"]["headct_w1_time_over_decode"] > 0
+    assert goal["decoding_limit"]["headct_w1_cpu_over_decode_cpu"] > 0 and report["limits"]["decode_cpu_seconds"] > 0
     assert set(goal["scaling"]) == {"2"} and goal["scaling"]["2"]["share_of_ceiling"] > 0
     assert len(report["limits"]["decode_seconds_all"]) == 2  # before the runs, then once per repeat
     assert set(report["load_average_1_5_15_min"]) == {"start", "end"}

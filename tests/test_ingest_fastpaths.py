@@ -4,7 +4,8 @@
   errors included, over the hostile corpus, the factory's storage variants, `headct synth` files and crafted
   values (padding, NULs, signs, exponents, several values, non-ASCII text, other character sets, implicit VR);
 - the synthetic marker found without pydicom's private-block slicing == `get_private_item`;
-- pixels read at the offset discovery recorded == pydicom's iter_pixels (also when the file changed since);
+- pixels read at the offset discovery recorded == pydicom's iter_pixels (also when the file changed since), and
+  plain 16-bit frames read straight into a buffer == pydicom's decoder (unused bits, signs, truncated files);
 - separable resampling of axis-aligned stacks == the general resampler, for every flip and axis order;
 - the in-plane opening == scipy's binary_opening; the content hash's striped copy == a plain copy.
 The store-level check (every output byte against the code before these paths) is tests/test_ingest_golden.py.
@@ -29,7 +30,7 @@ from dicom_factory import SeriesSpec, slice_positions, write_enhanced, write_ser
 from headct.config import PreprocessSpec, QcRules, SynthConfig  # noqa: E402
 from headct.data import dedup, formats, resample  # noqa: E402
 from headct.data.discovery import group_series, list_files, read_headers  # noqa: E402
-from headct.data.formats import dicom, dicom_values  # noqa: E402
+from headct.data.formats import dicom, dicom_pixels, dicom_values  # noqa: E402
 from headct.data.series import LPS_TO_RAS, StackGeometry, stack_geometry  # noqa: E402
 from headct.data.synth import marker  # noqa: E402
 
@@ -162,6 +163,63 @@ def test_the_synthetic_marker_is_found_as_get_private_item_finds_it(corpus: Path
     assert results[moved] == (True, True) and sum(a for a, _ in results.values()) > 20
 
 
+def _reference_header_facts(path: Path):
+    """What discovery's header helpers computed with pydicom's conversions before the raw reads (issue 16)."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.pixels import as_pixel_options
+
+    with open(path, "rb") as fp:
+        read_preamble(fp, False)
+        deflated = str(_read_file_meta_info(fp).get("TransferSyntaxUID", "")) == dicom._DEFLATED
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    try:
+        bits = int(ds.BitsAllocated) * int(ds.Rows) * int(ds.Columns) * int(ds.get("NumberOfFrames") or 1) * int(
+            ds.get("SamplesPerPixel") or 1)
+        needed = (bits + 7) // 8
+    except (AttributeError, TypeError, ValueError):
+        needed = None
+    index = (str(ds.file_meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10"
+             or "DirectoryRecordSequence" in ds)
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    try:
+        options = list(as_pixel_options(ds, transfer_syntax_uid=syntax).items())
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        options = type(exc).__name__
+    return deflated, needed, index, options
+
+
+def _header_facts(path: Path):
+    with open(path, "rb") as fp:
+        plain = dicom.plainly_not_deflated(fp)
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    syntax = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    try:
+        options = list(dicom_pixels.pixel_options(ds, syntax).items())
+    except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+        options = type(exc).__name__
+    return plain, dicom.pixel_bytes_needed(ds), dicom.is_media_index(ds), options
+
+
+def test_header_facts_read_from_raw_bytes_equal_pydicoms(corpus: Path) -> None:
+    """The file meta's transfer syntax (the deflate guard), the pixel bytes a header needs, the DICOMDIR test and
+    the decoding options, each read from raw bytes where plain, against pydicom's conversions."""
+    files = [p for p in list_files(corpus).files if dicom.has_dicom_preamble(formats.Probe(p))]
+    compared = plain = 0
+    for path in files:
+        try:
+            expected = _reference_header_facts(path)
+        except Exception:  # noqa: BLE001 - a file pydicom cannot read: discovery reports it, nothing to compare
+            continue
+        found = _header_facts(path)
+        assert not (found[0] and expected[0]), path  # never "plainly not deflated" for a deflated file
+        assert found[1:] == expected[1:], path.relative_to(corpus)
+        types = [type(v) for _, v in found[3]] if isinstance(found[3], list) else None
+        assert types == ([type(v) for _, v in expected[3]] if isinstance(expected[3], list) else None)
+        compared, plain = compared + 1, plain + found[0]
+    assert compared > 150 and plain > 100 and sum(_reference_header_facts(p)[0] for p in files
+                                                   if "deflate" in str(p)) >= 1
+
+
 # ------------------------------------------------------------------------------------------------ pixels
 LENIENT = QcRules(min_slices=2, min_coverage_mm=1.0)
 def _load(series, geometry):
@@ -206,6 +264,55 @@ def test_a_file_changed_after_discovery_is_read_as_it_is_now(tmp_path: Path) -> 
     after = formats.of(series).load_hu(series, geometry, -1024.0)
     k = geometry.order.index(series.slices.index(next(h for h in series.slices if h.path == paths[2])))
     assert np.array_equal(after[k], before[k] + 7) and np.array_equal(np.delete(after, k, 0), np.delete(before, k, 0))
+
+
+def _native_series(tmp_path: Path, signed: bool, bits_stored: int, seed: int = 0):
+    """A 3-slice series of 16-bit frames whose stored words are random, unused high bits included."""
+    paths = write_series(tmp_path / "s", SeriesSpec(n_slices=3, rows=16, cols=12, unsigned=not signed))
+    rng = np.random.default_rng(seed)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.BitsStored, ds.HighBit = bits_stored, bits_stored - 1
+        ds.PixelData = rng.integers(0, 2**16, 16 * 12, dtype=np.uint16).tobytes()
+        ds.save_as(path)
+    series = group_series(read_headers(paths, tmp_path).headers)[0]
+    plain = dataclasses.replace(series, slices=tuple(dataclasses.replace(h, extra=None) for h in series.slices))
+    return paths, series, plain, stack_geometry(series)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("bits_stored", [16, 12, 1])
+def test_native_frames_read_into_a_buffer_equal_pydicoms_decoder(tmp_path: Path, monkeypatch, signed: bool,
+                                                                 bits_stored: int) -> None:
+    _, series, plain, geometry = _native_series(tmp_path, signed, bits_stored, bits_stored)
+    assert all(dicom_pixels.native_layout(dict(h.extra.options)) == (np.dtype("<i2" if signed else "<u2"),
+                                                                       16 - bits_stored) for h in series.slices)
+    read, calls = dicom_pixels._read_native, []
+    monkeypatch.setattr(dicom_pixels, "_read_native", lambda *a: calls.append(1) or read(*a))
+    fast, slow = _load(series, geometry), _load(plain, geometry)
+    assert len(calls) == 3 and isinstance(fast, np.ndarray) and _same(fast, slow)
+    assert len(np.unique(fast)) > 1 or bits_stored == 1
+
+
+@pytest.mark.parametrize("cut", [1, 2, 101])
+def test_a_truncated_native_frame_is_the_error_pydicoms_decoder_gives(tmp_path: Path, cut: int) -> None:
+    paths, series, plain, geometry = _native_series(tmp_path, False, 12)
+    paths[1].write_bytes(paths[1].read_bytes()[:-cut])
+    fast, slow = _load(series, geometry), _load(plain, geometry)
+    assert isinstance(fast, tuple) and fast == slow and "pixel data could not be decoded (ValueError" in fast[1]
+
+
+def test_only_plain_native_frames_take_the_buffer_read() -> None:
+    base = {"transfer_syntax_uid": pydicom.uid.ExplicitVRLittleEndian, "pixel_keyword": "PixelData",
+            "photometric_interpretation": "MONOCHROME2", "samples_per_pixel": 1, "number_of_frames": 1,
+            "bits_allocated": 16, "pixel_representation": 1, "bits_stored": 12, "rows": 512, "columns": 512}
+    assert dicom_pixels.native_layout(base) == (np.dtype("<i2"), 4)
+    for key, value in [("transfer_syntax_uid", pydicom.uid.RLELossless), ("transfer_syntax_uid", "1.2.840.10008.1.2.2"),
+                       ("pixel_keyword", "FloatPixelData"), ("photometric_interpretation", "RGB"),
+                       ("samples_per_pixel", 3), ("number_of_frames", 2), ("bits_allocated", 8),
+                       ("bits_allocated", 32), ("pixel_representation", 2), ("bits_stored", 17), ("bits_stored", 0),
+                       ("rows", 0), ("columns", 65536), ("rows", "512"), ("bits_stored", None)]:
+        assert dicom_pixels.native_layout({**base, key: value}) is None, (key, value)
 
 
 # ------------------------------------------------------------------------------------------------ resampling

@@ -45,7 +45,7 @@ from rich.progress import (
 )
 
 from headct.config.data import IngestConfig
-from headct.data import dedup, formats, guards, label_sources, locks, parallel, shards, store
+from headct.data import buffers, dedup, formats, guards, label_sources, locks, parallel, shards, store
 from headct.data.convert import convert_study, crop_problem
 from headct.data.criteria import read_criteria
 from headct.data.discovery import (
@@ -189,6 +189,7 @@ def _convert(studies: dict[str, list[SeriesRecord]], previous: dict[str, dict], 
     if tasks:
         in_flight, why = parallel.choose_workers(cfg.workers, largest)
         progress.console.print(f"converting with {why}")
+        tasks.sort(key=lambda task: -len(task[0][0][1].slices))  # largest first: the last to finish is a small one
     by_scan = {r.scan_id: r for records in studies.values() for r in records}
     bar = progress.add_task("converting", total=len(tasks))
     with store.Journal(tables) as journal:
@@ -340,6 +341,7 @@ def _ingest(cfg: IngestConfig, root: Path, console: Console, listing: Listing, s
         studies = _plan(group_series(headers), cfg, pseudo, shard, lambda text: progress.console.print(
             f"[yellow]{text}"))
         accepted, reused = _convert(studies, previous, cfg, run, progress, tables)
+    buffers.release()  # the last stack of a conversion in this process (1 worker): nothing is kept between runs
 
     duplicates = _deduplicate(studies, accepted, cfg) if shard is None else 0  # shards: at merge
     manifest, rejects, linkage_rows = _tables(studies, accepted, cfg)

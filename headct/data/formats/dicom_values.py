@@ -139,6 +139,19 @@ def integer(item: pydicom.Dataset, keyword: str) -> Any:
     return item.get(keyword)
 
 
+def us_value(ds: pydicom.Dataset, tag: int) -> int | None:
+    """A single US value (2 bytes) read from its raw element, or None when it is not one (pydicom converts it)."""
+    raw = _raw(ds, tag, "US")
+    return int.from_bytes(raw, "little") if raw is not None and len(raw) == 2 else None
+
+
+def cs_value(ds: pydicom.Dataset, tag: int) -> str | None:
+    """A single CS value as pydicom gives it (trailing padding removed), from a plain raw element without leading
+    spaces or backslashes; else None (pydicom converts it)."""
+    value = _plain(ds, tag, "CS")
+    return value.rstrip("\0 ") if value is not None and "\\" not in value and value[:1] != " " else None
+
+
 def lo_value(ds: pydicom.Dataset, tag: int) -> Any:
     """The value pydicom gives the LO element `tag` (e.g. a private creator): a plain single value from its bytes
     (pydicom strips trailing spaces and NULs), anything else converted by pydicom."""
