@@ -76,8 +76,13 @@ def _api(base: str, path: str, payload: dict | None = None) -> dict:
     data = None if payload is None else json.dumps(payload).encode()
     request = urllib.request.Request(f"{base}/api/2.0/mlflow/{path}", data=data,
                                      headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.load(response)
+    except urllib.error.HTTPError:
+        raise  # an answer (e.g. 404 for an unknown experiment): the caller decides
+    except OSError as exc:  # refused, reset or timed out (a loaded machine): say which call, not a traceback
+        raise UIError(f"mlflow server {base}: {path} did not answer ({exc})") from None
 
 
 def experiment_id(base: str, name: str) -> str | None:
@@ -179,6 +184,16 @@ def _browser(width: int, height: int) -> Iterator[int]:
             _stop(proc)
 
 
+CLOSE_ASSISTANT = """(() => {
+  for (const button of document.querySelectorAll('button[aria-label="Close"]')) {
+    for (let p = button, i = 0; p && i < 8; p = p.parentElement, i++) {
+      if ((p.innerText || '').includes('MLflow Assistant')) { button.click(); return true; }
+    }
+  }
+  return false;
+})()"""
+
+
 async def _visit(port: int, url: str, wanted: list[str], timeout: float, width: int, height: int,
                  screenshot: Path | None) -> Page:
     import aiohttp
@@ -214,6 +229,9 @@ async def _visit(port: int, url: str, wanted: list[str], timeout: float, width: 
                     break
                 await asyncio.sleep(0.5)
             if screenshot is not None and found:
+                # MLflow 3.17 opens its "MLflow Assistant" side panel on a first visit; it would take a third of
+                # the picture, so its Close button (the one inside the panel titled so) is pressed first
+                await call("Runtime.evaluate", expression=CLOSE_ASSISTANT, returnByValue=True)
                 await asyncio.sleep(1.0)  # let the grid finish its layout after the rows arrive
                 import base64
 
@@ -332,6 +350,9 @@ def main() -> int:
     s.add_argument("--workspace", type=Path, default=Path("."))
     s.add_argument("--out", type=Path, default=Path("docs/figures"))
     args = parser.parse_args()
+    # A SIGTERM (`timeout`, a CI limit, Ctrl-C's cousin) exits through the `finally` blocks that stop the mlflow
+    # server and the browser; Python's default would end this process and leave them running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         if args.command == "serve":
             _serve_forever(args.store, args.experiment or workspace_experiment(Path(".")), args.port,
