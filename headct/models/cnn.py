@@ -48,9 +48,6 @@ class SmallCNN3D(nn.Module):
     def forward_pooled(self, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B, D): "cls" = the global max (token 0), "mean" = the mean over positions; as
         `ViT3D.forward_pooled`, so `headct.load_encoder(...).embed` serves a masked-restoration model directory."""
-        tokens = self.forward_features(x)
-        if pool == "cls":
-            return tokens[:, 0]
-        if pool == "mean":
-            return tokens[:, 1:].mean(dim=1)
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        from headct.models.vit import pool_tokens
+
+        return pool_tokens(self.forward_features(x), pool)

@@ -319,12 +319,7 @@ class ViT3D(nn.Module):
 
     def forward_pooled(self, x: torch.Tensor, pool: Literal["cls", "mean"] = "cls") -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B, D): the CLS token, or the mean of the patch tokens."""
-        tokens = self.forward_features(x)
-        if pool == "cls":
-            return tokens[:, 0]
-        if pool == "mean":
-            return tokens[:, 1:].mean(dim=1)
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        return pool_tokens(self.forward_features(x), pool)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_pooled(x)
@@ -366,6 +361,15 @@ def vit_base(**kwargs: Any) -> ViT3D:
 
 _ARCH_KEYS = {"name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio",
               "qkv_bias", "num_registers", "pos_embed", "block_norm_eps"}
+
+
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """(B, 1 + N, D) tokens -> (B, D): token 0 ("cls"; the small CNN's global max) or the mean of the others."""
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "mean":
+        return tokens[:, 1:].mean(dim=1)
+    raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
 
 
 def build_encoder(arch: dict[str, Any], drop_path_rate: float = 0.0) -> ViT3D:

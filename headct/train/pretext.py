@@ -81,19 +81,24 @@ class MaeTask:
         aug = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 0))
         hu = augment_hu(hu, aug, cfg.flip_lr, cfg.jitter_hu, cfg.jitter_scale)
         masks = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 1))
-        loss, _, _ = model(hu_to_windows(hu, cfg.windows), masks)
+        return self.model_loss(model, hu_to_windows(hu, cfg.windows), masks)
+
+    @staticmethod
+    def model_loss(model: nn.Module, windows: torch.Tensor, masks: torch.Generator) -> torch.Tensor:
+        """The pretext model's loss on windowed volumes (MAE returns it with its prediction and masking)."""
+        loss, _, _ = model(windows, masks)
         return loss
 
     @torch.no_grad()
     def heldout_loss(self, hu: torch.Tensor) -> float:
-        """Mean masked-patch MSE over held-out volumes (B, X, Y, Z) int16: no augmentation, the same masks
+        """Mean masked-region MSE over held-out volumes (B, X, Y, Z) int16: no augmentation, the same masks
         on every call (same seed and chunking)."""
         generator = step_generator(self.cfg.seed, 0, EVAL_STREAM)
         total, was_training = 0.0, self.model.training
         self.model.eval()
         for chunk in hu.split(self.cfg.batch_size):
-            loss, _, _ = self.model(hu_to_windows(chunk.to(self.device), self.cfg.windows), generator)
-            total += loss.item() * len(chunk)  # every volume has the same number of masked patches
+            loss = self.model_loss(self.model, hu_to_windows(chunk.to(self.device), self.cfg.windows), generator)
+            total += loss.item() * len(chunk)  # every volume has the same number of masked patches / cubes
         self.model.train(was_training)
         return total / len(hu)
 
@@ -140,24 +145,9 @@ class RestorationTask(MaeTask):
     def metric_name(self) -> str:
         return "masked-cube MSE"
 
-    def loss(self, model: nn.Module, hu: torch.Tensor, step: int, micro: int) -> torch.Tensor:
-        cfg = self.cfg
-        hu = hu.to(self.device, non_blocking=True)
-        aug = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 0))
-        hu = augment_hu(hu, aug, cfg.flip_lr, cfg.jitter_hu, cfg.jitter_scale)
-        masks = step_generator(cfg.seed, step, stream(self.rank, micro, cfg.accum_steps, 1))
-        return model(hu_to_windows(hu, cfg.windows), masks)
-
-    @torch.no_grad()
-    def heldout_loss(self, hu: torch.Tensor) -> float:
-        """Mean masked-cube MSE over held-out volumes: no augmentation, the same masks on every call."""
-        generator = step_generator(self.cfg.seed, 0, EVAL_STREAM)
-        total, was_training = 0.0, self.model.training
-        self.model.eval()
-        for chunk in hu.split(self.cfg.batch_size):
-            total += self.model(hu_to_windows(chunk.to(self.device), self.cfg.windows), generator).item() * len(chunk)
-        self.model.train(was_training)
-        return total / len(hu)
+    @staticmethod
+    def model_loss(model: nn.Module, windows: torch.Tensor, masks: torch.Generator) -> torch.Tensor:
+        return model(windows, masks)  # MaskedRestoration returns the loss alone
 
     def extra_weights(self) -> dict[str, nn.Module]:
         from headct.models.model_dir import RESTORATION_HEAD
