@@ -54,6 +54,7 @@ def _encoder_models(
         build_model_encoder,
         load_model_dir,
         load_restoration,
+        restoration_mask_ratio,
     )
     from headct.models.restoration import MaskedRestoration
 
@@ -85,7 +86,7 @@ def _encoder_models(
 
     def twin() -> Any:
         built = build_model_encoder(config["arch"])
-        return MaskedRestoration(built, float(config.get("mask_ratio", 0.6))) if restoration else built
+        return MaskedRestoration(built, restoration_mask_ratio(cfg.model_dir, config)) if restoration else built
 
     # arm -> (encoder, the default variant's provenance, init seed)
     arms: dict[str, tuple[Any, dict, int | None]] = {"pretrained": (encoder, {**meta, "kind": "encoder"}, None)}

@@ -319,11 +319,10 @@ def _finish(
     provenance = {**tracking.git_state(ctx.root), "data": data.provenance,
                   "params": {**dump_params(cfg), **{k: path_for_files(getattr(cfg, k), ctx.root) for k in
                              ("splits", "model_dir", "checkpoint_dir", "report_dir")}}}
-    extra = task.extra_weights() if hasattr(task, "extra_weights") else {}  # mim: the restoration head
     save_model_dir(cfg.model_dir, task.encoder, {
         "preprocess": data.preprocess, "windows": [w.model_dump(mode="json") for w in cfg.windows],
         "method": cfg.method, "provenance": provenance,
-        **({"mask_ratio": cfg.mask_ratio} if cfg.method == "mim" else {})}, extra=extra)
+        **({"mask_ratio": cfg.mask_ratio} if cfg.method == "mim" else {})}, extra=task.extra_weights())
     seconds = run_so_far["seconds"]
     metrics = {
         "method": cfg.method, "heldout_loss_start": start_loss, "heldout_loss_end": end_loss, "steps": total,

@@ -186,3 +186,17 @@ def test_explain_shows_a_mim_model_s_restoration_residual_instead_of_attention(
     heat = _model().residual_heat(torch.rand(2, 3, SIZE, SIZE, SIZE))
     assert heat.shape == (2, SIZE, SIZE, SIZE) and (heat >= 0).all()
     assert torch.allclose(heat.flatten(1).sum(1), torch.ones(2))
+
+
+def test_a_mim_directory_without_its_mask_ratio_is_refused_not_defaulted(mim_project: tuple[Path, dict],
+                                                                         tmp_path: Path) -> None:
+    from headct.models.model_dir import load_model_dir, load_restoration
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(mim_project[0] / "models/mae", model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    del config["mask_ratio"]
+    (model_dir / "config.json").write_text(json.dumps(config))
+    encoder, config = load_model_dir(model_dir)
+    with pytest.raises(InputError, match="mask_ratio = None"):
+        load_restoration(model_dir, encoder, config)

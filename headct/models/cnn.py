@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from headct.models.vit import pool_tokens
+
 DEFAULT_CHANNELS: tuple[int, ...] = (8, 16, 32, 64)  # one stride-2 residual unit each: 64^3 -> 4^3 positions
 
 
@@ -48,6 +50,4 @@ class SmallCNN3D(nn.Module):
     def forward_pooled(self, x: torch.Tensor, pool: str = "cls") -> torch.Tensor:
         """(B, C, X, Y, Z) -> (B, D): "cls" = the global max (token 0), "mean" = the mean over positions; as
         `ViT3D.forward_pooled`, so `headct.load_encoder(...).embed` serves a masked-restoration model directory."""
-        from headct.models.vit import pool_tokens
-
         return pool_tokens(self.forward_features(x), pool)

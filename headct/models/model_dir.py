@@ -173,6 +173,16 @@ def build_model_encoder(arch: dict[str, Any]) -> Any:
     return build_encoder(arch)
 
 
+def restoration_mask_ratio(path: Path, config: dict[str, Any]) -> float:
+    """A mim directory's `mask_ratio` (it also sets the residual read-out's masks); InputError when absent or not
+    in (0, 1), never a default standing in for it."""
+    ratio = config.get("mask_ratio")
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
+        raise InputError(f"{Path(path) / CONFIG}: mask_ratio = {ratio!r} is not a number in (0, 1); a masked-"
+                         "restoration model directory records the share of cubes its pre-training hid")
+    return float(ratio)
+
+
 def load_restoration(path: Path, encoder: Any, config: dict[str, Any]) -> Any:
     """-> the `MaskedRestoration` of a mim model directory (its loaded `encoder` plus the strictly loaded head),
     in eval mode; InputError when the directory has no restoration head."""
@@ -182,6 +192,6 @@ def load_restoration(path: Path, encoder: Any, config: dict[str, Any]) -> Any:
     if config.get("method") != "mim" or not (path / RESTORATION_HEAD).is_file():
         raise InputError(f"{path}: the residual read-out needs a masked-restoration (method mim) model directory "
                          f"with {RESTORATION_HEAD}; this one is method {config.get('method')!r}")
-    model = MaskedRestoration(encoder, float(config.get("mask_ratio", 0.6)))
+    model = MaskedRestoration(encoder, restoration_mask_ratio(path, config))
     load_weights_strict(model.head, path / RESTORATION_HEAD, path / CONFIG)
     return model.eval()

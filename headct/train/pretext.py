@@ -49,6 +49,7 @@ class PretextTask(Protocol):
     def snapshot(self, hu: torch.Tensor, path: Path, title: str | None = None) -> Path | None: ...
     def metric_name(self) -> str: ...
     def feature_spread(self, hu: torch.Tensor) -> float | None: ...
+    def extra_weights(self) -> dict[str, nn.Module]: ...  # model-directory files besides the encoder's weights
 
 
 class MaeTask:
@@ -110,6 +111,9 @@ class MaeTask:
 
     def after_update(self, step: int) -> None:
         return None
+
+    def extra_weights(self) -> dict[str, nn.Module]:
+        return {}  # the decoder serves pre-training only
 
     def feature_spread(self, hu: torch.Tensor) -> float | None:
         return None  # MAE cannot collapse: a constant encoder cannot reconstruct the masked voxels
@@ -248,6 +252,9 @@ class DinoTask:
         return initial.heldout_loss(hu)
 
     @torch.no_grad()
+    def extra_weights(self) -> dict[str, nn.Module]:
+        return {}  # the model directory keeps the teacher encoder only
+
     def feature_spread(self, hu: torch.Tensor) -> float:
         """Mean over dimensions of the std across held-out volumes of the teacher encoder's L2-normalised CLS
         features. A collapsed DINO (every input mapped to one point) scores ~0 while its loss can still fall, so
