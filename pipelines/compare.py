@@ -7,6 +7,9 @@ difference), against the baseline (`hu_histogram`: paired bootstrap CI of the AU
 the random-init-to-ceiling gap it closes when a ceiling is given; the same per severity stratum (its positives
 against all negatives) for `compare.stratum_labels` when the store behind `compare.splits` has a `meta.csv` with
 `compare.stratum_column`. Method: headct/eval/compare.py (patient bootstrap, seeds resampled in few-shot).
+With `compare.finetune_predictions` (arm name -> a `headct finetune` predictions CSV), the setting `finetune` compares the
+fine-tuned arms the same way, and asks whether the pre-trained arm is at least as good as the best random-init arm
+(paired lower bound of the difference >= -`compare.noninferiority_margin`).
 Outputs under cfg.report_dir: metrics.json, comparison.md.
 """
 
@@ -60,7 +63,25 @@ def _settings(cfg: CompareConfig, root: Path) -> tuple[dict[str, tuple[Any, str]
                 skipped[f"fewshot_k{k}"] = f"{shown}: no few-shot predictions at K={k}"
             else:
                 settings[f"fewshot_k{k}"] = (rows, shown)
+    if cfg.finetune_predictions:
+        settings["finetune"] = (_finetuned_arms(cfg.finetune_predictions), "compare.finetune_predictions")
     return settings, skipped
+
+
+def _finetuned_arms(files: dict[str, Path]) -> Any:
+    """The fine-tuned arms' test rows, one table: each file's single model renamed to its arm, and no seed (each
+    arm is one run; arms trained with different seeds are still scored on the same scans, which is the pairing)."""
+    import pandas as pd
+
+    parts = []
+    for arm, path in files.items():
+        table = _read_predictions(path)
+        models = sorted(set(table["model"]))
+        if len(models) != 1:
+            raise InputError(f"{path}: a fine-tuned arm's predictions hold one model, found {models or 'none'} "
+                             f"(compare.finetune_predictions.{arm})")
+        parts.append(table.assign(model=arm, seed=pd.NA))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _strata_table(cfg: CompareConfig, ctx: JobContext) -> tuple[Any, str | None]:
@@ -156,6 +177,11 @@ def _summary(cfg: CompareConfig, results: dict[str, dict[str, Any]]) -> dict[str
             "labels_beating_random": [label for label in cfg.labels if label != cfg.primary
                                       and by_label.get(label, {}).get("all", {}).get("vs_random", {}).get("beats")],
         }
+        if setting == "finetune":  # fine-tuned from pre-training at least as good as from random init?
+            paired = primary.get("vs_random", {}).get("paired") or {}
+            low = paired.get("low")
+            out[setting]["primary_at_least_as_good"] = None if low is None else low >= -cfg.noninferiority_margin
+            out[setting]["primary_diff_vs_random"] = {k: paired[k] for k in ("diff", "low", "high") if k in paired}
     return out
 
 
@@ -205,12 +231,17 @@ def render_markdown(cfg: CompareConfig, metrics: dict[str, Any]) -> str:
                       *("| " + " | ".join(r) + " |" for r in rows)]
         else:
             lines.append("No label could be compared in this setting (see skipped below).")
+        summary = metrics["summary"][setting]
         s = {k: "n/a" if v is None else ("yes" if v else "no") if isinstance(v, bool) else
-             f"{v:.2f}" if isinstance(v, float) else v for k, v in metrics["summary"][setting].items()}
+             f"{v:.2f}" if isinstance(v, float) else v for k, v in summary.items()}
         lines += ["", f"{cfg.primary}: beats the best random init: {s['primary_beats_random']}; beats "
                   f"{cfg.baseline}: {s['primary_beats_baseline']}; gap closed: {s['primary_gap_closure']}. "
                   f"Declared labels beating random init: {len(s['labels_beating_random'])} of "
-                  f"{len([x for x in cfg.labels if x != cfg.primary])} ({', '.join(s['labels_beating_random']) or '-'}).",
+                  f"{len([x for x in cfg.labels if x != cfg.primary])} ({', '.join(s['labels_beating_random']) or '-'})."
+                  + (f" At least as good as the best random init (paired difference "
+                     f"{_ci(summary.get('primary_diff_vs_random'), 'diff')}, lower bound >= "
+                     f"-{cfg.noninferiority_margin}): {s['primary_at_least_as_good']}."
+                     if "primary_at_least_as_good" in s else ""),
                   ""]
     for name, reason in metrics["skipped"].items():
         lines.append(f"- skipped {name}: {reason}")

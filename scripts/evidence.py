@@ -19,7 +19,9 @@ verdicts). `--quick` merges `evidence.quick` over the profile: the same chain in
 Why plain `headct` calls and not `dvc repro`: the ceiling and the arms are several runs of one job with different
 settings, which one DVC stage per job cannot express; DVC would copy the ~1 GB store into its cache for a workspace
 that is thrown away; and each stage's wall time is measured here directly. `--resume` reruns only the stages that
-have not finished (markers in <workspace>/.evidence/), and only when the workspace's params.yaml is unchanged.
+have not finished or whose command changed (markers in <workspace>/.evidence/), and only when the workspace's
+params.yaml is unchanged: e.g. fine-tuned arms added to a finished run (their settings are command-line --set values,
+not params.yaml) run the arms and compare again.
 """
 
 from __future__ import annotations
@@ -153,16 +155,36 @@ def plan(evidence: dict[str, Any], params: Any) -> list[Stage]:
         "reports/learnability/metrics.json"]))
     stages += [Stage(job, ["headct", job]) for job in ("pretrain", "extract", "probe", "fewshot")]
     stages.append(Stage("ceiling", ["headct", "ceiling"]))
-    if evidence.get("finetune_arms"):
-        for arm, settings in (evidence.get("arms") or {}).items():
-            own = {"tuned_params": f"params/tuned/{arm}.yaml", "out_dir": f"models/finetune-{arm}",
-                   "report_dir": f"reports/finetune-{arm}", "checkpoint_dir": f"checkpoints/finetune-{arm}"}
-            finetune = _sets("finetune", {**settings, **own})
-            tune = _sets("tune", {"best_params": own["tuned_params"], "report_dir": f"reports/tune-{arm}"})
-            stages.append(Stage(f"tune-{arm}", ["headct", "tune", *finetune, *tune]))
-            stages.append(Stage(f"finetune-{arm}", ["headct", "finetune", *finetune]))
-    stages.append(Stage("compare", ["headct", "compare"]))
+    runs = arm_runs(evidence, params.finetune.seed)
+    for arm, settings in (evidence.get("arms") or {}).items() if runs else ():
+        tuned = f"params/tuned/{arm}.yaml"  # one tuning per arm (at its first seed), shared by its runs
+        for run, seed in runs[arm]:
+            own = {"seed": seed, "tuned_params": tuned, "out_dir": f"models/finetune-{run}",
+                   "report_dir": f"reports/finetune-{run}", "checkpoint_dir": f"checkpoints/finetune-{run}"}
+            finetune = _sets("finetune", {**{k: v for k, v in settings.items() if k != "seeds"}, **own})
+            if run == arm:
+                tune = _sets("tune", {"best_params": tuned, "report_dir": f"reports/tune-{arm}"})
+                stages.append(Stage(f"tune-{arm}", ["headct", "tune", *finetune, *tune]))
+            stages.append(Stage(f"finetune-{run}", ["headct", "finetune", *finetune]))
+    compare = {"finetune_predictions": {run: f"reports/finetune-{run}/predictions.csv"
+                                        for arm in runs for run, _ in runs[arm]}} if runs else {}
+    stages.append(Stage("compare", ["headct", "compare", *_sets("compare", compare)]))
     return stages
+
+
+def arm_runs(evidence: dict[str, Any], seed: int) -> dict[str, list[tuple[str, int]]]:
+    """arm -> its fine-tuning runs [(name, finetune.seed)] when `evidence.finetune_arms`, else {}. An arm with
+    `seeds: k` runs k times, like extract's random-init twins: `arm` at seed N, then `arm.s<1000 N + i>`."""
+    if not evidence.get("finetune_arms"):
+        return {}
+    out = {}
+    for arm, settings in (evidence.get("arms") or {}).items():
+        count = int((settings or {}).get("seeds", 1))
+        if count < 1:
+            raise EvidenceError(f"evidence.arms.{arm}.seeds must be >= 1")
+        seeds = [seed] + [1000 * seed + i for i in range(1, count)]
+        out[arm] = [(arm if i == 0 else f"{arm}.s{s}", s) for i, s in enumerate(seeds)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- workspace
@@ -271,8 +293,8 @@ def collect(dest: Path, params: Any, evidence: dict[str, Any]) -> dict[str, Any]
                                     for lab, shots in by_label.items() if lab in labels}
                             for model, by_label in fewshot.get("results", {}).items()}
     finetuned = {"ceiling": Path(params.ceiling.report_dir)}
-    if evidence.get("finetune_arms"):
-        finetuned.update({arm: Path(f"reports/finetune-{arm}") for arm in evidence.get("arms") or {}})
+    for runs in arm_runs(evidence, params.finetune.seed).values():
+        finetuned.update({run: Path(f"reports/finetune-{run}") for run, _ in runs})
     for name, folder in finetuned.items():
         metrics = _read_json(dest / folder / "metrics.json")
         if metrics:
@@ -373,14 +395,16 @@ def _run(args: argparse.Namespace, dest: Path, out: Path) -> int:
     try:
         for stage in stages:
             marker = markers / f"{stage.name}.json"
-            if args.resume and marker.is_file():
-                result["stages"][stage.name] = {**json.loads(marker.read_text()), "resumed": True}
+            done = json.loads(marker.read_text()) if args.resume and marker.is_file() else None
+            # The same command as before: a marker written before 2026-12-02 keeps none; it ran without --set.
+            if done is not None and done.get("argv", "--set" not in stage.argv) in (stage.argv, True):
+                result["stages"][stage.name] = {"seconds": done["seconds"], "resumed": True}
                 print(f"[evidence] {stage.name}: done before, skipped")
                 continue
             print(f"[evidence] {stage.name}: {shlex.join(stage.argv)}", flush=True)
             seconds = run_stage(stage, dest, env)
             result["stages"][stage.name] = {"seconds": round(seconds, 1)}
-            marker.write_text(json.dumps(result["stages"][stage.name]))
+            marker.write_text(json.dumps({**result["stages"][stage.name], "argv": stage.argv}))
             print(f"[evidence] {stage.name}: {seconds:.0f} s", flush=True)
         result["status"] = "ok"
     except EvidenceError as err:

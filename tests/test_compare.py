@@ -230,6 +230,44 @@ def test_compare_job_writes_every_setting_stratum_and_the_summary(tmp_path: Path
         CompareConfig(ceiling_predictions=probe_csv, ceiling_metrics=probe_csv)
 
 
+def test_fine_tuned_arms_are_compared_with_a_noninferiority_verdict(tmp_path: Path, job_ctx) -> None:
+    """compare.finetune_predictions: each arm's file (its own model name and seed) becomes one arm of the setting
+    `finetune`; the pre-trained arm is "at least as good" when the paired lower bound is >= -margin."""
+    from headct.config import CompareConfig
+    from pipelines import compare
+
+    probe_csv, _ = _write_project(tmp_path)
+    rng = np.random.default_rng(9)
+    y = np.repeat([0, 1], 60)
+    signal = y * 0.8 + rng.random(120)
+    arms = {"pretrained": ("pretrained", 3, signal), "random_init": ("cnn", 3, signal + 0.05 * rng.random(120)),
+            "random_init.s3001": ("cnn", 3001, rng.random(120))}
+    files = {}
+    for arm, (model, seed, score) in arms.items():
+        files[arm] = tmp_path / f"ft-{arm}.csv"
+        rows_of({model: score}, y, label="ICH", mode="finetune").assign(seed=seed).to_csv(files[arm], index=False)
+    cfg = CompareConfig(probe_predictions=probe_csv, fewshot_predictions=None, splits=tmp_path / "splits",
+                        report_dir=tmp_path / "out", bootstrap=200, finetune_predictions=files)
+    compare.run(cfg, job_ctx)
+    metrics = json.loads((cfg.report_dir / "metrics.json").read_text())
+    ich = metrics["results"]["finetune"]["ICH"]["all"]
+    assert ich["vs_random"]["best"] == "random_init" and not ich["vs_random"]["beats"]  # nearly the same scores
+    summary = metrics["summary"]["finetune"]
+    assert summary["primary_diff_vs_random"]["low"] > -0.02 and summary["primary_at_least_as_good"] is True
+    assert "primary_at_least_as_good" not in metrics["summary"]["probe"]
+    assert "At least as good as the best random init" in (cfg.report_dir / "comparison.md").read_text()
+    # A worse pre-trained arm fails the margin.
+    rows_of({"pretrained": rng.random(120)}, y, label="ICH", mode="finetune").to_csv(files["pretrained"], index=False)
+    compare.run(cfg, job_ctx)
+    metrics = json.loads((cfg.report_dir / "metrics.json").read_text())
+    assert metrics["summary"]["finetune"]["primary_at_least_as_good"] is False
+    # An arm's file with two models is refused, naming the file and the arm.
+    rows_of({"a": np.zeros(2), "b": np.ones(2)}, np.array([0, 1]), mode="finetune").to_csv(
+        files["random_init"], index=False)
+    with pytest.raises(InputError, match=r"ft-random_init\.csv: a fine-tuned arm's predictions hold one model"):
+        compare.run(cfg, job_ctx)
+
+
 def test_cli_has_the_compare_command() -> None:
     from typer.testing import CliRunner
 

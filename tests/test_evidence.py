@@ -42,7 +42,7 @@ TINY = {
     "ceiling": {"epochs": 1, "batch_size": 4, "bootstrap": 20, "labels": ["ICH"]},
     "evidence": {
         "seeds": [11, 12], "labels": ["ICH", "IPH"],
-        "finetune_arms": True, "arms": {"random_init": {"init": "random"}},
+        "finetune_arms": True, "arms": {"random_init": {"init": "random", "seeds": 2}},
     },
 }
 
@@ -80,7 +80,8 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert result["status"] == "ok" and result["seed"] == 5 and not result["declared_seed"]
     assert result["git"]["commit"] and isinstance(result["git"]["dirty"], bool)
     assert list(result["stages"]) == ["synth", "ingest", "split", "learnability", "pretrain", "extract", "probe",
-                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init", "compare"]
+                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init",
+                                      "finetune-random_init.s5001", "compare"]
     assert all(stage["seconds"] > 0 for stage in result["stages"].values())
     # The workspace's params.yaml: the profile without the runner's section, every seed = N.
     params = yaml.safe_load((ws / "params.yaml").read_text())
@@ -96,12 +97,26 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     ceiling = found["finetune"]["ceiling"]
     assert ceiling["model"] == "ceiling_cnn" and 0.0 <= ceiling["test"]["ICH"]["auroc"] <= 1.0
     assert found["finetune"]["random_init"]["model"] == "random_init"
+    assert found["finetune"]["random_init.s5001"]["model"] == "random_init"  # the second init seed's run
+    import pandas as pd  # the second run trained with the second derived seed
+    assert set(pd.read_csv(ws / "reports/finetune-random_init.s5001/predictions.csv")["seed"]) == {5001}
     assert "hu_histogram" in found["learnability"]
     # --resume reruns nothing that finished, and refuses a workspace made from other settings.
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 0
     again = json.loads(out.read_text())
     assert all(stage["resumed"] for stage in again["stages"].values()) and again["results"] == found
+    # An arm added to a finished run (command-line settings, the same params.yaml): --resume runs that arm and
+    # compare again (its command changed: the new arm's predictions), nothing else.
+    profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "arms": {
+        **TINY["evidence"]["arms"], "pretrained": {"init": "pretrained"}}}}))
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
+                                 "--resume"]) == 0
+    again = json.loads(out.read_text())
+    ran = [name for name, stage in again["stages"].items() if not stage.get("resumed")]
+    assert ran == ["tune-pretrained", "finetune-pretrained", "compare"]
+    fine = json.loads((ws / "reports/compare/metrics.json").read_text())["results"]["finetune"]["ICH"]["all"]
+    assert set(fine["aurocs"]) == {"pretrained", "random_init", "random_init.s5001"}
     assert evidence_runner.main(["--seed", "6", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 1
 

@@ -126,6 +126,8 @@ def with_absolute_paths(model: BaseModel, root: Path) -> BaseModel:
         value = getattr(model, name)
         if isinstance(value, Path):
             updates[name] = resolve_path(root, value)
+        elif isinstance(value, dict) and any(isinstance(v, Path) for v in value.values()):  # e.g. name -> file
+            updates[name] = {k: resolve_path(root, v) if isinstance(v, Path) else v for k, v in value.items()}
         elif isinstance(value, BaseModel):
             updates[name] = with_absolute_paths(value, root)
     return model.model_copy(update=updates)

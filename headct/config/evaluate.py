@@ -198,6 +198,12 @@ class CompareConfig(Section):
     # column of <store>/meta.csv (`headct synth`'s truth.csv carried by ingest: "stratum"); empty for negatives
     stratum_column: str = "stratum"
     stratum_labels: list[Label] = Field(default_factory=lambda: ["ICH"])  # labels whose positives are stratified
+    # Fine-tuned arms: arm name -> its `headct finetune` predictions CSV (one model each; the arm name replaces
+    # the file's model column, e.g. {pretrained: .../finetune-pretrained/predictions.csv, random_init: ...}).
+    # Compared as the setting `finetune`: the arm named `model` against the best random-init arm; "at least as
+    # good" when the paired CI's lower bound of the difference is >= -noninferiority_margin. Empty: no such setting.
+    finetune_predictions: dict[ModelName, Path] = Field(default_factory=dict)
+    noninferiority_margin: float = Field(0.02, ge=0.0, le=0.5)
     bootstrap: int = Field(1000, ge=10)  # patient (and seed) bootstrap resamples
     seed: int = Field(0, ge=0)
 
