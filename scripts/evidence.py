@@ -389,6 +389,10 @@ def _run(args: argparse.Namespace, dest: Path, out: Path) -> int:
         "cpus": os.cpu_count(), "load_average_start": [round(x, 2) for x in os.getloadavg()],
         "seeds": seeds, "stages": {}, "status": "running",
     }
+    earlier = _read_json(out) if args.resume else None
+    if isinstance(earlier, dict) and earlier.get("workspace") == str(dest):  # the resumed stages ran with that code
+        result["earlier_invocations"] = [*earlier.get("earlier_invocations", []),
+                                         {k: earlier.get(k) for k in ("command", "git", "started", "status")}]
     env, markers = environment(), dest / MARKERS
     markers.mkdir(exist_ok=True)
     start = time.monotonic()

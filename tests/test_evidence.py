@@ -113,6 +113,7 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 0
     again = json.loads(out.read_text())
+    assert [e["status"] for e in again["earlier_invocations"]] == ["ok", "ok"]  # the first run and the resume
     ran = [name for name, stage in again["stages"].items() if not stage.get("resumed")]
     assert ran == ["tune-pretrained", "finetune-pretrained", "compare"]
     fine = json.loads((ws / "reports/compare/metrics.json").read_text())["results"]["finetune"]["ICH"]["all"]
