@@ -10,7 +10,8 @@ variants are grouped by arm and each arm keeps the variant whose probes have the
 labels (test never enters the choice); the arm is then probed under its own name, and metrics.json records the
 choice and the val figures ("selection") apart from a test AUROC of every variant ("diagnostic", not a result).
 Outputs under cfg.report_dir: metrics.json (per model and label: test metrics with CIs, Brier/ECE, patient-level
-AUROC, AUROC by subgroup where the store's manifest is found), predictions.csv, roc.png, pr.png, reliability.png.
+AUROC with its CI, series and patient counts, AUROC by subgroup where the store's manifest is found),
+predictions.csv, roc.png, pr.png, reliability.png.
 """
 
 from __future__ import annotations
@@ -191,19 +192,27 @@ def _subgroups_of_store(cfg: ProbeConfig, ctx: JobContext) -> Any:
 
 
 def _add_test_breakdowns(metrics: dict[str, Any], table: Any, cfg: ProbeConfig, ctx: JobContext) -> None:
-    """Per model and label: patient-level (max over series) test AUROC and, where the manifest is found,
-    AUROC by subgroup (subgroups with < 5 positives or negatives are listed as skipped with the reason)."""
-    from headct.eval.metrics import auroc, patient_level
+    """Per model and label: patient-level (max over series) test AUROC with its 95% CI, the series counts beside
+    the patient counts and, where the manifest is found, AUROC by subgroup (subgroups with < 5 positives or
+    negatives are listed as skipped with the reason)."""
+    from headct.eval.metrics import auroc, patient_bootstrap, patient_level
     from headct.eval.subgroups import subgroup_auroc
 
     groups = _subgroups_of_store(cfg, ctx)
     test = table[table["split"] == "test"]
     for (model, label), rows in test.groupby(["model", "label"], sort=False):
         y, score = rows["target"].to_numpy(), rows["score"].to_numpy()
-        y_p, score_p, _ = patient_level(y, score, rows["patient_id"].to_numpy())
+        y_p, score_p, ids = patient_level(y, score, rows["patient_id"].to_numpy())
         entry = metrics[model][label]
-        entry["auroc_patient"] = auroc(y_p, score_p) if 0 < y_p.sum() < len(y_p) else None
+        entry["auroc_patient"] = entry["auroc_patient_low"] = entry["auroc_patient_high"] = None
+        if 0 < y_p.sum() < len(y_p):
+            entry["auroc_patient"] = auroc(y_p, score_p)
+            # One score per patient, so resampling these rows is resampling patients: the same bootstrap, seed
+            # and resample count as the per-scan CI (whose resamples keep a patient's series together).
+            boot = patient_bootstrap(y_p, score_p, ids, entry["threshold"], cfg.bootstrap, cfg.seed)
+            entry["auroc_patient_low"], entry["auroc_patient_high"] = boot.intervals["auroc"]
         entry["n_patients_pos"] = int(y_p.sum())
+        entry["n_series"], entry["n_series_pos"] = int(len(y)), int(y.sum())
         if groups is not None:
             aligned = rows[["scan_id"]].merge(groups, on="scan_id", how="left").drop(columns="scan_id")
             entry["subgroups"] = subgroup_auroc(y, score, aligned)

@@ -40,12 +40,13 @@ def _optional(path: Path | None) -> dict[str, Any] | None:
     return _load(path, ()) if path is not None and path.is_file() else None
 
 
-def _auroc_cell(m: dict[str, Any] | None) -> str:
-    if not m:
+def _auroc_cell(m: dict[str, Any] | None, key: str = "auroc") -> str:
+    """m[key] as "0.812 [0.700, 0.900]" with its `<key>_low/_high` CI, without it where absent, "-" if no value."""
+    if not m or m.get(key) is None:
         return "-"
-    if m.get("auroc_low") is None:
-        return f"{m['auroc']:.3f}"
-    return f"{m['auroc']:.3f} [{m['auroc_low']:.3f}, {m['auroc_high']:.3f}]"
+    if m.get(f"{key}_low") is None:
+        return f"{m[key]:.3f}"
+    return f"{m[key]:.3f} [{m[f'{key}_low']:.3f}, {m[f'{key}_high']:.3f}]"
 
 
 def _canonical(labels: Any) -> list[str]:
@@ -120,6 +121,37 @@ def compare_lines(compare: dict[str, Any] | None) -> list[str]:
             *_table(header, rows)]
 
 
+def series_lines(probe: dict[str, Any], method: str) -> list[str]:
+    """Per patient (primary) beside per series (FM-HCT's count) for every probed model and label; one line when
+    every test patient has one series; [] for probe metrics without patient-level figures (older runs)."""
+    models = probe_models(probe)
+    entries = [(label, m, probe[m][label]) for label in _canonical({lab for m in models for lab in probe[m]})
+               for m in models if {"auroc_patient", "n_patients"} <= set(probe[m].get(label, {}))]
+    if not entries:
+        return []
+
+    def n_series(e: dict[str, Any]) -> int:  # older metrics lack n_series: every known-label test scan is one
+        return e.get("n_series", e["n_pos"] + e["n_neg"])
+
+    if all(n_series(e) == e["n_patients"] for _, _, e in entries):
+        return ["", "Per patient = per series here: every test patient has one series, so the AUROCs above are "
+                "per patient and per series alike (FM-HCT counted every series of a study: ingest with "
+                "`--set ingest.keep=all` to compare)."]
+    rows = [[label, display(m, method), _auroc_cell(e, "auroc_patient"), _auroc_cell(e),
+             f"{e['n_patients']} / {n_series(e)}",
+             f"{e.get('n_patients_pos', '-')} / {e.get('n_series_pos', e['n_pos'])}"]
+            for label, m, e in entries]
+    header = ["label", "model", "per patient AUROC", "per series AUROC", "test patients / series",
+              "positive patients / series"]
+    return ["", "## Per patient and per series (FM-HCT counted every series)", "",
+            "Per patient (primary): one score per patient, the maximum over its series, against the patient's "
+            "label. Per series (FM-HCT's way): every series a sample, its patient's label copied. Test AUROC "
+            "[95% CI]; both CIs resample patients.", "", *_table(header, rows), "",
+            "Per patient is primary because the series of one patient (thin, thick, bone, tilt-corrected) are "
+            "correlated views of one examination: counting them as independent samples narrows CIs falsely (so "
+            "both CIs here resample patients) and weights each patient by how many series it happened to keep."]
+
+
 def answer_lines(compare: dict[str, Any] | None) -> list[str]:
     """The headline: the primary label per severity stratum for the pre-trained encoder, its best random-init twin,
     the HU histogram and the ceiling, and the sentence that says what it means ([] without compare's results)."""
@@ -150,6 +182,7 @@ def render_markdown(pretrain: dict[str, Any] | None, probe: dict[str, Any], fews
     for arm, choice in probe.get("selection", {}).get("arms", {}).items():
         if len(choice.get("val_auroc", {})) > 1:
             lines.append(f"- {display(arm, method)}: variant `{choice['chosen']}` chosen on val")
+    lines += series_lines(probe, method)
     lines += compare_lines(compare)
     if probe.get("skipped"):
         lines += ["", "Skipped labels:", ""]
