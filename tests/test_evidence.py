@@ -42,7 +42,7 @@ TINY = {
     "ceiling": {"epochs": 1, "batch_size": 4, "bootstrap": 20, "labels": ["ICH"]},
     "evidence": {
         "seeds": [11, 12], "labels": ["ICH", "IPH"],
-        "finetune_arms": True, "arms": {"random_init": {"init": "random", "seeds": 2}},
+        "finetune_arms": True, "arms": {"random_init": {"init": "random"}},
     },
 }
 
@@ -74,14 +74,14 @@ def test_the_profile_declares_its_seeds_and_labels_and_is_valid_in_both_sizes(tm
 def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_path: Path) -> None:
     evidence_runner = runner()
     profile, ws, out = tmp_path / "profile.yaml", tmp_path / "ws", tmp_path / "seed-5.json"
-    profile.write_text(yaml.safe_dump(TINY))
+    # First without the fine-tuned arms; they are added to the finished run below (--resume).
+    profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "finetune_arms": False}}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["status"] == "ok" and result["seed"] == 5 and not result["declared_seed"]
     assert result["git"]["commit"] and isinstance(result["git"]["dirty"], bool)
     assert list(result["stages"]) == ["synth", "ingest", "split", "learnability", "pretrain", "extract", "probe",
-                                      "fewshot", "ceiling", "tune-random_init", "finetune-random_init",
-                                      "finetune-random_init.s5001", "compare"]
+                                      "fewshot", "ceiling", "compare"]
     assert all(stage["seconds"] > 0 for stage in result["stages"].values())
     # The workspace's params.yaml: the profile without the runner's section, every seed = N.
     params = yaml.safe_load((ws / "params.yaml").read_text())
@@ -96,18 +96,14 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert "ICH" in found["fewshot"]["pretrained"]
     ceiling = found["finetune"]["ceiling"]
     assert ceiling["model"] == "ceiling_cnn" and 0.0 <= ceiling["test"]["ICH"]["auroc"] <= 1.0
-    assert found["finetune"]["random_init"]["model"] == "random_init"
-    assert found["finetune"]["random_init.s5001"]["model"] == "random_init"  # the second init seed's run
-    import pandas as pd  # the second run trained with the second derived seed
-    assert set(pd.read_csv(ws / "reports/finetune-random_init.s5001/predictions.csv")["seed"]) == {5001}
     assert "hu_histogram" in found["learnability"]
     # --resume reruns nothing that finished, and refuses a workspace made from other settings.
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 0
     again = json.loads(out.read_text())
     assert all(stage["resumed"] for stage in again["stages"].values()) and again["results"] == found
-    # An arm added to a finished run (command-line settings, the same params.yaml): --resume runs that arm and
-    # compare again (its command changed: the new arm's predictions), nothing else.
+    # Arms added to the finished run (command-line settings, the same params.yaml): --resume runs the arms and
+    # compare again (its command changed: the arms' predictions), nothing else.
     profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "arms": {
         **TINY["evidence"]["arms"], "pretrained": {"init": "pretrained"}}}}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
@@ -115,11 +111,33 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     again = json.loads(out.read_text())
     assert [e["status"] for e in again["earlier_invocations"]] == ["ok", "ok"]  # the first run and the resume
     ran = [name for name, stage in again["stages"].items() if not stage.get("resumed")]
-    assert ran == ["tune-pretrained", "finetune-pretrained", "compare"]
+    assert ran == ["tune-random_init", "finetune-random_init", "tune-pretrained", "finetune-pretrained", "compare"]
+    assert again["results"]["finetune"]["random_init"]["model"] == "random_init"
     fine = json.loads((ws / "reports/compare/metrics.json").read_text())["results"]["finetune"]["ICH"]["all"]
-    assert set(fine["aurocs"]) == {"pretrained", "random_init", "random_init.s5001"}
+    assert set(fine["aurocs"]) == {"pretrained", "random_init"}
     assert evidence_runner.main(["--seed", "6", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 1
+
+
+def test_an_arm_with_several_seeds_is_tuned_once_and_fine_tuned_at_each_derived_seed(tmp_path: Path) -> None:
+    evidence_runner = runner()
+    profile = tmp_path / "params.yaml"
+    tree, evidence = {k: v for k, v in TINY.items() if k != "evidence"}, {
+        **TINY["evidence"], "arms": {"pretrained": {"init": "pretrained"}, "random_init": {"init": "random",
+                                                                                           "seeds": 3}}}
+    evidence_runner.derive_seeds(tree, 7)  # in place: every seed = 7
+    profile.write_text(yaml.safe_dump(tree))
+    params, _ = load_params(params_file=profile, root=tmp_path)
+    stages = {stage.name: stage.argv for stage in evidence_runner.plan(evidence, params)}
+    assert [n for n in stages if n.startswith(("tune-", "finetune-"))] == [
+        "tune-pretrained", "finetune-pretrained", "tune-random_init", "finetune-random_init",
+        "finetune-random_init.s7001", "finetune-random_init.s7002"]
+    assert "finetune.seed=7002" in stages["finetune-random_init.s7002"]
+    assert "finetune.tuned_params=params/tuned/random_init.yaml" in stages["finetune-random_init.s7002"]
+    compare = " ".join(stages["compare"])
+    assert "random_init.s7002: reports/finetune-random_init.s7002/predictions.csv" in compare
+    with pytest.raises(evidence_runner.EvidenceError, match="seeds must be >= 1"):
+        evidence_runner.plan({**evidence, "arms": {"random_init": {"seeds": 0}}}, params)
 
 
 def test_a_bad_profile_stops_before_any_stage_runs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
