@@ -16,7 +16,7 @@ export DVC_NO_ANALYTICS := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .PHONY: help setup demo demo-quick test test-slow lint ui lock clean docker-cpu docker-cuda bench-train-step \
-	bench-ingest bench-gpu-pretrain demo-slow evidence readme-figures slurm-dev-up slurm-dev-down slurm-ingest \
+	bench-ingest bench-discovery bench-gpu-pretrain demo-slow evidence readme-figures slurm-dev-up slurm-dev-down slurm-ingest \
 	slurm-pretrain slurm-tune
 
 help: ## List the targets
@@ -96,6 +96,9 @@ bench-gpu-pretrain: setup ## ViT-B/12 MAE + DINO steps on one GPU: volumes/s, st
 
 bench-ingest: setup ## headct ingest vs the seed's MONAI chain and dcm2niix + MONAI, series/s, 1 thread each (CPU)
 	$(PY) benchmarks/ingest.py $(BENCH_ARGS)
+
+bench-discovery: setup ## Header discovery + labels CSV on a 100,000-slice flat RSNA-style folder: files/s, peak memory
+	$(PY) benchmarks/discovery.py $(BENCH_ARGS)
 
 docker-cpu: ## Build the CPU image (needs a Docker engine)
 	docker build -f docker/Dockerfile.cpu -t headct:cpu .
