@@ -1,6 +1,7 @@
-"""What an MLflow run is called and tagged with, from the job's validated config alone.
+"""What an MLflow run is called and tagged with, from the job's validated config (and, for the jobs that read an
+encoder, the method and architecture its model directory's config.json records).
 
-A run's name says what it is (`pretrain mae vit-tiny p16 64^3`, `probe mae vs baselines`, `finetune ICH vit
+A run's name says what it is (`pretrain mae vit-tiny p16 64^3`, `probe mim cnn vs baselines`, `finetune ICH vit
 pretrained mean-pool`); its tags name the store (a sanitised label: the folder's last name, never a path), the
 model, the method and the stage (`headct.stage`, and `dvc.stage` / `dvc.exp_name` when DVC runs it). Names and
 tags never hold a path, a patient, study or series id: only config values (sizes, labels, methods) and folder
@@ -9,6 +10,7 @@ labels. Imports only the standard library and pydantic.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -33,6 +35,27 @@ def label(path: Path | str | None) -> str | None:
     return name[:_MAX_LABEL] or None
 
 
+def encoder_label(model_dir: Path | str | None, root: Path | None = None) -> str | None:
+    """What a model directory holds, from its config.json: `mim cnn`, `mae vit-tiny p8` (method, architecture);
+    the folder's label when it has none (not written yet, or not a headct model directory). A relative directory
+    is read under `root` (the project), never under the working directory; without a root, the label."""
+    if model_dir is None:
+        return None
+    path = Path(model_dir)
+    if not path.is_absolute():
+        if root is None:
+            return label(model_dir)
+        path = root / path
+    try:
+        config = json.loads((path / "config.json").read_text())
+        method, arch = config["method"], config["arch"]
+        name = "cnn" if arch["name"] == "cnn" else f"vit-{arch['name']} p{arch['patch_size']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return label(model_dir)
+    parts = [_UNSAFE.sub("-", part).strip("-.")[:_MAX_LABEL] for part in (str(method), *name.split(" "))]
+    return " ".join(p for p in parts if p) or label(model_dir)
+
+
 def _labels(values: list[str] | None, most: int = 3) -> str:
     if not values:
         return "all labels"
@@ -53,8 +76,10 @@ def _store(cfg: Any, job: str) -> str | None:
     return None
 
 
-def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] | None = None) -> tuple[str, dict[str, str]]:
-    """(run name, tags) for one job invocation; `grid` (the store's voxel grid) when the job knows it."""
+def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] | None = None,
+             root: Path | None = None) -> tuple[str, dict[str, str]]:
+    """(run name, tags) for one job invocation; `grid` (the store's voxel grid) when the job knows it, `root` (the
+    project, for relative model directories)."""
     if isinstance(cfg, Mapping):  # a config already dumped for logging (ingest withholds source paths)
         cfg = SimpleNamespace(**cfg)
     elif not isinstance(cfg, BaseModel):
@@ -71,10 +96,10 @@ def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] |
         method = cfg.method
         name = f"pretrain {cfg.method} {model.replace('-p', ' p')}{size}"
     elif job == "extract":
-        model = label(_get(cfg, "model_dir")) or "baselines only"
+        model = encoder_label(_get(cfg, "model_dir"), root) or "baselines only"
         name = f"extract {model} features"
     elif job == "probe":
-        model = label(cfg.model_dir)
+        model = encoder_label(cfg.model_dir, root)
         method = "linear-probe"
         name = f"probe {model} vs baselines"
     elif job == "fewshot":
@@ -92,7 +117,7 @@ def describe(job: str, cfg: BaseModel | Any, grid: list[int] | tuple[int, ...] |
         method = "finetune"
         name = f"finetune {_labels(cfg.labels)} {model} {cfg.pool}-pool"
     elif job == "explain":
-        model = label(cfg.model_dir)
+        model = encoder_label(cfg.model_dir, root)
         name = f"explain {cfg.split}"
     tags = {"headct.stage": job, "headct.method": method, **_dvc_tags()}
     store = _store(cfg, job)

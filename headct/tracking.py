@@ -377,7 +377,7 @@ def _run(
     artifact_root = root / "mlartifacts" if uri.startswith("sqlite:") else None
     with _creation_lock(uri):
         experiment_id = _ensure_experiment(cfg.experiment, artifact_root)
-    name, described = describe(job, params)
+    name, described = describe(job, params, root=root)
     run_tags = {"headct.job": job, **described, "headct.pipeline_id": pipeline_id(root), **(tags or {})}
     git = git_state(root)
     if git["git_commit"]:

@@ -24,7 +24,9 @@ import mlflow_ui  # noqa: E402
 
 EXPERIMENT = "ui"
 # What describe() names these jobs with the configs below: a job-only name ("probe") would fail the test.
-EXPECTED = ["split synth", "pretrain mae vit-tiny p8 16^3", "extract mae features", "probe mae vs baselines"]
+# extract and probe name the encoder by what its model directory records (method, architecture), not its folder.
+EXPECTED = ["split synth", "pretrain mae vit-tiny p8 16^3", "extract mae vit-tiny p8 features",
+            "probe mae vit-tiny p8 vs baselines"]
 
 
 def need_chromium() -> None:

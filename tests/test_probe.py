@@ -177,7 +177,7 @@ def test_probe_job_writes_metrics_predictions_and_plots(tmp_path: Path, job_ctx)
     assert (cfg.report_dir / "roc.png").stat().st_size > 1000
     names = sorted(r.info.run_name for r in runs_of(job_ctx))
     # one job run, named for what it probes, and a child per (model, label)
-    assert names == ["pretrained/ICH", "probe model vs baselines", "random_init/ICH"]
+    assert names == ["pretrained/ICH", "probe mae vit-tiny p8 vs baselines", "random_init/ICH"]  # what the dir holds
 
     # The model was trained on another preprocessing recipe than the store's: refuse, naming both.
     config = json.loads((tmp_path / "model/config.json").read_text())

@@ -212,3 +212,27 @@ def test_job_run_against_a_real_mlflow_server(tmp_path: Path) -> None:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_encoder_jobs_are_named_by_what_the_model_directory_records(tmp_path: Path) -> None:
+    """A mim CNN kept in a folder called `mae` is named `mim cnn`, not `mae`; a relative folder is read under the
+    project root (never the working directory); no config.json (or a foreign one): the folder's label."""
+    import json
+
+    from headct.run_meta import describe, encoder_label
+
+    folder = tmp_path / "models" / "mae"
+    folder.mkdir(parents=True)
+    probe = Params().probe.model_copy(update={"model_dir": Path("models/mae")})
+    assert describe("probe", probe, root=tmp_path)[0] == "probe mae vs baselines"  # nothing recorded yet
+    (folder / "config.json").write_text(json.dumps({"method": "mim", "arch": {"name": "cnn", "channels": [8]}}))
+    name, tags = describe("probe", probe, root=tmp_path)
+    assert name == "probe mim cnn vs baselines" and tags["headct.model"] == "mim cnn"
+    assert describe("probe", probe)[0] == "probe mae vs baselines"  # no root: the label, not a read of the cwd
+    extract = Params().extract.model_copy(update={"model_dir": folder})
+    (folder / "config.json").write_text(json.dumps({"method": "mae", "arch": {"name": "tiny", "patch_size": 8}}))
+    assert describe("extract", extract)[0] == "extract mae vit-tiny p8 features"
+    (folder / "config.json").write_text(json.dumps({"method": "../../PID 42", "arch": {"name": "cnn"}}))
+    assert encoder_label(folder) == "PID-42 cnn"  # config values are sanitised like folder labels
+    (folder / "config.json").write_text("{not json")
+    assert encoder_label(folder) == "mae"
