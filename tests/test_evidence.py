@@ -102,8 +102,8 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
                                  "--resume"]) == 0
     again = json.loads(out.read_text())
     assert all(stage["resumed"] for stage in again["stages"].values()) and again["results"] == found
-    # Arms added to the finished run (command-line settings, the same params.yaml): --resume runs the arms and
-    # compare again (its command changed: the arms' predictions), nothing else.
+    # Arms added to the finished run (command-line settings, the same params.yaml): --resume runs the arms (in the
+    # profile's order: yaml.safe_dump sorts the keys) and compare again (its command changed), nothing else.
     profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "arms": {
         **TINY["evidence"]["arms"], "pretrained": {"init": "pretrained"}}}}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
@@ -111,7 +111,7 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     again = json.loads(out.read_text())
     assert [e["status"] for e in again["earlier_invocations"]] == ["ok", "ok"]  # the first run and the resume
     ran = [name for name, stage in again["stages"].items() if not stage.get("resumed")]
-    assert ran == ["tune-random_init", "finetune-random_init", "tune-pretrained", "finetune-pretrained", "compare"]
+    assert ran == ["tune-pretrained", "finetune-pretrained", "tune-random_init", "finetune-random_init", "compare"]
     assert again["results"]["finetune"]["random_init"]["model"] == "random_init"
     fine = json.loads((ws / "reports/compare/metrics.json").read_text())["results"]["finetune"]["ICH"]["all"]
     assert set(fine["aurocs"]) == {"pretrained", "random_init"}
