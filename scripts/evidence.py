@@ -107,6 +107,12 @@ def _seed_fields(model: type, prefix: str) -> Iterator[tuple[str, str, Any]]:
             yield f"{prefix}{name}", "list", default
 
 
+def seed_list(seed: int, length: int) -> list[int]:
+    """`length` seeds derived from N: N itself, then 1000 N + 1, 1000 N + 2, ... (apart from every other derived
+    seed)."""
+    return [seed] + [1000 * seed + i for i in range(1, length)]
+
+
 def derive_seeds(tree: dict[str, Any], seed: int) -> dict[str, Any]:
     """Set every seed of every section of `tree` from `seed` (in place); returns {dotted path: value}."""
     from headct.config.params import Params
@@ -126,8 +132,7 @@ def derive_seeds(tree: dict[str, Any], seed: int) -> dict[str, Any]:
         else:
             # The first is N itself, so the twin named `random_init` (extract.seed = N) is among them; the others
             # 1000 N + i, apart from every other derived seed.
-            length = len(node.get(leaf) or default)
-            value = [seed] + [1000 * seed + i for i in range(1, length)]
+            value = seed_list(seed, len(node.get(leaf) or default))
         node[leaf] = derived[path] = value
     return derived
 
@@ -182,8 +187,7 @@ def arm_runs(evidence: dict[str, Any], seed: int) -> dict[str, list[tuple[str, i
         count = int((settings or {}).get("seeds", 1))
         if count < 1:
             raise EvidenceError(f"evidence.arms.{arm}.seeds must be >= 1")
-        seeds = [seed] + [1000 * seed + i for i in range(1, count)]
-        out[arm] = [(arm if i == 0 else f"{arm}.s{s}", s) for i, s in enumerate(seeds)]
+        out[arm] = [(arm if i == 0 else f"{arm}.s{s}", s) for i, s in enumerate(seed_list(seed, count))]
     return out
 
 
