@@ -200,3 +200,74 @@ def test_a_mim_directory_without_its_mask_ratio_is_refused_not_defaulted(mim_pro
     encoder, config = load_model_dir(model_dir)
     with pytest.raises(InputError, match="mask_ratio = None"):
         load_restoration(model_dir, encoder, config)
+
+
+def test_fine_tuning_through_the_residual_read_out_starts_from_the_mim_directory_and_reloads_strictly(
+    mim_project: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """finetune.pool residual: the pre-trained arm holds the directory's encoder and restoration head, its twin a
+    seeded random init of the same; training moves the encoder (the loss reaches it through the read-out), and the
+    written classifier directory reloads strictly to the same predictions."""
+    from headct.config import FinetuneConfig
+    from headct.models.classifier_dir import load_classifier, predict_proba
+    from headct.models.model_dir import load_model_dir, load_restoration
+    from headct.train.finetune_data import build_classifier, load_data, model_name
+    from pipelines import finetune as job
+
+    src, _ = mim_project
+    root = tmp_path / "proj"
+    shutil.copytree(src, root)
+    splits = root / "data/splits/t"
+    header, *rows = (splits / "val.csv").read_text().splitlines(keepends=True)  # the fixture's test.csv is
+    (splits / "val.csv").write_text(header + "".join(rows[:2]))                   # unreadable: val's second
+    (splits / "test.csv").write_text(header + "".join(rows[2:]))                  # patient becomes test
+    cfg = FinetuneConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", arch="cnn", init="pretrained",
+                         pool="residual", tuned_params=None, min_positives=1, labels=["ICH"], epochs=1, batch_size=2,
+                         checkpoint_dir=None, register_as=None, out_dir=root / "clf", report_dir=root / "rep",
+                         bootstrap=10, device="cpu")
+    data = load_data(cfg, root)
+    classifier, windows, _ = build_classifier(cfg, data, root)
+    encoder, config = load_model_dir(root / "models/mae")
+    restoration = load_restoration(root / "models/mae", encoder, config)
+    state = classifier.backbone.restoration.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in restoration.state_dict().items())
+    assert classifier.backbone.embed_dim == RESIDUAL_DIM and model_name(cfg) == "pretrained"
+    twin_cfg = cfg.model_copy(update={"init": "random", "seed": 3})
+    twin = build_classifier(twin_cfg, data, root)[0].backbone.restoration.state_dict()
+    assert model_name(twin_cfg) == "random_init"
+    assert not torch.equal(twin["head.pred.weight"], state["head.pred.weight"])
+    assert torch.equal(twin["head.pred.weight"],
+                       build_classifier(twin_cfg, data, root)[0].backbone.restoration.state_dict()["head.pred.weight"])
+
+    out = job.run(cfg, ctx_for(root))
+    assert out["model"] == "pretrained"
+    reloaded, saved = load_classifier(cfg.out_dir)
+    assert saved["pool"] == "residual" and saved["arch"]["readout"] == "residual" and saved["arch"]["mask_ratio"] == 0.6
+    trained = reloaded.backbone.restoration.encoder.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in encoder.state_dict().items()
+               if v.is_floating_point())  # the encoder was fine-tuned, not frozen
+    volumes = np.full((2, SIZE, SIZE, SIZE), -1000, np.int16)
+    volumes[:, 8:24, 8:24, 8:24] = 35
+    volumes[1, 12:16, 12:16, 12:16] = 70  # a hyperdense spot
+    first = predict_proba(reloaded, volumes)
+    assert first.shape == (2, 1) and np.isfinite(first).all()
+    assert np.array_equal(first, predict_proba(reloaded, volumes))  # fixed read-out masks: deterministic
+
+
+def test_the_residual_pool_fits_only_the_small_cnn_and_only_a_mim_directory(mim_project: tuple[Path, dict],
+                                                                            tmp_path: Path) -> None:
+    from headct.config import FinetuneConfig
+    from headct.models.heads import Classifier
+    from headct.train.finetune_data import build_classifier, load_data
+    from pipelines.pretrain import run as pretrain
+
+    with pytest.raises(ValidationError, match="pool residual reads the small CNN"):
+        FinetuneConfig(arch="vit", pool="residual")
+    with pytest.raises(ValueError, match="pool 'residual'"):
+        Classifier(SmallCNN3D(3), "residual", 1)
+    root = make_project(tmp_path / "proj")
+    pretrain(make_cfg(root, samples=4), ctx_for(root))  # a ViT MAE directory
+    cfg = FinetuneConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", arch="cnn", init="random",
+                         pool="residual", tuned_params=None, min_positives=1, labels=["ICH"])
+    with pytest.raises(InputError, match="finetune.pool=residual reads a masked-restoration model directory"):
+        build_classifier(cfg, load_data(cfg, root), root)

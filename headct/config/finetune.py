@@ -48,7 +48,10 @@ class FinetuneConfig(Section):
     # With the pool, the predictions' model name is "ceiling_<model>" (e.g. ceiling_resnet18).
     train_splits: list[Literal["train", "pool"]] = Field(default_factory=lambda: ["train"], min_length=1)
     min_positives: int = Field(2, ge=1)  # per split (train, val); fewer -> label left out with a message
-    pool: Literal["cls", "mean", "attentive"] = "mean"  # attentive = learned-query attention head
+    # attentive = learned-query attention head; residual (arch cnn): the masked-restoration model of `model_dir`
+    # (init pretrained) or its seeded random-init twin (init random), read out by its restoration residual as
+    # `headct extract`'s pool `residual` does, fine-tuned end to end through that read-out
+    pool: Literal["cls", "mean", "attentive", "residual"] = "mean"
     # heads of the attentive head: must divide the encoder width (checked by the job before training)
     attention_heads: int = Field(4, ge=1, le=MAX_ATTENTION_HEADS)
     epochs: int = Field(5, ge=1)
@@ -99,6 +102,8 @@ class FinetuneConfig(Section):
         if self.batch_size // self.accum_steps < 2:
             raise ValueError("micro-batches need >= 2 scans (batch_size / accum_steps): BatchNorm in the head "
                              "and ResNet cannot normalise over one")
+        if self.pool == "residual" and self.arch != "cnn":
+            raise ValueError(f"pool residual reads the small CNN's masked restoration (arch cnn), not arch {self.arch}")
         if self.arch != "vit" and (self.drop_path_rate > 0 or self.layer_decay is not None):
             raise ValueError(f"drop_path_rate and layer_decay apply to ViT backbones only (arch={self.arch})")
         return self

@@ -16,8 +16,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-Pool = Literal["cls", "mean", "attentive"]
-POOLS: tuple[str, ...] = ("cls", "mean", "attentive")
+Pool = Literal["cls", "mean", "attentive", "residual"]
+# residual: the backbone is a masked-restoration model read out by its residual (headct.models.restoration.
+# ResidualReadout), whose one token the linear head reads
+POOLS: tuple[str, ...] = ("cls", "mean", "attentive", "residual")
 
 
 class LinearHead(nn.Module):
@@ -82,7 +84,7 @@ class AttentivePoolHead(nn.Module):
 
 
 def build_head(pool: str, dim: int, n_outputs: int, num_heads: int = 4) -> nn.Module:
-    """The head a pooling choice needs: attentive -> AttentivePoolHead, cls/mean -> LinearHead."""
+    """The head a pooling choice needs: attentive -> AttentivePoolHead, cls/mean/residual -> LinearHead."""
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     if pool == "attentive":
@@ -95,7 +97,8 @@ class Classifier(nn.Module):
 
     Args:
         backbone: a module with ``forward_features(x) -> (B, 1 + N, D)`` and ``embed_dim``.
-        pool: "cls" (first token), "mean" (mean of the N patch tokens) or "attentive" (learned query).
+        pool: "cls" (first token), "mean" (mean of the N patch tokens), "attentive" (learned query) or
+            "residual" (the one token of a `ResidualReadout` backbone, which needs exactly that pool).
         n_outputs: number of labels (one logit each; sigmoid gives a probability per label).
         num_heads: attention heads of the attentive head.
     Attributes ``labels`` and ``windows`` are filled by `load_classifier` (not weights).
@@ -103,6 +106,11 @@ class Classifier(nn.Module):
 
     def __init__(self, backbone: nn.Module, pool: str, n_outputs: int, num_heads: int = 4) -> None:
         super().__init__()
+        residual_backbone = getattr(backbone, "arch", {}).get("readout") == "residual"
+        if (pool == "residual") != residual_backbone:
+            raise ValueError("pool 'residual' reads a masked-restoration backbone's residual summary and nothing else "
+                             f"(pool {pool!r}, backbone {getattr(backbone, 'arch', {}).get('name')!r}"
+                             f"{' read out by its residual' if residual_backbone else ''})")
         self.backbone = backbone
         self.pool = pool
         self.head = build_head(pool, int(backbone.embed_dim), n_outputs, num_heads)
@@ -120,7 +128,7 @@ class Classifier(nn.Module):
 
     def head_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, 1 + N, D) tokens -> what the head reads: (B, D) pooled or (B, N, D) patch tokens."""
-        if self.pool == "cls":
+        if self.pool in ("cls", "residual"):
             return tokens[:, 0]
         if self.pool == "mean":
             return tokens[:, 1:].mean(dim=1)

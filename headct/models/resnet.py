@@ -46,15 +46,26 @@ class ResNetBackbone(nn.Module):
 
 
 def build_backbone(arch: dict[str, Any]) -> nn.Module:
-    """A ViT3D (``arch`` of a model directory), a ResNet (``{"name": "resnet18", "in_chans": 3}``) or the small
-    CNN (``{"name": "cnn", "in_chans": 3, "channels": [8, 16, 32, 64]}``)."""
+    """A ViT3D (``arch`` of a model directory), a ResNet (``{"name": "resnet18", "in_chans": 3}``), the small
+    CNN (``{"name": "cnn", "in_chans": 3, "channels": [8, 16, 32, 64]}``) or the small CNN's masked restoration
+    read out by its residual (the same plus ``"readout": "residual", "mask_ratio": 0.6``; a fine-tuned classifier
+    of `finetune.pool: residual`)."""
     if arch.get("name") == "cnn":
         from headct.models.cnn import DEFAULT_CHANNELS, SmallCNN3D
 
-        unknown = sorted(set(arch) - {"name", "in_chans", "channels"})
+        allowed = {"name", "in_chans", "channels", "readout", "mask_ratio"}
+        unknown = sorted(set(arch) - allowed)
         if unknown:
-            raise ValueError(f"unknown CNN arch keys {unknown}; allowed: ['channels', 'in_chans', 'name']")
-        return SmallCNN3D(int(arch.get("in_chans", 3)), tuple(int(c) for c in arch.get("channels", DEFAULT_CHANNELS)))
+            raise ValueError(f"unknown CNN arch keys {unknown}; allowed: {sorted(allowed)}")
+        cnn = SmallCNN3D(int(arch.get("in_chans", 3)), tuple(int(c) for c in arch.get("channels", DEFAULT_CHANNELS)))
+        if "readout" not in arch and "mask_ratio" not in arch:
+            return cnn
+        if arch.get("readout") != "residual" or "mask_ratio" not in arch:
+            raise ValueError(f"a CNN read out by its restoration residual needs readout 'residual' and a mask_ratio, "
+                             f"got readout {arch.get('readout')!r}, mask_ratio {arch.get('mask_ratio')!r}")
+        from headct.models.restoration import MaskedRestoration, ResidualReadout
+
+        return ResidualReadout(MaskedRestoration(cnn, float(arch["mask_ratio"])))
     if str(arch.get("name", "")).startswith("resnet"):
         unknown = sorted(set(arch) - {"name", "in_chans"})
         if unknown:

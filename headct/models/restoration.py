@@ -16,6 +16,8 @@ error over the hidden voxels only, in window units ([0, 1]).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,12 +111,12 @@ class MaskedRestoration(nn.Module):
         restored = volumes * keep + self.restore(volumes, keep) * (1.0 - keep)
         return 1.0 - keep, restored
 
-    @torch.no_grad()
     def residual_map(self, volumes: torch.Tensor, passes: int = RESIDUAL_PASSES, seed: int = RESIDUAL_SEED
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """(signed residual input - restoration, averaged over the passes where each voxel was hidden (B, C, X, Y,
         Z); hidden at least once (B, X, Y, Z) bool). The masks come from `seed` alone, so every volume, batch and
-        arm is probed with the same ones."""
+        arm is probed with the same ones. Differentiable (fine-tuning through the read-out, `ResidualReadout`);
+        extraction calls it under inference mode."""
         self.check_grid(volumes)
         generator = torch.Generator().manual_seed(seed)
         total = torch.zeros_like(volumes)
@@ -122,19 +124,20 @@ class MaskedRestoration(nn.Module):
         for _ in range(passes):
             grid = [s // self.cube for s in volumes.shape[2:]]
             keep = (torch.rand(1, 1, *grid, generator=generator) >= self.mask_ratio).float()
-            keep = F.interpolate(keep, scale_factor=self.cube, mode="nearest").to(volumes.device)
+            keep = F.interpolate(keep, scale_factor=self.cube, mode="nearest").to(volumes.device, volumes.dtype)
             keep = keep.expand(volumes.shape[0], -1, -1, -1, -1)
             hidden = 1.0 - keep
-            total += (volumes - self.restore(volumes, keep)) * hidden
-            count += hidden
+            total = total + (volumes - self.restore(volumes, keep)) * hidden
+            count = count + hidden
         return total / count.clamp(min=1.0), count[:, 0] > 0
 
-    @torch.no_grad()
-    def residual_features(self, volumes: torch.Tensor) -> torch.Tensor:
+    def residual_summary(self, volumes: torch.Tensor, passes: int = RESIDUAL_PASSES, seed: int = RESIDUAL_SEED
+                         ) -> torch.Tensor:
         """(B, C, X, Y, Z) windows -> (B, RESIDUAL_DIM): per summarised window, the 3^3-smoothed residual's
         positive-part and negative-part quantiles, its positive mean and mean square, and the shares of voxels
-        whose positive part passes each threshold (over the voxels hidden at least once)."""
-        residual, seen = self.residual_map(volumes)
+        whose positive part passes each threshold (over the voxels hidden at least once). Differentiable except
+        the shares (counts carry no gradient); `residual_features` is the same without gradients."""
+        residual, seen = self.residual_map(volumes, passes, seed)
         smooth = F.avg_pool3d(residual[:, list(RESIDUAL_CHANNELS)], 3, 1, 1)  # a blob, not one noisy voxel
         q = torch.tensor(RESIDUAL_QUANTILES, device=volumes.device)
         rows = []
@@ -149,6 +152,11 @@ class MaskedRestoration(nn.Module):
         return torch.stack(rows)
 
     @torch.no_grad()
+    def residual_features(self, volumes: torch.Tensor) -> torch.Tensor:
+        """`residual_summary` without gradients: the frozen read-out `headct extract` writes (pool `residual`)."""
+        return self.residual_summary(volumes)
+
+    @torch.no_grad()
     def residual_heat(self, volumes: torch.Tensor) -> torch.Tensor:
         """(B, C, X, Y, Z) windows -> (B, X, Y, Z): the hyperdense part of the first summarised window's smoothed
         residual (what the model could not restore and is brighter than it expected: blood, in the brain window),
@@ -156,3 +164,33 @@ class MaskedRestoration(nn.Module):
         residual, _ = self.residual_map(volumes)
         heat = F.avg_pool3d(residual[:, RESIDUAL_CHANNELS[0]: RESIDUAL_CHANNELS[0] + 1], 3, 1, 1)[:, 0].clamp(min=0)
         return heat / heat.flatten(1).sum(1).clamp(min=1e-12)[:, None, None, None]
+
+
+class ResidualReadout(nn.Module):
+    """The masked-restoration model as a classifier backbone (`finetune.pool: residual`): its one token is the
+    residual summary (`MaskedRestoration.residual_summary`, RESIDUAL_DIM numbers), so fine-tuning trains the
+    encoder and restoration head end to end through the read-out that `headct extract` freezes, and a linear head
+    reads it. Why: the small CNN's pooled features carry no ICH signal (a global max or mean dilutes a 2-30 mL
+    bleed), so fine-tuning them measured nothing of pre-training (issue 9's first fine-tuned arms); the same
+    read-out at random init is the fair twin. `arch` adds `readout` and `mask_ratio` to the CNN's, enough for
+    `headct.models.resnet.build_backbone` to rebuild it from a classifier directory's config.json.
+
+    In training mode each forward draws one mask (a seed from torch's global generator, which the job seeds) instead
+    of the read-out's four fixed ones: a quarter of the cost (four passes ran at under 1 volume/s on 2 cores) and a
+    new mask every step, as in pre-training; a resumed run therefore draws other masks than an uninterrupted one.
+    In eval mode (validation, test, `headct predict`) it is the fixed four-mask read-out, deterministic per volume.
+    """
+
+    def __init__(self, restoration: MaskedRestoration) -> None:
+        super().__init__()
+        self.restoration = restoration
+        self.arch: dict[str, Any] = {**restoration.encoder.arch, "readout": "residual",
+                                     "mask_ratio": float(restoration.mask_ratio)}
+        self.embed_dim = RESIDUAL_DIM
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, X, Y, Z) -> (B, 1, RESIDUAL_DIM): the residual summary as the only (global) token."""
+        if self.training:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            return self.restoration.residual_summary(x, passes=1, seed=seed)[:, None]
+        return self.restoration.residual_summary(x)[:, None]

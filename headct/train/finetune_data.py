@@ -33,7 +33,9 @@ class FinetuneData:
 def model_name(cfg: Any) -> str:
     """The `model` column of the predictions: pretrained, random_init, or the ResNet's name; prefixed with
     `ceiling_` when trained on the pool's labels too (the supervised ceiling, e.g. ceiling_resnet18)."""
-    if cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN of a masked-restoration model directory
+    if cfg.arch == "cnn" and cfg.pool == "residual":  # a masked-restoration model directory or its random twin
+        name = "pretrained" if cfg.init == "pretrained" else "random_init"
+    elif cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN of a masked-restoration model directory
         name = "pretrained"
     else:
         name = cfg.arch if cfg.arch != "vit" else "pretrained" if cfg.init == "pretrained" else "random_init"
@@ -93,9 +95,11 @@ def load_data(cfg: Any, root: Any) -> FinetuneData:
 
 
 def from_model_dir(cfg: Any) -> bool:
-    """Whether the backbone comes from `cfg.model_dir`: a ViT (pre-trained or its random twin), or the small CNN
-    with init pretrained (a masked-restoration model directory); ResNets and the CNN at init random do not."""
-    return cfg.arch == "vit" or (cfg.arch == "cnn" and cfg.init == "pretrained")
+    """Whether the backbone comes from `cfg.model_dir`: a ViT (pre-trained or its random twin), the small CNN
+    with init pretrained (a masked-restoration model directory), or its restoration read out by the residual (pool
+    residual; the random twin too: the directory sets its mask ratio, windows and preprocessing); ResNets and the
+    CNN from scratch do not."""
+    return cfg.arch == "vit" or (cfg.arch == "cnn" and (cfg.init == "pretrained" or cfg.pool == "residual"))
 
 
 def backbone_width(cfg: Any) -> tuple[int, str]:
@@ -148,7 +152,10 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
     from headct.models.vit import build_encoder
 
     torch.manual_seed(cfg.seed)
-    if cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN a masked-restoration (mim) run pre-trained
+    if cfg.pool == "residual":  # the restoration of a mim directory (or its seeded twin) read out by its residual
+        backbone, config = residual_backbone(cfg)
+        windows, preprocess = config["windows"], config["preprocess"]
+    elif cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN a masked-restoration (mim) run pre-trained
         from headct.errors import InputError
         from headct.models.model_dir import CONFIG
 
@@ -173,6 +180,36 @@ def build_classifier(cfg: Any, data: FinetuneData, root: Any) -> tuple[Any, list
         windows, preprocess = config["windows"], config["preprocess"]
     classifier = Classifier(backbone, cfg.pool, len(data.labels), cfg.attention_heads)
     return classifier, windows, preprocess
+
+
+def residual_backbone(cfg: Any) -> tuple[Any, dict[str, Any]]:
+    """(`ResidualReadout` of the masked-restoration model of `cfg.model_dir`, or of the same architecture at a
+    random init drawn from the current torch seed; the directory's config). InputError unless the directory is a
+    mim run of the small CNN."""
+    from headct.errors import InputError
+    from headct.models.model_dir import (
+        CONFIG,
+        RESTORATION_HEAD,
+        build_model_encoder,
+        load_model_dir,
+        load_restoration,
+        read_config,
+        restoration_mask_ratio,
+    )
+    from headct.models.restoration import MaskedRestoration, ResidualReadout
+
+    config = read_config(cfg.model_dir)
+    if config["arch"].get("name") != "cnn" or config.get("method") != "mim":
+        raise InputError(f"{cfg.model_dir / CONFIG}: finetune.pool=residual reads a masked-restoration model "
+                         f"directory (pretrain.method mim, arch cnn, with {RESTORATION_HEAD}); this one holds a "
+                         f"{config['arch'].get('name')!r} encoder of method {config.get('method')!r}")
+    if cfg.init == "pretrained":
+        encoder, config = load_model_dir(cfg.model_dir)
+        restoration = load_restoration(cfg.model_dir, encoder, config)
+    else:
+        restoration = MaskedRestoration(build_model_encoder(config["arch"]),
+                                        restoration_mask_ratio(cfg.model_dir, config))
+    return ResidualReadout(restoration.train()), config
 
 
 def layer_decay_groups(weight_decay: float, layer_decay: float) -> Any:
