@@ -19,8 +19,8 @@ verdicts). `--quick` merges `evidence.quick` over the profile: the same chain in
 Why plain `headct` calls and not `dvc repro`: the ceiling and the arms are several runs of one job with different
 settings, which one DVC stage per job cannot express; DVC would copy the ~1 GB store into its cache for a workspace
 that is thrown away; and each stage's wall time is measured here directly. `--resume` reruns only the stages that
-have not finished or whose command changed (markers in <workspace>/.evidence/), and only when the workspace's
-params.yaml is unchanged: e.g. fine-tuned arms added to a finished run (their settings are command-line --set values,
+have not finished or whose command changed (markers in <workspace>/.evidence/), and every stage after the first
+one that runs (it may read what that one rewrote), and only when the workspace's params.yaml is unchanged: e.g. fine-tuned arms added to a finished run (their settings are command-line --set values,
 not params.yaml) run the arms and compare again.
 """
 
@@ -400,16 +400,18 @@ def _run(args: argparse.Namespace, dest: Path, out: Path) -> int:
     env, markers = environment(), dest / MARKERS
     markers.mkdir(exist_ok=True)
     start = time.monotonic()
+    rerun = False  # once a stage runs, every later one runs too: it may read what that stage rewrote
     try:
         for stage in stages:
             marker = markers / f"{stage.name}.json"
-            done = json.loads(marker.read_text()) if args.resume and marker.is_file() else None
+            done = json.loads(marker.read_text()) if args.resume and marker.is_file() and not rerun else None
             # The same command as before: a marker written before 2026-12-02 keeps none; it ran without --set.
             if done is not None and done.get("argv", "--set" not in stage.argv) in (stage.argv, True):
                 result["stages"][stage.name] = {"seconds": done["seconds"], "resumed": True}
                 print(f"[evidence] {stage.name}: done before, skipped")
                 continue
             print(f"[evidence] {stage.name}: {shlex.join(stage.argv)}", flush=True)
+            rerun = True
             seconds = run_stage(stage, dest, env)
             result["stages"][stage.name] = {"seconds": round(seconds, 1)}
             marker.write_text(json.dumps({**result["stages"][stage.name], "argv": stage.argv}))

@@ -103,7 +103,7 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     again = json.loads(out.read_text())
     assert all(stage["resumed"] for stage in again["stages"].values()) and again["results"] == found
     # Arms added to the finished run (command-line settings, the same params.yaml): --resume runs the arms (in the
-    # profile's order: yaml.safe_dump sorts the keys) and compare again (its command changed), nothing else.
+    # profile's order: yaml.safe_dump sorts the keys) and every stage after the first that runs, nothing before.
     profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "arms": {
         **TINY["evidence"]["arms"], "pretrained": {"init": "pretrained"}}}}))
     assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
@@ -115,6 +115,16 @@ def test_the_runner_runs_every_stage_in_a_workspace_and_writes_the_result(tmp_pa
     assert again["results"]["finetune"]["random_init"]["model"] == "random_init"
     fine = json.loads((ws / "reports/compare/metrics.json").read_text())["results"]["finetune"]["ICH"]["all"]
     assert set(fine["aurocs"]) == {"pretrained", "random_init"}
+    # One arm's setting changed: compare's own command is the same, yet it runs again (it reads the new predictions)
+    profile.write_text(yaml.safe_dump({**TINY, "evidence": {**TINY["evidence"], "arms": {
+        "pretrained": {"init": "pretrained"}, "random_init": {"init": "random", "min_positives": 2}}}}))
+    compared_before = (ws / "reports/compare/metrics.json").stat().st_mtime_ns
+    assert evidence_runner.main(["--seed", "5", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
+                                 "--resume"]) == 0
+    again = json.loads(out.read_text())
+    ran = [name for name, stage in again["stages"].items() if not stage.get("resumed")]
+    assert ran == ["tune-random_init", "finetune-random_init", "compare"]
+    assert (ws / "reports/compare/metrics.json").stat().st_mtime_ns > compared_before
     assert evidence_runner.main(["--seed", "6", "--profile", str(profile), "--dest", str(ws), "--out", str(out),
                                  "--resume"]) == 1
 
