@@ -52,7 +52,12 @@ def test_the_sentence_says_what_the_cis_allow() -> None:
            "above the HU histogram" in sentence
     assert "few-shot K=16 the pre-trained encoder is above its best random-init twin by the paired CI, but the " \
            "two CIs overlap" in sentence and "not above the HU histogram" in sentence
-    assert sentence.endswith("reaches 0.930.")
+    assert sentence.endswith("the supervised ceiling (a model from scratch on the labels of train + pool) reaches "
+                             "0.930.")
+    weak = copy.deepcopy(COMPARE)  # a ceiling below the probe (the demo's 260 labels): said, not passed off as one
+    weak["ceiling"]["ICH"]["all"] = 0.44
+    assert headline_sentence(weak).endswith("reaches 0.440, below the pre-trained probe: with this few labels it did "
+                                            "not learn what the data allows, so it bounds nothing here.")
     worse = copy.deepcopy(COMPARE)
     worse["results"]["probe"]["ICH"]["all"] = _entry(0.55, 0.60, 0.75, False, False, False)
     flipped = headline_sentence(worse)

@@ -91,6 +91,12 @@ def headline_sentence(compare: dict[str, Any]) -> str:
     if not parts:
         return f"No comparison for {primary} (see reports/compare/comparison.md)."
     ceiling = (compare.get("ceiling") or {}).get(primary, {}).get("all")
-    tail = (f"; a model trained from scratch on abundant labels (the ceiling) reaches {ceiling:.3f}"
-            if isinstance(ceiling, int | float) else "")
+    probe = compare["results"].get("probe", {}).get(primary, {}).get("all", {}).get("aurocs", {})
+    pretrained = (probe.get(compare.get("model", "pretrained")) or {}).get("auroc")
+    tail = ""
+    if isinstance(ceiling, int | float):
+        tail = f"; the supervised ceiling (a model from scratch on the labels of train + pool) reaches {ceiling:.3f}"
+        if isinstance(pretrained, int | float) and ceiling < pretrained:
+            tail += (", below the pre-trained probe: with this few labels it did not learn what the data allows, so "
+                     "it bounds nothing here")
     return f"{primary}, test split: " + "; ".join(parts) + tail + "."
