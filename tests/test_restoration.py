@@ -68,6 +68,18 @@ def mim_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     return root, out
 
 
+def _copy_with_a_test_split(src: Path, tmp_path: Path) -> Path:
+    """A copy of the mim project whose test.csv is readable: the fixture's is not, so val's second patient becomes
+    test."""
+    root = tmp_path / "proj"
+    shutil.copytree(src, root)
+    splits = root / "data/splits/t"
+    header, *rows = (splits / "val.csv").read_text().splitlines(keepends=True)
+    (splits / "val.csv").write_text(header + "".join(rows[:2]))
+    (splits / "test.csv").write_text(header + "".join(rows[2:]))
+    return root
+
+
 def test_the_mim_job_keeps_the_restoration_head_and_learns(mim_project: tuple[Path, dict]) -> None:
     import mlflow
 
@@ -99,13 +111,8 @@ def test_extract_reads_the_residual_for_the_pretrained_model_and_its_twin(
     from headct.eval.feature_cache import read_cache
     from pipelines.extract import run
 
-    src, _ = mim_project
-    root = tmp_path / "proj"
-    shutil.copytree(src, root)
+    root = _copy_with_a_test_split(mim_project[0], tmp_path)
     splits = root / "data/splits/t"
-    header, *rows = (splits / "val.csv").read_text().splitlines(keepends=True)  # the fixture's test.csv is
-    (splits / "val.csv").write_text(header + "".join(rows[:2]))                   # unreadable: val's second
-    (splits / "test.csv").write_text(header + "".join(rows[2:]))                  # patient becomes test
     cfg = ExtractConfig(splits=splits, model_dir=root / "models/mae", out=root / "features",
                         pools=("mean", "residual"), random_init_seeds=(0, 5), hu_histogram=False, batch_size=3)
     run(cfg, ctx_for(root))
@@ -214,13 +221,7 @@ def test_fine_tuning_through_the_residual_read_out_starts_from_the_mim_directory
     from headct.train.finetune_data import build_classifier, load_data, model_name
     from pipelines import finetune as job
 
-    src, _ = mim_project
-    root = tmp_path / "proj"
-    shutil.copytree(src, root)
-    splits = root / "data/splits/t"
-    header, *rows = (splits / "val.csv").read_text().splitlines(keepends=True)  # the fixture's test.csv is
-    (splits / "val.csv").write_text(header + "".join(rows[:2]))                   # unreadable: val's second
-    (splits / "test.csv").write_text(header + "".join(rows[2:]))                  # patient becomes test
+    root = _copy_with_a_test_split(mim_project[0], tmp_path)
     cfg = FinetuneConfig(splits=root / "data/splits/t", model_dir=root / "models/mae", arch="cnn", init="pretrained",
                          pool="residual", tuned_params=None, min_positives=1, labels=["ICH"], epochs=1, batch_size=2,
                          checkpoint_dir=None, register_as=None, out_dir=root / "clf", report_dir=root / "rep",
