@@ -109,8 +109,9 @@ def check_arch(arch: Any, config_file: Path, weights: Path | None = None) -> Non
         if not isinstance(channels, list) or not 1 <= len(channels) <= 8 or not all(_int_in(c, 1, 1024)
                                                                                      for c in channels):
             raise InputError(f"{config_file}: arch.channels = {channels!r} is not 1-8 integers in [1, 1024]")
-        ratio = arch.get("mask_ratio", 0.5)  # a classifier read out by the restoration residual records it
-        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 < ratio < 1:
+        ratio = arch.get("mask_ratio")  # a classifier read out by the restoration residual records it
+        if "mask_ratio" in arch and (isinstance(ratio, bool) or not isinstance(ratio, int | float)
+                                     or not 0 < ratio < 1):
             raise InputError(f"{config_file}: arch.mask_ratio = {ratio!r} is not a number in (0, 1)")
         return
     width, depth, patch = arch.get("embed_dim", 768), arch.get("depth", 12), arch.get("patch_size", 16)

@@ -33,12 +33,8 @@ class FinetuneData:
 def model_name(cfg: Any) -> str:
     """The `model` column of the predictions: pretrained, random_init, or the ResNet's name; prefixed with
     `ceiling_` when trained on the pool's labels too (the supervised ceiling, e.g. ceiling_resnet18)."""
-    if cfg.arch == "cnn" and cfg.pool == "residual":  # a masked-restoration model directory or its random twin
-        name = "pretrained" if cfg.init == "pretrained" else "random_init"
-    elif cfg.arch == "cnn" and cfg.init == "pretrained":  # the small CNN of a masked-restoration model directory
-        name = "pretrained"
-    else:
-        name = cfg.arch if cfg.arch != "vit" else "pretrained" if cfg.init == "pretrained" else "random_init"
+    # the model directory's encoder or its random twin (a ViT, or the mim CNN), else a model from scratch
+    name = cfg.arch if not from_model_dir(cfg) else "pretrained" if cfg.init == "pretrained" else "random_init"
     return f"ceiling_{name}" if "pool" in cfg.train_splits else name
 
 
