@@ -20,8 +20,9 @@ Why plain `headct` calls and not `dvc repro`: the ceiling and the arms are sever
 settings, which one DVC stage per job cannot express; DVC would copy the ~1 GB store into its cache for a workspace
 that is thrown away; and each stage's wall time is measured here directly. `--resume` reruns only the stages that
 have not finished or whose command changed (markers in <workspace>/.evidence/), and every stage after the first
-one that runs (it may read what that one rewrote), and only when the workspace's params.yaml is unchanged: e.g. fine-tuned arms added to a finished run (their settings are command-line --set values,
-not params.yaml) run the arms and compare again.
+one that runs (it may read what that one rewrote), and only when the workspace's params.yaml is unchanged: e.g.
+fine-tuned arms added to a finished run (their settings are command-line --set values, not params.yaml) run the
+arms and compare again.
 """
 
 from __future__ import annotations
